@@ -1,0 +1,31 @@
+"""resumer: resume PyTorch training safely through preemptions and code changes.
+
+See the README for a tour; DESIGN.md for the architecture. The public contract::
+
+    uri   = resumer.save_checkpoint(root, step, model, optimizer, scheduler, extra=..., storage_options=...)
+    infos = resumer.list_checkpoints(root)          # committed only, newest first
+    info  = resumer.latest_checkpoint(root)         # newest committed AND verified, or None
+    plan  = resumer.plan(checkpoint, model, optimizer, scheduler, policy="strict", renames=None)
+    res   = resumer.resume(checkpoint_or_root, model, optimizer, scheduler, policy="strict", renames=None)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from resumer.api import open_source, plan, resume
+from resumer.apply import ResumeResult
+from resumer.capture import signature
+from resumer.errors import CheckpointError, PlanRefused, ResumerError, TransientStorageError, UsageError
+from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
+from resumer.reconcile import reconcile
+from resumer.save import save_checkpoint
+from resumer.signature import Signature, TensorSpec
+from resumer.store import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest, verify
+
+__all__ = [
+    "Action", "CheckpointError", "CheckpointInfo", "Plan", "PlanEntry", "PlanRefused", "Policy", "Refusal",
+    "Rename", "ResumeResult", "ResumerError", "Section", "Signature", "TensorSpec", "TransientStorageError",
+    "UsageError", "latest_checkpoint", "list_checkpoints", "open_source", "plan", "read_manifest", "reconcile",
+    "resume", "save_checkpoint", "signature", "verify",
+]

@@ -1,0 +1,88 @@
+"""apply: execute a Plan on live objects. Verification runs first, so a bad checkpoint changes nothing.
+
+Model tensors are copied in place one at a time (peak extra memory: one tensor, and none when the
+layout already matches); optimizer state is re-keyed from saved names to the current optimizer's
+positions; scheduler, RNG and step follow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from resumer import rng
+from resumer.capture import live_tensors, optimizer_param_names
+from resumer.errors import PlanRefused
+from resumer.plan import Action, Plan, Section
+from resumer.source import CheckpointSource
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeResult:
+    """What a resume did: the step to continue after, the plan applied, and what it cost."""
+
+    step: int
+    plan: Plan
+    checkpoint: str
+    bytes_read: int = 0
+    load_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def apply_plan(plan: Plan, source: CheckpointSource, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+               scheduler: Any = None, *, verify: bool = True) -> ResumeResult:
+    """Apply ``plan`` (made for these objects) from ``source``; raises PlanRefused when it is not ok."""
+    if not plan.ok:
+        raise PlanRefused(plan)
+    started = time.perf_counter()
+    if verify:
+        source.verify()  # before the model is touched: a corrupt checkpoint changes nothing
+    tensors = live_tensors(model)
+    by_name = {lt.name: lt.tensor for lt in tensors}
+    for e in plan.section(Section.MODEL):
+        if e.copies:
+            source.copy_into(e.source or e.name, by_name[e.name])
+    if optimizer is not None and plan.optimizer_action() is Action.CARRY:
+        _apply_optimizer(plan, source, optimizer, {id(lt.tensor): lt.name for lt in tensors})
+    if scheduler is not None and any(e.action is Action.RESTORE for e in plan.section(Section.SCHEDULER)):
+        scheduler.load_state_dict(source.scheduler_state())
+    if any(e.action is Action.RESTORE for e in plan.section(Section.RNG)):
+        state = source.rng_state()
+        if state:
+            rng.restore(state, source.uri)
+    seconds = time.perf_counter() - started
+    logger.info("%s", plan.summary())
+    return ResumeResult(step=plan.step or 0, plan=plan, checkpoint=source.uri, bytes_read=source.bytes_read,
+                        load_seconds=seconds, extra=source.extra())
+
+
+def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,
+                     names: dict[int, str]) -> None:
+    members = optimizer_param_names(optimizer, names)
+    position: dict[str, int] = {}
+    groups = []
+    for gi, (group, params) in enumerate(zip(optimizer.param_groups, members)):
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        entry = plan.entry(Section.OPTIMIZER_GROUP, f"group {gi}")
+        if entry.action is Action.CARRY and entry.source:
+            saved = source.group_hyperparams(int(entry.source.split()[-1]))
+            hyper.update({k: v for k, v in saved.items() if k in hyper})
+        indices = []
+        for name in params:
+            position.setdefault(name, len(position))
+            indices.append(position[name])
+        groups.append({**hyper, "params": indices})
+    state = {}
+    for e in plan.section(Section.OPTIMIZER_STATE):
+        if e.action is Action.CARRY and e.source is not None:
+            state[position[e.name]] = source.state(e.source)
+    # load_state_dict matches this structure exactly (we built it from the live optimizer) and casts
+    # state to each parameter's dtype and device, as torch does for any resume.
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

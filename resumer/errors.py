@@ -1,0 +1,63 @@
+"""Every error resumer raises on purpose.
+
+    ResumerError                  base: catch this to catch everything below
+    ├── UsageError                bad input from a user: an unknown policy, a bad MODULE:FACTORY, a bad rule
+    ├── CheckpointError           a checkpoint that is missing, torn, corrupt or unsafe (has .uri)
+    ├── PlanRefused               resume() was asked to apply a plan that is not ok (has .plan)
+    └── TransientStorageError     storage failed in a way that may succeed on retry (has .uri)
+
+Errors keep their data as attributes and survive pickling (Ray moves them between processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ResumerError(Exception):
+    """Base of every error the package raises on purpose."""
+
+
+class UsageError(ResumerError):
+    """A user asked for something that cannot work as given; the message says what to change."""
+
+
+class CheckpointError(ResumerError):
+    """A checkpoint is missing, torn, corrupt or unsafe. Nothing was loaded from it."""
+
+    def __init__(self, message: str, *, uri: str | None = None) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_checkpoint_error, (str(self), self.uri))
+
+
+class TransientStorageError(ResumerError):
+    """Storage failed in a way that may succeed later (connection reset, 5xx, throttling)."""
+
+    def __init__(self, message: str, *, uri: str | None = None) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_transient_error, (str(self), self.uri))
+
+
+class PlanRefused(ResumerError):
+    """resume() refused to apply a plan that is not ok; ``.plan`` says every difference."""
+
+    def __init__(self, plan: Any) -> None:
+        super().__init__(plan.describe_refusal())
+        self.plan = plan
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PlanRefused, (self.plan,))
+
+
+def _rebuild_checkpoint_error(message: str, uri: str | None) -> CheckpointError:
+    return CheckpointError(message, uri=uri)
+
+
+def _rebuild_transient_error(message: str, uri: str | None) -> TransientStorageError:
+    return TransientStorageError(message, uri=uri)

@@ -1,0 +1,301 @@
+"""reconcile: (saved Signature, current Signature, policy, renames) -> Plan. Pure: no torch, no IO.
+
+Policies (DESIGN.md):
+  strict           every saved tensor maps 1:1 to a current one (same name after renames, shape, dtype);
+                   optimizer state carried whole by name; anything else is refused.
+  partial          loads what matches by (renamed) name and shape; casts dtypes; the rest keeps the
+                   code's init; optimizer state carried for loaded params, fresh for others.
+  reset-optimizer  model as strict; optimizer and scheduler fresh from the code; step kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
+from resumer.renames import RenameRules, parse_renames, resolve
+from resumer.signature import OptimizerSpec, Signature, TensorSpec
+
+
+def fmt(t: TensorSpec) -> str:
+    return f"{t.dtype}[{', '.join(str(d) for d in t.shape)}]"
+
+
+@dataclass(slots=True)
+class _Acc:
+    """Accumulates entries and refusals while one plan is built."""
+
+    policy: Policy
+    entries: list[PlanEntry] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, refuse: str | None = None, subject: str | None = None, **kw: Any) -> None:
+        entry = PlanEntry(refused=refuse is not None, **kw)
+        self.entries.append(entry)
+        if refuse is not None:
+            self.refusals.append(Refusal(subject=subject or f"{entry.section.value} '{entry.name}'",
+                                         problem=refuse))
+
+
+def reconcile(saved: Signature, current: Signature, policy: Policy | str = Policy.STRICT,
+              renames: Any = None, *, checkpoint: str | None = None, suggest: bool = True) -> Plan:
+    """Decide what resuming ``saved`` into ``current`` does under ``policy``. Pure and deterministic."""
+    policy = Policy.parse(policy)
+    rules = parse_renames(renames)
+    mapping, applied, problems = resolve(saved.tensors, current.tensors, rules)
+    acc = _Acc(policy=policy)
+    acc.refusals += [Refusal(subject="renames", problem=p) for p in problems]
+    sources = _model(saved, current, mapping, {r.source: r for r in applied}, acc)
+    opt_reset = _optimizer(saved.optimizer, current.optimizer, sources, acc)
+    _scheduler(saved, current, opt_reset, acc)
+    _rng_and_step(saved, acc)
+    if policy is Policy.PARTIAL and not sources and saved.tensors:
+        acc.refusals.append(Refusal(subject="model", problem="nothing in the checkpoint matches the current "
+                                    "model by name and shape, so nothing would load"))
+    if saved.world_size and current.world_size and saved.world_size != current.world_size:
+        acc.notes.append(f"world size {saved.world_size} saved, {current.world_size} now")
+    acc.notes.extend(saved.notes)
+    suggestion = _suggest(saved, current, policy, rules) if acc.refusals and suggest else None
+    return Plan(policy=policy, checkpoint=checkpoint, step=saved.step, entries=tuple(acc.entries),
+                renames=tuple(applied), refusals=tuple(acc.refusals), notes=tuple(acc.notes),
+                suggestion=suggestion)
+
+
+def _hint(spec: TensorSpec, others: list[TensorSpec]) -> str:
+    same = [o.name for o in others if o.shape == spec.shape and o.dtype == spec.dtype]
+    if not same:
+        return ""
+    shown = ", ".join(f"'{n}'" for n in same[:3]) + (" ..." if len(same) > 3 else "")
+    return f"; {shown} {'has' if len(same) == 1 else 'have'} the same shape (renamed? index shift?)"
+
+
+def _model(saved: Signature, current: Signature, mapping: Mapping[str, str],
+           renamed: Mapping[str, Rename], acc: _Acc) -> dict[str, str]:
+    """Model entries; returns current name -> saved name for every tensor copied from the checkpoint."""
+    lenient = acc.policy is Policy.PARTIAL
+    cur = current.by_name()
+    cur_alias = current.alias_map()
+    sources: dict[str, str] = {}
+    handled: set[str] = set()
+    unmatched_saved: list[TensorSpec] = []
+    for s in saved.tensors:
+        target = mapping[s.name]
+        if target in cur_alias and cur_alias[target] in s.aliases:
+            target = cur_alias[target]  # same tie, the code now names the other alias first
+        if target not in cur or target in handled:
+            unmatched_saved.append(s)
+            continue
+        c = cur[target]
+        handled.add(target)
+        kw = dict(section=Section.MODEL, name=target, source=s.name, saved=fmt(s), current=fmt(c))
+        if c.shape != s.shape:
+            what = "keeps the code's init" if lenient else "cannot be loaded"
+            acc.add(action=Action.SHAPE_MISMATCH, reason=f"shape differs: {what}",
+                    refuse=None if lenient else f"shape differs: saved {fmt(s)}, now {fmt(c)}", **kw)
+            continue
+        if c.dtype != s.dtype:
+            acc.add(action=Action.CAST, reason=f"saved {s.dtype}, now {c.dtype}: values cast",
+                    refuse=None if lenient else f"dtype differs: saved {s.dtype}, now {c.dtype}", **kw)
+            if lenient:
+                sources[target] = s.name
+            continue
+        rn = renamed.get(s.name)
+        if rn is not None:
+            acc.add(action=Action.LOAD_RENAMED, reason=f"{rn.rule}; {rn.evidence}", **kw)
+        else:
+            acc.add(action=Action.LOAD, **kw)
+        sources[target] = s.name
+    unmatched_current = [c for c in current.tensors if c.name not in handled]
+    for s in unmatched_saved:
+        target = mapping[s.name]
+        if target in cur_alias:
+            why = f"tied to '{cur_alias[target]}' in the current code, separate in the checkpoint"
+        elif target in handled:
+            why = f"'{target}' is already loaded from another saved tensor"
+        else:
+            why = "in the checkpoint but not in the current model" + _hint(s, unmatched_current)
+        acc.add(section=Section.MODEL, name=s.name, action=Action.DROP, source=s.name, saved=fmt(s),
+                reason=why, refuse=None if lenient else why)
+    saved_alias = {a: t for t in saved.tensors for a in t.aliases}
+    for c in unmatched_current:
+        tied = saved_alias.get(c.name)
+        if tied is not None and mapping[tied.name] in sources and tied.same_layout(c):
+            why = f"tied to '{tied.name}' in the checkpoint, separate now: loaded from it"
+            acc.add(section=Section.MODEL, name=c.name, action=Action.LOAD, source=tied.name,
+                    saved=fmt(tied), current=fmt(c), reason=why, refuse=None if lenient else why)
+            if lenient:
+                sources[c.name] = tied.name
+            continue
+        why = "missing in checkpoint" + _hint(c, unmatched_saved)
+        acc.add(section=Section.MODEL, name=c.name, action=Action.INIT_FRESH, current=fmt(c),
+                reason=why + ("; keeps the code's init" if lenient else ""), refuse=None if lenient else why)
+    return sources
+
+
+def _same_class(so: OptimizerSpec, co: OptimizerSpec) -> bool:
+    return co.cls in so.cls.split("|")
+
+
+def _optimizer(so: OptimizerSpec | None, co: OptimizerSpec | None, sources: Mapping[str, str],
+               acc: _Acc) -> bool:
+    """Optimizer entries; returns True when the optimizer starts fresh as a whole."""
+    strict = acc.policy is Policy.STRICT
+    if co is None:
+        if so is not None:
+            acc.add(section=Section.OPTIMIZER, name="optimizer", action=Action.UNUSED,
+                    reason=f"no optimizer given: the saved {so.short_name} state is not used")
+        return False
+    if so is not None and so.inferred:
+        acc.notes.append(f"optimizer class {so.inferred}")
+    if acc.policy is Policy.RESET_OPTIMIZER:
+        acc.add(section=Section.OPTIMIZER, name="optimizer", action=Action.RESET,
+                reason=f"policy reset-optimizer: fresh {co.short_name} state from the code")
+        return True
+    if so is None:
+        why = "the checkpoint holds no optimizer state"
+        acc.add(section=Section.OPTIMIZER, name="optimizer", action=Action.FRESH, reason=why,
+                refuse=why if strict else None)
+        return True
+    if not _same_class(so, co):
+        saved_name = " or ".join(c.rsplit(".", 1)[-1] for c in so.cls.split("|"))
+        why = f"{saved_name} saved, {co.short_name} now"
+        acc.add(section=Section.OPTIMIZER, name="optimizer", action=Action.RESET,
+                reason=why + ": fresh state from the code", refuse=why if strict else None)
+        return True
+    state = _Acc(policy=acc.policy)
+    carried, total = _optimizer_state(so, co, sources, state)
+    acc.add(section=Section.OPTIMIZER, name="optimizer", action=Action.CARRY,
+            reason=f"{co.short_name} state carried by name for {carried}/{total} parameters")
+    acc.entries += state.entries
+    acc.refusals += state.refusals
+    _optimizer_groups(so, co, sources, acc)
+    return False
+
+
+def _optimizer_state(so: OptimizerSpec, co: OptimizerSpec, sources: Mapping[str, str],
+                     acc: _Acc) -> tuple[int, int]:
+    """Per-parameter state entries; returns (carried, total) over the current optimizer's parameters."""
+    strict = acc.policy is Policy.STRICT
+    saved_state = so.state_by_param()
+    saved_members = {p for g in so.groups for p in g.params}
+    used: set[str] = set()
+    carried = total = 0
+    for g in co.groups:
+        for p in g.params:
+            total += 1
+            src = sources.get(p)
+            kw = dict(section=Section.OPTIMIZER_STATE, name=p, source=src)
+            if src is None:
+                acc.add(action=Action.FRESH, reason="parameter not loaded from the checkpoint", **kw)
+            elif src not in saved_members:
+                why = "parameter was not in the saved optimizer"
+                acc.add(action=Action.FRESH, reason=why, refuse=why if strict else None, **kw)
+            elif src not in saved_state:
+                used.add(src)
+                acc.add(action=Action.FRESH, reason="no state was saved for it (it had no step with a gradient)",
+                        **kw)
+            else:
+                used.add(src)
+                carried += 1
+                acc.add(action=Action.CARRY, reason="state carried by name", **kw)
+    loaded = set(sources.values())
+    for g in so.groups:
+        for p in g.params:
+            if p in used:
+                continue
+            why = "parameter no longer optimized" if p in loaded else "parameter not loaded into the model"
+            # A dropped tensor is already refused by the model section; do not count it twice.
+            acc.add(section=Section.OPTIMIZER_STATE, name=p, source=p, action=Action.DROP, reason=why,
+                    refuse=why if strict and p in loaded else None)
+    return carried, total
+
+
+def _hyper_diff(saved: dict[str, Any], code: dict[str, Any]) -> str:
+    diffs = [f"{k} {saved[k]!r} saved, {code[k]!r} in code" for k in sorted(set(saved) & set(code))
+             if saved[k] != code[k]]
+    return ("saved hyperparameters restored (" + "; ".join(diffs) + ")") if diffs else "hyperparameters restored"
+
+
+def _optimizer_groups(so: OptimizerSpec, co: OptimizerSpec, sources: Mapping[str, str], acc: _Acc) -> None:
+    strict = acc.policy is Policy.STRICT
+    saved_sets = [frozenset(g.params) for g in so.groups]
+    matched: set[int] = set()
+    for gi, g in enumerate(co.groups):
+        mapped = frozenset(sources[p] for p in g.params if p in sources)
+        gj = next((j for j, s in enumerate(saved_sets) if s == mapped and len(mapped) == len(g.params)
+                   and j not in matched), None)
+        if gj is None:
+            why = "no saved group holds exactly its parameters: the code's hyperparameters are used"
+            # Members missing from the model are refused there already; refuse a regrouping only.
+            refuse = strict and all(p in sources for p in g.params)
+            acc.add(section=Section.OPTIMIZER_GROUP, name=f"group {gi}", action=Action.FRESH, reason=why,
+                    refuse=why if refuse else None, subject=f"optimizer param group {gi}")
+            continue
+        matched.add(gj)
+        acc.add(section=Section.OPTIMIZER_GROUP, name=f"group {gi}", source=f"group {gj}", action=Action.CARRY,
+                reason=_hyper_diff(so.groups[gj].hyper(), g.hyper()))
+    loaded = set(sources.values())
+    for gj in range(len(so.groups)):
+        if gj not in matched:
+            why = "saved param group has no counterpart in the current optimizer"
+            refuse = strict and saved_sets[gj] <= loaded
+            acc.add(section=Section.OPTIMIZER_GROUP, name=f"saved group {gj}", source=f"group {gj}",
+                    action=Action.DROP, reason=why, refuse=why if refuse else None,
+                    subject=f"optimizer saved param group {gj}")
+
+
+def _scheduler(saved: Signature, current: Signature, opt_reset: bool, acc: _Acc) -> None:
+    ss, cs = saved.scheduler, current.scheduler
+    strict = acc.policy is Policy.STRICT
+    kw = dict(section=Section.SCHEDULER, name="scheduler")
+    if cs is None:
+        if ss is not None:
+            acc.add(action=Action.UNUSED, reason=f"no scheduler given: the saved {ss.short_name} state is not used",
+                    **kw)
+        return
+    n_groups = len(current.optimizer.groups) if current.optimizer else None
+    if opt_reset and current.optimizer is not None:
+        acc.add(action=Action.RESET, reason="the optimizer starts fresh, so does the scheduler", **kw)
+    elif ss is None:
+        why = "the checkpoint holds no scheduler state"
+        acc.add(action=Action.FRESH, reason=why, refuse=why if strict else None, **kw)
+    elif ss.cls != cs.cls:
+        why = f"{ss.short_name} saved, {cs.short_name} now"
+        acc.add(action=Action.FRESH, reason=why + ": fresh from the code", refuse=why if strict else None, **kw)
+    elif ss.num_groups is not None and n_groups is not None and ss.num_groups != n_groups:
+        why = f"drives {ss.num_groups} param groups saved, {n_groups} now"
+        acc.add(action=Action.FRESH, reason=why + ": fresh from the code", refuse=why if strict else None, **kw)
+    else:
+        acc.add(action=Action.RESTORE, reason=f"{cs.short_name} state restored", **kw)
+
+
+def _rng_and_step(saved: Signature, acc: _Acc) -> None:
+    if not saved.rng:
+        acc.add(section=Section.RNG, name="rng", action=Action.SKIP, reason="the checkpoint holds no RNG state")
+    for kind in saved.rng:
+        reason = "restored where CUDA is available" if kind == "cuda" else "restored"
+        acc.add(section=Section.RNG, name=kind, action=Action.RESTORE, reason=reason)
+    if saved.step is not None:
+        acc.add(section=Section.STEP, name="step", action=Action.KEEP,
+                reason=f"training continues after step {saved.step}")
+
+
+def _suggest(saved: Signature, current: Signature, policy: Policy, rules: RenameRules) -> str | None:
+    """The least lossy options that would resume, found by planning again (pure and cheap)."""
+    auto = RenameRules(explicit=rules.explicit, auto=True)
+    tries = [(policy, auto), (Policy.RESET_OPTIMIZER, rules), (Policy.RESET_OPTIMIZER, auto),
+             (Policy.PARTIAL, rules), (Policy.PARTIAL, auto)]
+    for p, r in tries:
+        if (p, r.auto) == (policy, rules.auto):
+            continue
+        if reconcile(saved, current, p, r, suggest=False).ok:
+            parts = []
+            if r.auto and not rules.auto:
+                parts.append("--rename auto")
+            if p is not policy:
+                parts.append(f"--policy {p.value}")
+            return " ".join(parts)
+    return None
