@@ -159,6 +159,10 @@ def _optimizer(so: OptimizerSpec | None, co: OptimizerSpec | None, sources: Mapp
         acc.add(section=Section.OPTIMIZER, name="optimizer", action=Action.FRESH, reason=why,
                 refuse=why if strict else None)
         return True
+    if so.unmapped:
+        acc.add(section=Section.OPTIMIZER, name="optimizer", action=Action.RESET,
+                reason=so.unmapped + ": fresh state from the code", refuse=so.unmapped if strict else None)
+        return True
     if not _same_class(so, co):
         saved_name = " or ".join(c.rsplit(".", 1)[-1] for c in so.cls.split("|"))
         why = f"{saved_name} saved, {co.short_name} now"

@@ -111,6 +111,8 @@ class OptimizerSpec:
     state: tuple[ParamState, ...] = ()
     # Set for foreign checkpoints whose class had to be inferred; the text says how sure we are.
     inferred: str | None = None
+    # Set when saved state cannot be tied to parameter names (foreign, position-keyed, ambiguous).
+    unmapped: str | None = None
 
     @property
     def short_name(self) -> str:
@@ -124,13 +126,15 @@ class OptimizerSpec:
                              "state": [s.to_dict() for s in self.state]}
         if self.inferred:
             d["inferred"] = self.inferred
+        if self.unmapped:
+            d["unmapped"] = self.unmapped
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizerSpec:
         return cls(cls=str(d["cls"]), groups=tuple(ParamGroupSpec.from_dict(g) for g in d["groups"]),
                    state=tuple(ParamState.from_dict(s) for s in d.get("state", ())),
-                   inferred=d.get("inferred"))
+                   inferred=d.get("inferred"), unmapped=d.get("unmapped"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
