@@ -104,7 +104,7 @@ def _model(saved: Signature, current: Signature, mapping: Mapping[str, str],
             continue
         rn = renamed.get(s.name)
         if rn is not None:
-            acc.add(action=Action.LOAD_RENAMED, reason=f"{rn.rule}; {rn.evidence}", **kw)
+            acc.add(action=Action.LOAD_RENAMED, reason=rn.rule, **kw)
         else:
             acc.add(action=Action.LOAD, **kw)
         sources[target] = s.name

@@ -1,0 +1,224 @@
+"""The ``resumer`` command line. Exit codes: 0 ok, 1 bad checkpoint, 2 usage error, 3 plan refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+
+from resumer.errors import CheckpointError, PlanRefused, ResumerError, UsageError
+
+EXIT_OK, EXIT_CHECKPOINT, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+SECRET_WORDS = ("secret", "token", "password", "key", "credential")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def parse_storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
+    """``key=value`` pairs (dotted keys nest: client_kwargs.endpoint_url=...); values may be JSON."""
+    options: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"Bad --storage-option {item.split('=')[0]!r}: write KEY=VALUE.")
+        key, value = item.split("=", 1)
+        try:
+            parsed: Any = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        node = options
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = parsed
+    return options or None
+
+
+def redact(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A copy safe to print or log: values of secret-looking keys are replaced."""
+    if options is None:
+        return None
+    return {k: redact(v) if isinstance(v, dict) else ("***" if any(w in k.lower() for w in SECRET_WORDS) else v)
+            for k, v in options.items()}
+
+
+def _run(fn: Callable[[], int]) -> None:
+    try:
+        code = fn()
+    except PlanRefused as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        code = EXIT_REFUSED
+    except UsageError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        code = EXIT_USAGE
+    except CheckpointError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        code = EXIT_CHECKPOINT
+    except ResumerError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        code = EXIT_CHECKPOINT
+    sys.exit(code)
+
+
+storage_option = click.option("--storage-option", "-S", "storage", multiple=True, metavar="KEY=VALUE",
+                              help="fsspec storage option (repeatable; dotted keys nest).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="resumer")
+def cli(verbose: int) -> None:
+    """Plan and apply resumes of PyTorch training across code changes."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--verify", is_flag=True, help="Also check every file's checksum.")
+@json_option
+@storage_option
+def inspect(checkpoint: str, verify: bool, as_json: bool, storage: tuple[str, ...]) -> None:
+    """Summarise CHECKPOINT (a checkpoint, a root of checkpoints, or a torch.save file)."""
+    from resumer.inspect import describe, inspect_checkpoint
+
+    def run() -> int:
+        info = inspect_checkpoint(checkpoint, parse_storage_options(storage), verify=verify)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+        else:
+            out.print(describe(info), markup=False, highlight=False)
+        return EXIT_OK
+
+    _run(run)
+
+
+def _plan_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.argument("checkpoint"),
+        click.option("--model", "model_ref", required=True, metavar="MODULE:FACTORY",
+                     help="No-argument factory returning the CURRENT model (built on the meta device when it can)."),
+        click.option("--optimizer", "optimizer_ref", metavar="MODULE:FACTORY", help="Factory taking the model."),
+        click.option("--scheduler", "scheduler_ref", metavar="MODULE:FACTORY", help="Factory taking the optimizer."),
+        click.option("--policy", default="strict", show_default=True,
+                     help="strict | partial | reset-optimizer"),
+        click.option("--rename", "renames", multiple=True, metavar="OLD=NEW",
+                     help="Regex rename of saved names (repeatable), or 'auto'."),
+        json_option, storage_option,
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@_plan_options
+@click.option("--markdown", is_flag=True, help="Print the plan as Markdown.")
+@click.option("--all", "show_all", is_flag=True, help="Show every entry, plain loads included.")
+def plan(checkpoint: str, model_ref: str, optimizer_ref: str | None, scheduler_ref: str | None, policy: str,
+         renames: tuple[str, ...], as_json: bool, storage: tuple[str, ...], markdown: bool, show_all: bool) -> None:
+    """Show what resuming CHECKPOINT into the current code would do. Exit 0 ok, 3 refused."""
+    import resumer
+    from resumer.factories import build
+    from resumer.plan import Policy
+    from resumer.renames import parse_renames
+    from resumer.render import plan_markdown, plan_renderable
+
+    def run() -> int:
+        pol, rules = Policy.parse(policy), parse_renames(renames)
+        model, optimizer, scheduler = build(model_ref, optimizer_ref, scheduler_ref)
+        p = resumer.plan(checkpoint, model, optimizer, scheduler, policy=pol, renames=rules,
+                         storage_options=parse_storage_options(storage))
+        if as_json:
+            click.echo(json.dumps(p.to_dict(), indent=2))
+        elif markdown:
+            click.echo(plan_markdown(p, show_all=show_all))
+        else:
+            out.print(plan_renderable(p, show_all=show_all))
+        return EXIT_OK if p.ok else EXIT_REFUSED
+
+    _run(run)
+
+
+@cli.command()
+@_plan_options
+@click.option("--save-to", metavar="ROOT", help="Save the resumed state as a new checkpoint (same step) under ROOT.")
+@click.option("--no-verify", is_flag=True, help="Skip checksums (sizes and headers are still checked).")
+def resume(checkpoint: str, model_ref: str, optimizer_ref: str | None, scheduler_ref: str | None, policy: str,
+           renames: tuple[str, ...], as_json: bool, storage: tuple[str, ...], save_to: str | None,
+           no_verify: bool) -> None:
+    """Apply the plan to fresh objects from the factories; optionally save the migrated checkpoint."""
+    import resumer
+    from resumer.factories import build
+    from resumer.plan import Policy
+    from resumer.renames import parse_renames
+
+    def run() -> int:
+        pol, rules = Policy.parse(policy), parse_renames(renames)
+        options = parse_storage_options(storage)
+        model, optimizer, scheduler = build(model_ref, optimizer_ref, scheduler_ref)
+        res = resumer.resume(checkpoint, model, optimizer, scheduler, policy=pol, renames=rules,
+                             storage_options=options, verify=not no_verify)
+        saved = None
+        if save_to:
+            saved = resumer.save_checkpoint(save_to, res.step, model, optimizer, scheduler,
+                                            extra={**res.extra, "resumed_from": res.checkpoint},
+                                            storage_options=options)
+        if as_json:
+            click.echo(json.dumps({"ok": True, "step": res.step, "checkpoint": res.checkpoint, "saved": saved,
+                                   "bytes_read": res.bytes_read, "load_seconds": round(res.load_seconds, 4),
+                                   "plan": res.plan.to_dict()}, indent=2))
+        else:
+            out.print(res.plan.summary(), markup=False, highlight=False)
+            out.print(f"resumed step {res.step} from {res.checkpoint}: {res.bytes_read} bytes in "
+                      f"{res.load_seconds:.2f}s", markup=False, highlight=False)
+            if saved:
+                out.print(f"saved {saved}", markup=False, highlight=False)
+        return EXIT_OK
+
+    _run(run)
+
+
+@cli.command(name="list")
+@click.argument("root")
+@json_option
+@storage_option
+def list_(root: str, as_json: bool, storage: tuple[str, ...]) -> None:
+    """List the committed checkpoints under ROOT, newest first."""
+    import resumer
+
+    def run() -> int:
+        infos = resumer.list_checkpoints(root, storage_options=parse_storage_options(storage))
+        rows = [{"uri": i.uri, "step": i.step, "time": i.time, "bytes": i.total_bytes} for i in infos]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+        elif not rows:
+            out.print(f"no committed checkpoints under {root}", markup=False)
+        for r in rows if not as_json else ():
+            out.print(f"{r['step']:>10}  {r['time']}  {r['bytes']:>12}  {r['uri']}", markup=False, highlight=False)
+        return EXIT_OK
+
+    _run(run)
+
+
+@cli.command()
+@click.option("--dir", "workdir", default="resumer-demo", show_default=True, help="Where the demo writes.")
+@click.option("--steps", default=30, show_default=True, help="Training steps before the code change.")
+def demo(workdir: str, steps: int) -> None:
+    """Train a small model, checkpoint, change the model, show the plan, resume. Local, no services."""
+    from resumer.demo import run_demo
+
+    _run(lambda: run_demo(workdir, steps, out))
+
+
+def main() -> None:
+    cli(prog_name="resumer")
+
+
+if __name__ == "__main__":
+    main()
