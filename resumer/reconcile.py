@@ -229,8 +229,8 @@ def _optimizer_groups(so: OptimizerSpec, co: OptimizerSpec, sources: Mapping[str
     matched: set[int] = set()
     for gi, g in enumerate(co.groups):
         mapped = frozenset(sources[p] for p in g.params if p in sources)
-        gj = next((j for j, s in enumerate(saved_sets) if s == mapped and len(mapped) == len(g.params)
-                   and j not in matched), None)
+        # The same group, possibly grown by parameters new to the model (those are reported on their own).
+        gj = next((j for j, s in enumerate(saved_sets) if s == mapped and j not in matched), None)
         if gj is None:
             why = "no saved group holds exactly its parameters: the code's hyperparameters are used"
             # Members missing from the model are refused there already; refuse a regrouping only.

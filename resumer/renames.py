@@ -116,8 +116,9 @@ def _sub_index(name: str, prefix: str, old: int, new: int) -> str | None:
 
 def infer_index_shift(saved: Mapping[str, TensorSpec], current: Mapping[str, TensorSpec]) -> list[Rename]:
     """Renames for containers whose parameterised children kept their order but not their indices."""
-    renames: list[Rename] = []
     work = dict(saved)
+    origin = {n: n for n in saved}  # name in ``work`` -> saved name
+    evidence: dict[str, tuple[str, str]] = {}  # saved name -> (rule, evidence) of its last move
     for _ in range(8):  # nested containers: re-derive after each accepted shift
         sg, cg = _int_groups(work), _int_groups(current)
         found = None
@@ -133,38 +134,24 @@ def infer_index_shift(saved: Mapping[str, TensorSpec], current: Mapping[str, Ten
             break
         prefix, s_idx, c_idx = found
         where = f"'{prefix}'" if prefix else "the top-level module"
-        evidence = (f"children of {where} with parameters {s_idx} saved, {c_idx} now; "
-                    "same order, names, shapes and dtypes")
-        index_map = {i: j for i, j in zip(s_idx, c_idx) if i != j}
+        why = (f"children of {where} with parameters {s_idx} saved, {c_idx} now; same order, names, shapes "
+               "and dtypes")
+        index_map = {i: j for i, j in zip(s_idx, c_idx, strict=True) if i != j}
         moved: dict[str, TensorSpec] = {}
+        moved_origin: dict[str, str] = {}
         for name, spec in work.items():
             new = name
             for i, j in index_map.items():
                 sub = _sub_index(name, prefix, i, j)
                 if sub is not None:
                     new = sub
+                    evidence[origin[name]] = (f"auto: index shift in {where}", why)
                     break
-            if new != name:
-                renames.append(Rename(source=name, target=new, rule=f"auto: index shift in {where}",
-                                      evidence=evidence, auto=True))
             moved[new] = spec
-        work = moved
-    return _compose(renames)
-
-
-def _compose(renames: list[Rename]) -> list[Rename]:
-    """Collapse chains a->b, b->c produced by repeated passes into a->c."""
-    by_target: dict[str, Rename] = {}
-    out: dict[str, Rename] = {}
-    for r in renames:
-        origin = by_target.pop(r.source, None)
-        src = origin.source if origin else r.source
-        if origin:
-            out.pop(origin.source, None)
-        merged = Rename(source=src, target=r.target, rule=r.rule, evidence=r.evidence, auto=True)
-        out[src] = merged
-        by_target[r.target] = merged
-    return list(out.values())
+            moved_origin[new] = origin[name]
+        work, origin = moved, moved_origin
+    return [Rename(source=src, target=name, rule=evidence[src][0], evidence=evidence[src][1], auto=True)
+            for name, src in origin.items() if name != src]
 
 
 def _splits(segs: list[str]) -> Iterable[tuple[int, int]]:

@@ -1,0 +1,201 @@
+"""reconcile is pure: table-driven tests on hand-built Signatures (no torch tensors, no IO)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from resumer.errors import UsageError
+from resumer.plan import Action, Plan, Policy, Section
+from resumer.reconcile import reconcile
+from resumer.renames import parse_renames
+from resumer.signature import OptimizerSpec, ParamGroupSpec, ParamState, SchedulerSpec, Signature, StateEntry, TensorSpec
+
+ADAM = "torch.optim.adam.Adam"
+
+
+def t(name: str, *shape: int, dtype: str = "float32", kind: str = "parameter") -> TensorSpec:
+    return TensorSpec(name=name, shape=tuple(shape), dtype=dtype, kind=kind)
+
+
+def sig(tensors: list[TensorSpec], *, opt: str | None = ADAM, groups: list[list[str]] | None = None,
+        state: bool = True, scheduler: str | None = None, lr: float = 0.01) -> Signature:
+    params = [x.name for x in tensors if x.kind == "parameter"]
+    groups = groups if groups is not None else [params]
+    spec = None
+    if opt:
+        spec = OptimizerSpec(
+            cls=opt,
+            groups=tuple(ParamGroupSpec(params=tuple(g), hyperparams=(("lr", lr),)) for g in groups),
+            state=tuple(ParamState(param=p.name, entries=(StateEntry(key="exp_avg", shape=p.shape, dtype=p.dtype),
+                                                          StateEntry(key="step", shape=(), dtype="float32")))
+                        for p in tensors if p.kind == "parameter") if state else ())
+    sched = SchedulerSpec(cls=scheduler, num_groups=len(groups)) if scheduler else None
+    return Signature(tensors=tuple(tensors), optimizer=spec, scheduler=sched, step=100, rng=("torch",))
+
+
+BASE = [t("0.weight", 8, 4), t("0.bias", 8), t("2.weight", 2, 8), t("2.bias", 2)]
+SAVED = sig(BASE, scheduler="StepLR")
+
+
+def current(tensors: list[TensorSpec], **kw: object) -> Signature:
+    kw.setdefault("state", False)
+    kw.setdefault("scheduler", "StepLR")
+    return sig(tensors, **kw)  # type: ignore[arg-type]
+
+
+# difference -> current signature, {policy: ok}
+CASES = {
+    "identical": (current(BASE), {"strict": True, "partial": True, "reset-optimizer": True}),
+    "resized": (current([*BASE[:2], t("2.weight", 3, 8), t("2.bias", 3)]),
+                {"strict": False, "partial": True, "reset-optimizer": False}),
+    "added": (current([*BASE, t("4.weight", 2, 2)]), {"strict": False, "partial": True, "reset-optimizer": False}),
+    "removed": (current(BASE[:2]), {"strict": False, "partial": True, "reset-optimizer": False}),
+    "dtype": (current([t(x.name, *x.shape, dtype="bfloat16") for x in BASE]),
+              {"strict": False, "partial": True, "reset-optimizer": False}),
+    "optimizer-class": (current(BASE, opt="torch.optim.sgd.SGD"),
+                        {"strict": False, "partial": True, "reset-optimizer": True}),
+    "scheduler-class": (current(BASE, scheduler="CosineAnnealingLR"),
+                        {"strict": False, "partial": True, "reset-optimizer": True}),
+    "nothing-matches": (current([t("a", 1), t("b", 2)]), {"strict": False, "partial": False,
+                                                         "reset-optimizer": False}),
+}
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+@pytest.mark.parametrize("case", list(CASES))
+def test_policy_table(case: str, policy: Policy) -> None:
+    cur, expected = CASES[case]
+    plan = reconcile(SAVED, cur, policy)
+    assert plan.ok is expected[policy.value], plan.describe()
+    # Each refusal reads as a sentence and the JSON form is stable and serialisable.
+    for r in plan.refusals:
+        assert ": " in str(r)
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert d["format"] == "resumer-plan" and d["version"] == 1 and d["ok"] is plan.ok
+    assert Plan.from_dict(d) == plan
+
+
+def test_every_saved_and_current_tensor_is_accounted_for() -> None:
+    cur = current([t("0.weight", 8, 4), t("2.weight", 3, 8), t("new", 5)])
+    plan = reconcile(SAVED, cur, "partial")
+    model = plan.section(Section.MODEL)
+    saved_names = {e.source for e in model if e.source}
+    assert saved_names == {x.name for x in BASE}  # every saved tensor: loaded, mismatched or dropped
+    assert {e.name for e in model if e.action is not Action.DROP} == {"0.weight", "2.weight", "new"}
+    assert {e.name: e.action for e in model} == {"0.weight": Action.LOAD, "2.weight": Action.SHAPE_MISMATCH,
+                                                 "0.bias": Action.DROP, "2.bias": Action.DROP,
+                                                 "new": Action.INIT_FRESH}
+
+
+def test_strict_refusal_message_lists_differences_and_the_fix() -> None:
+    cur = current([t("0.weight", 8, 4), t("0.bias", 8), t("3.weight", 2, 8), t("3.bias", 2)],
+                  opt="torch.optim.sgd.SGD")
+    plan = reconcile(SAVED, cur, "strict", checkpoint="s3://runs/a/step-0000001200")
+    text = plan.describe_refusal()
+    assert text.splitlines()[0] == ("Cannot resume s3://runs/a/step-0000001200 under policy 'strict': "
+                                    "5 differences")
+    assert "  - model '3.weight': missing in checkpoint; '2.weight' has the same shape (renamed? index shift?)" in text
+    assert "  - optimizer 'optimizer': Adam saved, SGD now" in text
+    assert text.endswith("To resume: --rename auto --policy reset-optimizer")
+
+
+def test_reset_optimizer_keeps_step_and_resets_scheduler() -> None:
+    plan = reconcile(SAVED, current(BASE), "reset-optimizer")
+    assert plan.ok
+    assert plan.optimizer_action() is Action.RESET
+    assert plan.entry(Section.SCHEDULER, "scheduler").action is Action.RESET
+    assert plan.entry(Section.STEP, "step").action is Action.KEEP and plan.step == 100
+
+
+def test_optimizer_state_follows_explicit_rename() -> None:
+    cur = current([t("enc.weight", 8, 4), t("enc.bias", 8), t("2.weight", 2, 8), t("2.bias", 2)])
+    plan = reconcile(SAVED, cur, "strict", {r"^0\.": "enc."})
+    assert plan.ok, plan.describe()
+    e = plan.entry(Section.OPTIMIZER_STATE, "enc.weight")
+    assert (e.action, e.source) == (Action.CARRY, "0.weight")
+    assert plan.entry(Section.MODEL, "enc.weight").action is Action.LOAD_RENAMED
+    assert plan.renames[0].evidence == "explicit rule"
+
+
+def test_rename_collision_is_refused() -> None:
+    plan = reconcile(SAVED, current(BASE), "partial", {r"\.(weight|bias)$": ".x"})
+    assert any(r.subject == "renames" and "both renamed to" in r.problem for r in plan.refusals)
+
+
+def test_auto_index_shift_even_where_names_coincide() -> None:
+    """Two parameterless layers inserted: saved 4.* now sits at 6.*, and the current 4.* is saved 2.*."""
+    saved = sig([t("0.weight", 8, 4), t("2.weight", 8, 8), t("4.weight", 2, 8)], scheduler="StepLR")
+    cur = current([t("0.weight", 8, 4), t("4.weight", 8, 8), t("6.weight", 2, 8)])
+    plan = reconcile(saved, cur, "strict", "auto")
+    assert plan.ok, plan.describe()
+    assert {r.source: r.target for r in plan.renames} == {"2.weight": "4.weight", "4.weight": "6.weight"}
+    # Without auto, strict refuses: '4.weight' would otherwise load the wrong layer.
+    assert not reconcile(saved, cur, "strict").ok
+
+
+def test_auto_does_not_guess_when_ambiguous() -> None:
+    # Two unmatched saved tensors of the same shape could each be the one new name: no inference.
+    saved = sig([t("a.weight", 4, 4), t("b.weight", 4, 4)])
+    cur = current([t("wrap.c.weight", 4, 4)])
+    plan = reconcile(saved, cur, "strict", "auto")
+    assert not plan.renames
+    # A layer added in a Sequential (lengths differ) is not an index shift.
+    saved = sig([t("0.weight", 4, 4), t("2.weight", 4, 4)])
+    cur = current([t("0.weight", 4, 4), t("1.weight", 4, 4), t("3.weight", 4, 4)])
+    plan = reconcile(saved, cur, "strict", "auto")
+    assert not plan.renames and not plan.ok
+
+
+def test_auto_wrapping_and_unwrapping() -> None:
+    wrapped = current([t("model." + x.name, *x.shape) for x in BASE])
+    plan = reconcile(SAVED, wrapped, "strict", "auto")
+    assert plan.ok and len(plan.renames) == 4
+    assert all(r.auto and "wrapped" in r.rule for r in plan.renames)
+    saved = sig([t("model." + x.name, *x.shape) for x in BASE], scheduler="StepLR")
+    plan = reconcile(saved, current(BASE), "strict", "auto")
+    assert plan.ok and all("unwrapped 'model'" in r.rule for r in plan.renames)
+
+
+def test_new_param_group_strict_refuses_partial_uses_code_hyperparameters() -> None:
+    cur = current(BASE, groups=[["0.weight", "0.bias"], ["2.weight", "2.bias"]])
+    strict = reconcile(SAVED, cur, "strict")
+    assert [r.subject for r in strict.refusals] == ["optimizer param group 0", "optimizer param group 1",
+                                                    "optimizer saved param group 0", "scheduler 'scheduler'"]
+    assert str(strict.refusals[-1]) == "scheduler 'scheduler': drives 1 param groups saved, 2 now"
+    assert strict.suggestion == "--policy reset-optimizer"
+    partial = reconcile(SAVED, cur, "partial")
+    assert partial.ok
+    assert partial.entry(Section.OPTIMIZER_GROUP, "group 1").action is Action.FRESH
+    assert partial.counts()["optimizer_carried"] == 4
+
+
+def test_hyperparameter_differences_are_shown() -> None:
+    plan = reconcile(SAVED, current(BASE, lr=0.5), "strict")
+    assert plan.entry(Section.OPTIMIZER_GROUP, "group 0").reason == (
+        "saved hyperparameters restored (lr 0.01 saved, 0.5 in code)")
+
+
+def test_no_optimizer_in_checkpoint() -> None:
+    saved = sig(BASE, opt=None)
+    assert not reconcile(saved, current(BASE), "strict").ok
+    assert reconcile(saved, current(BASE), "reset-optimizer").ok
+    p = reconcile(saved, current(BASE), "partial")
+    assert p.ok and p.optimizer_action() is Action.FRESH
+
+
+def test_parse_errors_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="Unknown policy 'lenient'. Choose one of: strict, partial, reset-optimizer"):
+        Policy.parse("lenient")
+    with pytest.raises(UsageError, match="write OLD_REGEX=NEW"):
+        parse_renames(["no-equals-sign"])
+    with pytest.raises(UsageError, match="Bad rename"):
+        parse_renames({"(unclosed": "x"})
+    assert parse_renames(["auto", "a=b"]).auto
+
+
+def test_world_size_change_is_noted() -> None:
+    saved = Signature(tensors=tuple(BASE), step=1, world_size=4)
+    cur = Signature(tensors=tuple(BASE), world_size=2)
+    assert "world size 4 saved, 2 now" in reconcile(saved, cur).notes
