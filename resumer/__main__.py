@@ -1,0 +1,3 @@
+from resumer.cli import main
+
+main()
