@@ -42,8 +42,10 @@ def apply_plan(plan: Plan, source: CheckpointSource, model: nn.Module, optimizer
     if not plan.ok:
         raise PlanRefused(plan)
     started = time.perf_counter()
+    # Both before the model is touched: a corrupt checkpoint changes nothing.
     if verify:
-        source.verify()  # before the model is touched: a corrupt checkpoint changes nothing
+        source.verify()
+    source.prepare()
     tensors = live_tensors(model)
     by_name = {lt.name: lt.tensor for lt in tensors}
     for e in plan.section(Section.MODEL):
@@ -56,7 +58,7 @@ def apply_plan(plan: Plan, source: CheckpointSource, model: nn.Module, optimizer
     if any(e.action is Action.RESTORE for e in plan.section(Section.RNG)):
         state = source.rng_state()
         if state:
-            rng.restore(state, source.uri)
+            rng.restore(state)
     seconds = time.perf_counter() - started
     logger.info("%s", plan.summary())
     return ResumeResult(step=plan.step or 0, plan=plan, checkpoint=source.uri, bytes_read=source.bytes_read,
@@ -68,7 +70,7 @@ def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.opti
     members = optimizer_param_names(optimizer, names)
     position: dict[str, int] = {}
     groups = []
-    for gi, (group, params) in enumerate(zip(optimizer.param_groups, members)):
+    for gi, (group, params) in enumerate(zip(optimizer.param_groups, members, strict=True)):
         hyper = {k: v for k, v in group.items() if k != "params"}
         entry = plan.entry(Section.OPTIMIZER_GROUP, f"group {gi}")
         if entry.action is Action.CARRY and entry.source:

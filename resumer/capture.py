@@ -117,12 +117,12 @@ def class_path(obj: object) -> str:
 def optimizer_spec(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> OptimizerSpec:
     members = optimizer_param_names(optimizer, names)
     groups = []
-    for gi, (group, params) in enumerate(zip(optimizer.param_groups, members)):
+    for gi, (group, params) in enumerate(zip(optimizer.param_groups, members, strict=True)):
         hyper = {k: encode(v, f"optimizer param group {gi} '{k}'") for k, v in group.items() if k != "params"}
         groups.append(ParamGroupSpec(params=tuple(params), hyperparams=tuple(sorted(hyper.items()))))
     state = []
-    for group, params in zip(optimizer.param_groups, members):
-        for p, name in zip(group["params"], params):
+    for group, params in zip(optimizer.param_groups, members, strict=True):
+        for p, name in zip(group["params"], params, strict=True):
             st = optimizer.state.get(p)
             if not st:
                 continue

@@ -84,7 +84,7 @@ def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     if any("_orig_mod." in k for k in keys):
         keys = [k.replace("_orig_mod.", "") for k in keys]
         notes.append("stripped torch.compile's '_orig_mod.' from saved names")
-    return dict(zip(keys, sd.values())), notes
+    return dict(zip(keys, sd.values(), strict=True)), notes
 
 
 def _tensor_specs(sd: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], list[str]]:
@@ -243,6 +243,9 @@ class ForeignSource:
 
     def verify(self) -> None:
         """Nothing more to check: the file was parsed whole, with weights_only=True, before planning."""
+
+    def prepare(self) -> None:
+        """Its values are already Python objects from the weights-only unpickler."""
 
     def copy_into(self, name: str, dest: torch.Tensor) -> None:
         src = self._model[name]

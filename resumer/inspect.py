@@ -64,7 +64,8 @@ def describe(info: dict[str, Any]) -> str:
     lines = []
     if "checkpoints" in info:
         lines.append(f"{info['uri']}: {len(info['checkpoints'])} committed checkpoint(s)")
-        lines += [f"  step {c['step']:>10}  {c['time']}  {c['bytes']:>12} bytes  {c['uri']}" for c in info["checkpoints"]]
+        lines += [f"  step {c['step']:>10}  {c['time']}  {c['bytes']:>12} bytes  {c['uri']}"
+                  for c in info["checkpoints"]]
         lines.append("newest:")
     lines.append(f"checkpoint  {info['checkpoint']} ({info['kind']})")
     lines.append(f"step        {info['step']}")

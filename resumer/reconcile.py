@@ -88,26 +88,9 @@ def _model(saved: Signature, current: Signature, mapping: Mapping[str, str],
         if target not in cur or target in handled:
             unmatched_saved.append(s)
             continue
-        c = cur[target]
         handled.add(target)
-        kw = dict(section=Section.MODEL, name=target, source=s.name, saved=fmt(s), current=fmt(c))
-        if c.shape != s.shape:
-            what = "keeps the code's init" if lenient else "cannot be loaded"
-            acc.add(action=Action.SHAPE_MISMATCH, reason=f"shape differs: {what}",
-                    refuse=None if lenient else f"shape differs: saved {fmt(s)}, now {fmt(c)}", **kw)
-            continue
-        if c.dtype != s.dtype:
-            acc.add(action=Action.CAST, reason=f"saved {s.dtype}, now {c.dtype}: values cast",
-                    refuse=None if lenient else f"dtype differs: saved {s.dtype}, now {c.dtype}", **kw)
-            if lenient:
-                sources[target] = s.name
-            continue
-        rn = renamed.get(s.name)
-        if rn is not None:
-            acc.add(action=Action.LOAD_RENAMED, reason=rn.rule, **kw)
-        else:
-            acc.add(action=Action.LOAD, **kw)
-        sources[target] = s.name
+        if _compare(s, cur[target], renamed.get(s.name), acc):
+            sources[target] = s.name
     unmatched_current = [c for c in current.tensors if c.name not in handled]
     for s in unmatched_saved:
         target = mapping[s.name]
@@ -133,6 +116,26 @@ def _model(saved: Signature, current: Signature, mapping: Mapping[str, str],
         acc.add(section=Section.MODEL, name=c.name, action=Action.INIT_FRESH, current=fmt(c),
                 reason=why + ("; keeps the code's init" if lenient else ""), refuse=None if lenient else why)
     return sources
+
+
+def _compare(s: TensorSpec, c: TensorSpec, rn: Rename | None, acc: _Acc) -> bool:
+    """One saved tensor against the current tensor it maps to; True when its values are copied."""
+    lenient = acc.policy is Policy.PARTIAL
+    kw = {"section": Section.MODEL, "name": c.name, "source": s.name, "saved": fmt(s), "current": fmt(c)}
+    if c.shape != s.shape:
+        what = "keeps the code's init" if lenient else "cannot be loaded"
+        acc.add(action=Action.SHAPE_MISMATCH, reason=f"shape differs: {what}",
+                refuse=None if lenient else f"shape differs: saved {fmt(s)}, now {fmt(c)}", **kw)
+        return False
+    if c.dtype != s.dtype:
+        acc.add(action=Action.CAST, reason=f"saved {s.dtype}, now {c.dtype}: values cast",
+                refuse=None if lenient else f"dtype differs: saved {s.dtype}, now {c.dtype}", **kw)
+        return lenient
+    if rn is not None:
+        acc.add(action=Action.LOAD_RENAMED, reason=rn.rule, **kw)
+    else:
+        acc.add(action=Action.LOAD, **kw)
+    return True
 
 
 def _same_class(so: OptimizerSpec, co: OptimizerSpec) -> bool:
@@ -191,7 +194,7 @@ def _optimizer_state(so: OptimizerSpec, co: OptimizerSpec, sources: Mapping[str,
         for p in g.params:
             total += 1
             src = sources.get(p)
-            kw = dict(section=Section.OPTIMIZER_STATE, name=p, source=src)
+            kw = {"section": Section.OPTIMIZER_STATE, "name": p, "source": src}
             if src is None:
                 acc.add(action=Action.FRESH, reason="parameter not loaded from the checkpoint", **kw)
             elif src not in saved_members:
@@ -254,7 +257,7 @@ def _optimizer_groups(so: OptimizerSpec, co: OptimizerSpec, sources: Mapping[str
 def _scheduler(saved: Signature, current: Signature, opt_reset: bool, acc: _Acc) -> None:
     ss, cs = saved.scheduler, current.scheduler
     strict = acc.policy is Policy.STRICT
-    kw = dict(section=Section.SCHEDULER, name="scheduler")
+    kw = {"section": Section.SCHEDULER, "name": "scheduler"}
     if cs is None:
         if ss is not None:
             acc.add(action=Action.UNUSED, reason=f"no scheduler given: the saved {ss.short_name} state is not used",

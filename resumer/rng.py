@@ -1,15 +1,19 @@
-"""RNG state of torch, numpy, Python and CUDA as plain JSON (no pickle), and its restore."""
+"""RNG state of torch, numpy, Python and CUDA as plain JSON (no pickle): capture, parse, restore.
+
+``parse`` checks everything before ``restore`` sets anything, so a malformed state changes nothing.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
-from resumer.errors import CheckpointError
+from resumer.errors import CheckpointError, ResumerError
 from resumer.jsonvalue import decode, encode
 
 
@@ -35,26 +39,47 @@ def capture() -> dict[str, Any]:
     return state
 
 
-def restore(state: dict[str, Any], uri: str = "checkpoint") -> list[str]:
-    """Restore what ``state`` holds; returns the kinds restored. Bad data is a CheckpointError."""
-    done = []
+def parse(state: dict[str, Any], uri: str = "checkpoint") -> dict[str, Any]:
+    """Decode and check a saved RNG state without applying it; a problem is a CheckpointError."""
+    out: dict[str, Any] = {}
     try:
         if "torch" in state:
-            torch.set_rng_state(_unb64(state["torch"]))
-            done.append("torch")
+            t = _unb64(state["torch"])
+            if t.numel() != torch.get_rng_state().numel():
+                raise ValueError(f"torch state has {t.numel()} bytes")
+            out["torch"] = t
         if "numpy" in state:
             n = state["numpy"]
-            np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]),
-                                 int(n["has_gauss"]), float(n["cached_gaussian"])))
-            done.append("numpy")
+            keys = np.asarray(n["keys"], dtype=np.uint32)
+            if n["kind"] != "MT19937" or keys.shape != (624,):
+                raise ValueError("numpy state is not an MT19937 state")
+            out["numpy"] = (n["kind"], keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"]))
         if "python" in state:
-            random.setstate(decode(state["python"]))
-            done.append("python")
-        if "cuda" in state and torch.cuda.is_available():
-            states = [_unb64(s) for s in state["cuda"]]
-            for i, s in enumerate(states[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, i)
-            done.append("cuda")
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{uri}: the saved RNG state is malformed ({exc}).", uri=uri) from None
+            py = decode(state["python"])
+            random.Random().setstate(py)  # validates without touching the global generator
+            out["python"] = py
+        if "cuda" in state:
+            out["cuda"] = [_unb64(s) for s in state["cuda"]]
+    except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error, ResumerError) as exc:
+        raise CheckpointError(f"{uri}: the saved RNG state is malformed ({exc}). Nothing was loaded.",
+                              uri=uri) from None
+    return out
+
+
+def restore(parsed: dict[str, Any]) -> list[str]:
+    """Apply a state from :func:`parse`; returns the kinds restored (CUDA only where available)."""
+    done = []
+    if "torch" in parsed:
+        torch.set_rng_state(parsed["torch"])
+        done.append("torch")
+    if "numpy" in parsed:
+        np.random.set_state(parsed["numpy"])
+        done.append("numpy")
+    if "python" in parsed:
+        random.setstate(parsed["python"])
+        done.append("python")
+    if "cuda" in parsed and torch.cuda.is_available():
+        for i, s in enumerate(parsed["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+        done.append("cuda")
     return done

@@ -19,7 +19,7 @@ import xxhash
 
 from resumer.capture import dtype_name
 from resumer.errors import CheckpointError
-from resumer.signature import dtype_size, known_dtype
+from resumer.signature import dtype_size
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 CHUNK = 16 * 1024 * 1024
@@ -89,51 +89,48 @@ def write_file(f: BinaryIO, file_name: str, items: Sequence[tuple[str, torch.Ten
     return start + pos, f"{CHECKSUM_ALGO}:{h.hexdigest()}", index
 
 
+def _bad(uri: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{uri} is not a valid safetensors file: {why}. The checkpoint is corrupt; "
+                           "nothing was loaded from it.", uri=uri)
+
+
+def _entry(name: str, meta: Any, start: int, size: int, uri: str) -> TensorLocation:
+    try:
+        dtype = _FROM_ST[meta["dtype"]]
+        shape = tuple(int(d) for d in meta["shape"])
+        b, e = (int(x) for x in meta["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise _bad(uri, f"entry {name!r} has a bad dtype, shape or data_offsets") from None
+    if any(d < 0 for d in shape):
+        raise _bad(uri, f"entry {name!r} has a negative dimension")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not 0 <= b <= e or e - b != numel * dtype_size(dtype):
+        raise _bad(uri, f"entry {name!r}: {e - b} bytes do not hold {dtype}{list(shape)}")
+    if start + e > size:
+        raise _bad(uri, f"entry {name!r} ends at byte {start + e}, past the end of the file ({size} bytes)")
+    return TensorLocation(file=uri.rsplit("/", 1)[-1], offset=start + b, nbytes=e - b, dtype=dtype, shape=shape)
+
+
 def read_header(f: BinaryIO, size: int, uri: str) -> dict[str, TensorLocation]:
     """Parse and validate a safetensors header; never trusts a length or offset it has not checked."""
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{uri} is not a valid safetensors file: {why}. The checkpoint is corrupt; "
-                               "nothing was loaded from it.", uri=uri)
-
     if size < 8:
-        raise bad(f"only {size} bytes")
+        raise _bad(uri, f"only {size} bytes")
     (n,) = struct.unpack("<Q", f.read(8))
     if n > MAX_HEADER_BYTES or n + 8 > size:
-        raise bad(f"header length {n} does not fit the file of {size} bytes")
+        raise _bad(uri, f"header length {n} does not fit the file of {size} bytes")
     try:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"header is not JSON ({exc})") from None
+        raise _bad(uri, f"header is not JSON ({exc})") from None
     if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    start = 8 + n
-    spans = []
-    out = {}
-    name = file_name = uri.rsplit("/", 1)[-1]
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _FROM_ST[meta["dtype"]]
-            shape = tuple(int(d) for d in meta["shape"])
-            b, e = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"entry {name!r} has a bad dtype, shape or data_offsets") from None
-        numel = 1
-        for d in shape:
-            if d < 0:
-                raise bad(f"entry {name!r} has a negative dimension")
-            numel *= d
-        if not known_dtype(dtype) or not 0 <= b <= e or e - b != numel * dtype_size(dtype):
-            raise bad(f"entry {name!r}: {e - b} bytes do not hold {dtype}{list(shape)}")
-        if start + e > size:
-            raise bad(f"entry {name!r} ends at byte {start + e}, past the end of the file ({size} bytes)")
-        spans.append((b, e, name))
-        out[name] = TensorLocation(file=file_name, offset=start + b, nbytes=e - b, dtype=dtype, shape=shape)
-    spans.sort()
-    for (b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:]):
+        raise _bad(uri, "header is not a JSON object")
+    out = {name: _entry(name, meta, 8 + n, size, uri) for name, meta in header.items() if name != "__metadata__"}
+    spans = sorted((loc.offset, loc.offset + loc.nbytes, name) for name, loc in out.items())
+    for (_b1, e1, n1), (b2, _e2, n2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
-            raise bad(f"entries {n1!r} and {n2!r} overlap")
+            raise _bad(uri, f"entries {n1!r} and {n2!r} overlap")
     return out
 
 

@@ -46,8 +46,8 @@ def _optimizer_items(optimizer: torch.optim.Optimizer, names: dict[int, str]
                      ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, dict[str, Any]]]:
     members = optimizer_param_names(optimizer, names)
     tensors, scalars = [], {}
-    for group, params in zip(optimizer.param_groups, members):
-        for p, name in zip(group["params"], params):
+    for group, params in zip(optimizer.param_groups, members, strict=True):
+        for p, name in zip(group["params"], params, strict=True):
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
                     tensors.append((state_key(name, str(key)), value))

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 import torch
 
-from resumer.errors import CheckpointError
+from resumer import rng
+from resumer.errors import CheckpointError, ResumerError
 from resumer.jsonvalue import decode
 from resumer.manifest import MODEL_FILE, OPTIMIZER_FILE, Manifest, state_key
 from resumer.safetensors_io import TensorLocation, readinto_exact, tensor_bytes
@@ -34,6 +35,7 @@ class CheckpointSource(Protocol):
     bytes_read: int
 
     def verify(self) -> None: ...
+    def prepare(self) -> None: ...
     def copy_into(self, name: str, dest: torch.Tensor) -> None: ...
     def state(self, param: str) -> dict[str, Any]: ...
     def group_hyperparams(self, index: int) -> dict[str, Any]: ...
@@ -57,9 +59,37 @@ class NativeSource:
         self.bytes_read = 0
         self._fs, self._path = get_fs(manifest.uri, storage_options)
         self._files: dict[str, Any] = {}
+        self._plain: dict[str, Any] | None = None
 
     def verify(self) -> None:
+        """Sizes, headers and (unless turned off) checksums of every file."""
         verify(self.manifest, self.storage_options, checksums=self.checksums, progress=self.progress)
+
+    def prepare(self) -> None:
+        """Decode every plain value (hyperparameters, scalars, scheduler, RNG, extra) before anything is set."""
+        m = self.manifest
+        opt = self.signature.optimizer
+        self._plain = {
+            "groups": [self._decode(dict(g.hyperparams), f"optimizer param group {i}")
+                       for i, g in enumerate(opt.groups)] if opt else [],
+            "scalars": self._decode(m.optimizer_scalars, "optimizer state"),
+            "scheduler": self._decode(m.scheduler_state, "scheduler state"),
+            "extra": self._decode(m.extra, "extra metadata"),
+        }
+        self._plain["rng"] = rng.parse(m.rng, self.uri) if m.rng else None
+
+    def _decode(self, value: Any, what: str) -> Any:
+        try:
+            return decode(value)
+        except (ResumerError, AttributeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.uri}: the saved {what} in the manifest is malformed ({exc}). Nothing was "
+                                  "loaded.", uri=self.uri) from None
+
+    def _decoded(self, key: str) -> Any:
+        if self._plain is None:
+            self.prepare()
+        assert self._plain is not None
+        return self._plain[key]
 
     def _file(self, name: str) -> Any:
         f = self._files.get(name)
@@ -93,7 +123,7 @@ class NativeSource:
 
     def state(self, param: str) -> dict[str, Any]:
         """Saved optimizer state of ``param`` (by saved name): fresh tensors plus plain values."""
-        out: dict[str, Any] = {k: decode(v) for k, v in self.manifest.optimizer_scalars.get(param, {}).items()}
+        out: dict[str, Any] = dict(self._decoded("scalars").get(param, {}))
         spec = self.signature.optimizer.state_by_param()[param] if self.signature.optimizer else None
         for entry in spec.entries if spec else ():
             if entry.shape is None:
@@ -105,17 +135,17 @@ class NativeSource:
         return out
 
     def group_hyperparams(self, index: int) -> dict[str, Any]:
-        assert self.signature.optimizer is not None
-        return {k: decode(v) for k, v in self.signature.optimizer.groups[index].hyperparams}
+        return dict(self._decoded("groups")[index])
 
     def scheduler_state(self) -> Any:
-        return None if self.manifest.scheduler_state is None else decode(self.manifest.scheduler_state)
+        return self._decoded("scheduler")
 
     def rng_state(self) -> dict[str, Any] | None:
-        return self.manifest.rng
+        """RNG state already parsed by :func:`resumer.rng.parse`."""
+        return self._decoded("rng")
 
     def extra(self) -> dict[str, Any]:
-        return decode(self.manifest.extra)
+        return self._decoded("extra")
 
     def close(self) -> None:
         for f in self._files.values():

@@ -96,7 +96,7 @@ def list_checkpoints(root: str, *, storage_options: dict[str, Any] | None = None
         if m and e.get("type") == "directory":
             steps.append((int(m.group(1)), name))
     out = []
-    for step, name in sorted(steps, reverse=True):
+    for _step, name in sorted(steps, reverse=True):
         uri = join(root, name)
         try:
             manifest = read_manifest(uri, storage_options)

@@ -10,7 +10,15 @@ from resumer.errors import UsageError
 from resumer.plan import Action, Plan, Policy, Section
 from resumer.reconcile import reconcile
 from resumer.renames import parse_renames
-from resumer.signature import OptimizerSpec, ParamGroupSpec, ParamState, SchedulerSpec, Signature, StateEntry, TensorSpec
+from resumer.signature import (
+    OptimizerSpec,
+    ParamGroupSpec,
+    ParamState,
+    SchedulerSpec,
+    Signature,
+    StateEntry,
+    TensorSpec,
+)
 
 ADAM = "torch.optim.adam.Adam"
 
