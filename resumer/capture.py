@@ -5,7 +5,6 @@ Works on a model built on the meta device: only names, shapes and dtypes are rea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +32,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under DDP / DataParallel / torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
+            inner: Any = model.module
         elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            model = model._orig_mod  # torch.compile
+            inner = model._orig_mod  # torch.compile
         else:
             return model
+        model = inner
 
 
 def canonical_name(name: str) -> str:
@@ -70,7 +70,7 @@ def live_tensors(model: nn.Module) -> list[LiveTensor]:
     out: list[LiveTensor] = []
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         prefix = f"{mod_name}." if mod_name else ""
-        items: Iterator[tuple[str, Any, str]] = (
+        items: tuple[tuple[str, Any, str], ...] = (
             *((n, p, PARAMETER) for n, p in mod._parameters.items()),
             *((n, b, BUFFER) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set),
         )

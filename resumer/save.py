@@ -19,7 +19,7 @@ from resumer.capture import class_path, live_tensors, optimizer_param_names, sig
 from resumer.errors import CheckpointError, UsageError
 from resumer.jsonvalue import encode
 from resumer.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, dumps, state_key
-from resumer.safetensors_io import write_file
+from resumer.safetensors_io import TensorLocation, write_file
 from resumer.signature import Signature
 from resumer.store import get_fs, join, step_dir, write_bytes_atomic
 
@@ -45,7 +45,8 @@ def code_fingerprint(model: nn.Module, sig: Signature) -> dict[str, Any]:
 def _optimizer_items(optimizer: torch.optim.Optimizer, names: dict[int, str]
                      ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, dict[str, Any]]]:
     members = optimizer_param_names(optimizer, names)
-    tensors, scalars = [], {}
+    tensors: list[tuple[str, torch.Tensor]] = []
+    scalars: dict[str, dict[str, Any]] = {}
     for group, params in zip(optimizer.param_groups, members, strict=True):
         for p, name in zip(group["params"], params, strict=True):
             for key, value in optimizer.state.get(p, {}).items():
@@ -60,6 +61,15 @@ def _world() -> dict[str, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return {"world_size": torch.distributed.get_world_size(), "rank": torch.distributed.get_rank()}
     return {"world_size": 1, "rank": 0}
+
+
+def _write(fs: Any, path: str, name: str, items: list[tuple[str, torch.Tensor]], files: list[dict[str, Any]]
+           ) -> dict[str, TensorLocation]:
+    """Write one safetensors file, record it in ``files``, return where each tensor lies."""
+    with fs.open(join(path, name), "wb") as f:
+        size, checksum, index = write_file(f, name, items)
+    files.append({"path": name, "size": size, "checksum": checksum})
+    return index
 
 
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -93,16 +103,13 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.opt
         raise CheckpointError(f"{uri} is already committed. Each step is saved once; pick a new step or another root.",
                               uri=uri)
     fs.makedirs(path, exist_ok=True)
-    files, index, opt_index, scalars = [], {}, {}, {}
-    with fs.open(join(path, MODEL_FILE), "wb") as f:
-        size, checksum, index = write_file(f, MODEL_FILE, [(lt.name, lt.tensor) for lt in tensors])
-    files.append({"path": MODEL_FILE, "size": size, "checksum": checksum})
+    files: list[dict[str, Any]] = []
+    index = _write(fs, path, MODEL_FILE, [(lt.name, lt.tensor) for lt in tensors], files)
+    opt_index: dict[str, TensorLocation] = {}
+    scalars: dict[str, dict[str, Any]] = {}
     if optimizer is not None:
-        names = {id(lt.tensor): lt.name for lt in tensors}
-        opt_items, scalars = _optimizer_items(optimizer, names)
-        with fs.open(join(path, OPTIMIZER_FILE), "wb") as f:
-            size, checksum, opt_index = write_file(f, OPTIMIZER_FILE, opt_items)
-        files.append({"path": OPTIMIZER_FILE, "size": size, "checksum": checksum})
+        opt_items, scalars = _optimizer_items(optimizer, {id(lt.tensor): lt.name for lt in tensors})
+        opt_index = _write(fs, path, OPTIMIZER_FILE, opt_items, files)
     raw = {
         "format": FORMAT, "version": FORMAT_VERSION, "step": step,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -120,6 +127,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.opt
     }
     # Commit: the manifest goes last, so a reader sees either no checkpoint or all of it.
     write_bytes_atomic(fs, join(path, MANIFEST), dumps(raw))
-    logger.info("[save] step=%d %s: %d tensors, %d bytes in %.2fs", step, uri, len(tensors),
-                sum(f["size"] for f in files), time.perf_counter() - started)
+    total = sum(int(f["size"]) for f in files)
+    logger.info("[save] step=%d %s: %d tensors, %d bytes in %.2fs", step, uri, len(tensors), total,
+                time.perf_counter() - started)
     return uri
