@@ -39,7 +39,8 @@ def open_source(checkpoint: str, storage_options: dict[str, Any] | None = None, 
     if not fs.exists(path):
         raise CheckpointError(f"No checkpoint at {checkpoint}: the path does not exist.", uri=checkpoint)
     if select_verified:
-        info = latest_checkpoint(checkpoint, storage_options=storage_options, checksums=checksums)
+        info = latest_checkpoint(checkpoint, storage_options=storage_options, checksums=checksums,
+                                 progress=progress)
     else:
         infos = list_checkpoints(checkpoint, storage_options=storage_options)
         info = infos[0] if infos else None
@@ -49,7 +50,8 @@ def open_source(checkpoint: str, storage_options: dict[str, Any] | None = None, 
                if has_data else "no committed, valid checkpoint lies under it")
         raise CheckpointError(f"Cannot resume from {checkpoint}: {why}. Nothing was loaded or deleted.",
                               uri=checkpoint)
-    return NativeSource(info.manifest, storage_options, checksums=checksums, progress=progress)
+    return NativeSource(info.manifest, storage_options, checksums=checksums, progress=progress,
+                        verified=select_verified)
 
 
 def plan(checkpoint: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,

@@ -156,14 +156,16 @@ def resume(checkpoint: str, model_ref: str, optimizer_ref: str | None, scheduler
     import resumer
     from resumer.factories import build
     from resumer.plan import Policy
+    from resumer.progress import byte_progress
     from resumer.renames import parse_renames
 
     def run() -> int:
         pol, rules = Policy.parse(policy), parse_renames(renames)
         options = parse_storage_options(storage)
         model, optimizer, scheduler = build(model_ref, optimizer_ref, scheduler_ref)
-        res = resumer.resume(checkpoint, model, optimizer, scheduler, policy=pol, renames=rules,
-                             storage_options=options, verify=not no_verify)
+        with byte_progress(err, "verifying and loading") as progress:
+            res = resumer.resume(checkpoint, model, optimizer, scheduler, policy=pol, renames=rules,
+                                 storage_options=options, verify=not no_verify, progress=progress)
         saved = None
         if save_to:
             saved = resumer.save_checkpoint(save_to, res.step, model, optimizer, scheduler,

@@ -49,7 +49,7 @@ class NativeSource:
     """A resumer checkpoint: tensors are read one at a time, by byte range, straight into place."""
 
     def __init__(self, manifest: Manifest, storage_options: dict[str, Any] | None = None, *,
-                 checksums: bool = True, progress: Any = None) -> None:
+                 checksums: bool = True, progress: Any = None, verified: bool = False) -> None:
         self.manifest = manifest
         self.uri = manifest.uri
         self.signature = manifest.signature
@@ -60,10 +60,14 @@ class NativeSource:
         self._fs, self._path = get_fs(manifest.uri, storage_options)
         self._files: dict[str, Any] = {}
         self._plain: dict[str, Any] | None = None
+        self._verified = verified  # selection already checked it this way: do not read it all twice
+
 
     def verify(self) -> None:
         """Sizes, headers and (unless turned off) checksums of every file."""
-        verify(self.manifest, self.storage_options, checksums=self.checksums, progress=self.progress)
+        if not self._verified:
+            verify(self.manifest, self.storage_options, checksums=self.checksums, progress=self.progress)
+            self._verified = True
 
     def prepare(self) -> None:
         """Decode every plain value (hyperparameters, scalars, scheduler, RNG, extra) before anything is set."""

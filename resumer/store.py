@@ -145,11 +145,11 @@ def _check_header(manifest: Manifest, file: str, header: dict[str, Any], furi: s
 
 
 def latest_checkpoint(root: str, *, storage_options: dict[str, Any] | None = None,
-                      checksums: bool = True) -> CheckpointInfo | None:
+                      checksums: bool = True, progress: Any = None) -> CheckpointInfo | None:
     """The newest checkpoint under ``root`` that is committed AND verifies; falls back past bad ones."""
     for info in list_checkpoints(root, storage_options=storage_options):
         try:
-            verify(info.manifest, storage_options, checksums=checksums)
+            verify(info.manifest, storage_options, checksums=checksums, progress=progress)
         except CheckpointError as exc:
             logger.warning("[select] skipping %s: %s", info.uri, exc)
             continue
