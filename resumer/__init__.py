@@ -16,16 +16,17 @@ __version__ = "0.1.0"
 from resumer.api import open_source, plan, resume
 from resumer.apply import ResumeResult
 from resumer.capture import signature
+from resumer.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, select
 from resumer.errors import CheckpointError, PlanRefused, ResumerError, TransientStorageError, UsageError
 from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
 from resumer.reconcile import reconcile
 from resumer.save import save_checkpoint
 from resumer.signature import Signature, TensorSpec
-from resumer.store import CheckpointInfo, latest_checkpoint, list_checkpoints, read_manifest, verify
+from resumer.store import read_manifest, verify
 
 __all__ = [
     "Action", "CheckpointError", "CheckpointInfo", "Plan", "PlanEntry", "PlanRefused", "Policy", "Refusal",
     "Rename", "ResumeResult", "ResumerError", "Section", "Signature", "TensorSpec", "TransientStorageError",
     "UsageError", "latest_checkpoint", "list_checkpoints", "open_source", "plan", "read_manifest", "reconcile",
-    "resume", "save_checkpoint", "signature", "verify",
+    "resume", "save_checkpoint", "select", "signature", "verify",
 ]

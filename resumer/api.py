@@ -11,12 +11,13 @@ from torch import nn
 
 from resumer.apply import ResumeResult, apply_plan
 from resumer.capture import signature
+from resumer.catalog import latest_checkpoint, list_checkpoints
 from resumer.errors import CheckpointError
 from resumer.manifest import MANIFEST
 from resumer.plan import Plan, Policy
 from resumer.reconcile import reconcile
 from resumer.source import CheckpointSource, NativeSource
-from resumer.store import get_fs, join, latest_checkpoint, list_checkpoints, read_manifest
+from resumer.store import get_fs, join, read_manifest
 
 logger = logging.getLogger(__name__)
 

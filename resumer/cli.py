@@ -188,21 +188,26 @@ def resume(checkpoint: str, model_ref: str, optimizer_ref: str | None, scheduler
 
 @cli.command(name="list")
 @click.argument("root")
+@click.option("--all", "show_all", is_flag=True, help="Include quarantined checkpoints, with their reasons.")
 @json_option
 @storage_option
-def list_(root: str, as_json: bool, storage: tuple[str, ...]) -> None:
+def list_(root: str, show_all: bool, as_json: bool, storage: tuple[str, ...]) -> None:
     """List the committed checkpoints under ROOT, newest first."""
     import resumer
 
     def run() -> int:
-        infos = resumer.list_checkpoints(root, storage_options=parse_storage_options(storage))
-        rows = [{"uri": i.uri, "step": i.step, "time": i.time, "bytes": i.total_bytes} for i in infos]
+        infos = resumer.list_checkpoints(root, storage_options=parse_storage_options(storage),
+                                         include_quarantined=show_all)
+        rows = [{"uri": i.uri, "step": i.step, "time": i.time, "bytes": i.total_bytes, "quarantine": i.quarantine}
+                for i in infos]
         if as_json:
             click.echo(json.dumps(rows, indent=2))
         elif not rows:
             out.print(f"no committed checkpoints under {root}", markup=False)
         for r in rows if not as_json else ():
-            out.print(f"{r['step']:>10}  {r['time']}  {r['bytes']:>12}  {r['uri']}", markup=False, highlight=False)
+            mark = f"  QUARANTINED: {r['quarantine']}" if r["quarantine"] else ""
+            out.print(f"{r['step']:>10}  {r['time']}  {r['bytes']:>12}  {r['uri']}{mark}", markup=False,
+                      highlight=False)
         return EXIT_OK
 
     _run(run)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from resumer.api import open_source
+from resumer.catalog import list_checkpoints
 from resumer.manifest import MANIFEST
 from resumer.signature import Signature
 from resumer.source import NativeSource
-from resumer.store import get_fs, join, list_checkpoints
+from resumer.store import get_fs, join
 
 
 def _signature_summary(sig: Signature) -> dict[str, Any]:

@@ -3,9 +3,13 @@
 A checkpoint is a directory::
 
     step-0000001200/
-      model.safetensors        model tensors by canonical name
-      optimizer.safetensors    optimizer tensor state, keys "<param name>/<state key>" (by NAME)
-      manifest.json            everything else; its presence commits the checkpoint
+      model.<token>.safetensors        model tensors by canonical name
+      optimizer.<token>.safetensors    optimizer tensor state, keys "<param name>/<state key>" (by NAME)
+      manifest.json                    everything else; its presence commits the checkpoint
+      quarantine.json                  (only if a reader found it corrupt: the reason; nothing is deleted)
+
+``<token>`` is unique per save attempt, so two writers racing on one step never mix their bytes: each
+manifest names its own files, and the last manifest written wins whole.
 
 Pure: parses bytes into a ``Manifest``; storage lives in ``resumer.store``.
 """
@@ -24,10 +28,15 @@ from resumer.signature import Signature, dtype_size, known_dtype
 FORMAT = "resumer-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
+QUARANTINE = "quarantine.json"
+MODEL_KIND = "model"
+OPTIMIZER_KIND = "optimizer"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+def data_file_name(kind: str, token: str) -> str:
+    return f"{kind}.{token}.safetensors"
 
 
 def state_key(param: str, key: str) -> str:
@@ -72,6 +81,13 @@ class Manifest:
             if f.path == path:
                 return f
         raise KeyError(path)
+
+    def data_file(self, kind: str) -> str:
+        """The name of this checkpoint's ``model`` or ``optimizer`` data file."""
+        for f in self.files:
+            if f.path.split(".", 1)[0] == kind:
+                return f.path
+        raise KeyError(kind)
 
 
 def safe_file_name(name: Any) -> bool:

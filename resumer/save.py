@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -18,7 +19,16 @@ from resumer import rng
 from resumer.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
 from resumer.errors import CheckpointError, UsageError
 from resumer.jsonvalue import encode
-from resumer.manifest import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, dumps, state_key
+from resumer.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_KIND,
+    OPTIMIZER_KIND,
+    data_file_name,
+    dumps,
+    state_key,
+)
 from resumer.safetensors_io import TensorLocation, write_file
 from resumer.signature import Signature
 from resumer.store import get_fs, join, step_dir, write_bytes_atomic
@@ -104,12 +114,13 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.opt
                               uri=uri)
     fs.makedirs(path, exist_ok=True)
     files: list[dict[str, Any]] = []
-    index = _write(fs, path, MODEL_FILE, [(lt.name, lt.tensor) for lt in tensors], files)
+    token = uuid.uuid4().hex[:12]  # unique per attempt: racing writers never overwrite each other's bytes
+    index = _write(fs, path, data_file_name(MODEL_KIND, token), [(lt.name, lt.tensor) for lt in tensors], files)
     opt_index: dict[str, TensorLocation] = {}
     scalars: dict[str, dict[str, Any]] = {}
     if optimizer is not None:
         opt_items, scalars = _optimizer_items(optimizer, {id(lt.tensor): lt.name for lt in tensors})
-        opt_index = _write(fs, path, OPTIMIZER_FILE, opt_items, files)
+        opt_index = _write(fs, path, data_file_name(OPTIMIZER_KIND, token), opt_items, files)
     raw = {
         "format": FORMAT, "version": FORMAT_VERSION, "step": step,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),

@@ -13,10 +13,11 @@ import torch
 from resumer import rng
 from resumer.errors import CheckpointError, ResumerError
 from resumer.jsonvalue import decode
-from resumer.manifest import MODEL_FILE, OPTIMIZER_FILE, Manifest, state_key
+from resumer.manifest import Manifest, state_key
 from resumer.safetensors_io import TensorLocation, readinto_exact, tensor_bytes
 from resumer.signature import Signature
 from resumer.store import get_fs, join, verify
+from resumer.transfer import open_for_scan
 
 _DTYPES = {name: getattr(torch, name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
@@ -98,7 +99,8 @@ class NativeSource:
     def _file(self, name: str) -> Any:
         f = self._files.get(name)
         if f is None:
-            f = self._files[name] = self._fs.open(join(self._path, name), "rb")
+            size = self.manifest.file(name).size
+            f = self._files[name] = open_for_scan(self._fs, join(self._path, name), size)
         return f
 
     def _read(self, loc: TensorLocation, dest: torch.Tensor) -> None:
@@ -157,4 +159,4 @@ class NativeSource:
         self._files.clear()
 
 
-__all__ = ["MODEL_FILE", "OPTIMIZER_FILE", "CheckpointSource", "NativeSource", "torch_dtype"]
+__all__ = ["CheckpointSource", "NativeSource", "torch_dtype"]

@@ -1,8 +1,9 @@
-"""Checkpoint storage on any fsspec URI: listing, manifests, verification, commits.
+"""Checkpoint storage primitives on any fsspec URI: filesystems, small reads and writes, manifests, verify.
 
-URIs are strings (a pathlib.Path would mangle ``s3://``). Commit order: data files first, manifest
-last; on a local disk the manifest is written to a temporary name and renamed, so a reader sees the
-whole manifest or none.
+URIs are strings (a pathlib.Path would mangle ``s3://``). Every call that can fail transiently goes
+through ``resumer.retry``. Commit order lives in ``resumer.save``: data files first, manifest last. On
+a local disk the manifest is written to a temporary name and renamed, so a reader sees all of it or
+none; on object stores a PUT is atomic per object.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
+from resumer import retry
 from resumer.errors import CheckpointError, UsageError
 from resumer.manifest import MANIFEST, Manifest, parse
 from resumer.safetensors_io import checksum_stream, read_header
@@ -39,40 +40,45 @@ def get_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any
         pkg = _PACKAGES.get(proto, "the fsspec implementation for it")
         raise UsageError(f"Cannot open {uri}: the {proto}:// protocol needs {pkg} (pip install {pkg}). "
                          f"({exc.__class__.__name__})") from None
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise UsageError(f"Cannot open {uri}: {exc}. Use a local path or an fsspec URI such as s3://bucket/path "
-                         "or memory://path.") from None
+                         "or memory://path, with valid --storage-option values.") from None
     return fs, path
+
+
+def is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
 
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CheckpointInfo:
-    """A committed checkpoint: its URI, step, and parsed manifest."""
+def read_bytes(fs: Any, path: str, uri: str) -> bytes:
+    """A whole small object, with retries. FileNotFoundError passes through."""
+    return retry.call(lambda: fs.cat_file(path), what="reading", uri=uri)
 
-    uri: str
-    step: int
-    manifest: Manifest
 
-    @property
-    def time(self) -> str:
-        return self.manifest.time
+def write_bytes_atomic(fs: Any, path: str, data: bytes, uri: str | None = None) -> None:
+    """Write a small file so readers see all of it or nothing (rename on local disks), with retries."""
+    def put() -> None:
+        if is_local(fs):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        else:
+            fs.pipe_file(path, data)
 
-    @property
-    def total_bytes(self) -> int:
-        return self.manifest.total_bytes
+    retry.call(put, what="writing", uri=uri or path)
 
 
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> Manifest:
     """Read and validate the manifest of the checkpoint at ``uri`` (reads no tensor bytes)."""
     fs, path = get_fs(uri, storage_options)
-    mpath = join(path, MANIFEST)
     try:
-        with fs.open(mpath, "rb") as f:
-            data = f.read()
+        data = read_bytes(fs, join(path, MANIFEST), uri)
     except FileNotFoundError:
         if fs.exists(path) and fs.isdir(path):
             raise CheckpointError(f"{uri} has no {MANIFEST}: it is a torn checkpoint (the writer stopped before "
@@ -82,55 +88,49 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> Ma
     return parse(data, uri)
 
 
-def list_checkpoints(root: str, *, storage_options: dict[str, Any] | None = None) -> list[CheckpointInfo]:
-    """Committed checkpoints under ``root``, newest first; directories without a valid manifest are skipped."""
-    fs, path = get_fs(root, storage_options)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    steps = []
-    for e in entries:
-        name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
-        m = STEP_DIR.match(name)
-        if m and e.get("type") == "directory":
-            steps.append((int(m.group(1)), name))
-    out = []
-    for _step, name in sorted(steps, reverse=True):
-        uri = join(root, name)
-        try:
-            manifest = read_manifest(uri, storage_options)
-        except CheckpointError as exc:
-            logger.debug("skipping %s: %s", uri, exc)
-            continue
-        out.append(CheckpointInfo(uri=uri, step=manifest.step, manifest=manifest))
-    return out
-
-
 def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
-           progress: Any = None) -> None:
-    """Check every file's size (and checksum) and every safetensors header against the manifest."""
+           progress: Any = None, sizes: dict[str, int] | None = None) -> None:
+    """Check the checkpoint's files against its manifest; CheckpointError names the first problem.
+
+    Sizes always (from ``sizes``, a listing already made, when given). With ``checksums`` also every
+    safetensors header and every byte's checksum (a full read).
+    """
     fs, path = get_fs(manifest.uri, storage_options)
     for entry in manifest.files:
         fpath = join(path, entry.path)
         furi = join(manifest.uri, entry.path)
-        try:
-            size = fs.size(fpath)
-        except FileNotFoundError:
+        size = sizes.get(entry.path) if sizes is not None else _size(fs, fpath, furi)
+        if size is None:
             raise CheckpointError(f"{furi} is missing: the checkpoint is incomplete. Nothing was loaded.",
-                                  uri=manifest.uri) from None
+                                  uri=manifest.uri)
         if size != entry.size:
             raise CheckpointError(f"{furi} has {size} bytes, the manifest says {entry.size}: the file is truncated "
                                   "or was replaced. Nothing was loaded.", uri=manifest.uri)
-        with fs.open(fpath, "rb") as f:
-            header = read_header(f, size, furi)
-            if checksums:
-                f.seek(0)
-                got = checksum_stream(f, size, furi, progress)
-                if got != entry.checksum:
-                    raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed "
-                                          "after the checkpoint was written. Nothing was loaded.", uri=manifest.uri)
-        _check_header(manifest, entry.path, header, furi)
+        if checksums:
+            def check(e: Any = entry, fp: str = fpath, fu: str = furi, n: int = size) -> None:
+                _check_file(fs, fp, fu, n, e, manifest, progress)
+
+            retry.call(check, what="verifying", uri=furi)
+
+
+def _size(fs: Any, fpath: str, furi: str) -> int | None:
+    try:
+        return int(retry.call(lambda: fs.size(fpath), what="stat", uri=furi))
+    except FileNotFoundError:
+        return None
+
+
+def _check_file(fs: Any, fpath: str, furi: str, size: int, entry: Any, manifest: Manifest, progress: Any) -> None:
+    from resumer.transfer import open_for_scan
+
+    with open_for_scan(fs, fpath) as f:
+        header = read_header(f, size, furi)
+        f.seek(0)
+        got = checksum_stream(f, size, furi, progress)
+    if got != entry.checksum:
+        raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed after "
+                              "the checkpoint was written. Nothing was loaded.", uri=manifest.uri)
+    _check_header(manifest, entry.path, header, furi)
 
 
 def _check_header(manifest: Manifest, file: str, header: dict[str, Any], furi: str) -> None:
@@ -142,28 +142,3 @@ def _check_header(manifest: Manifest, file: str, header: dict[str, Any], furi: s
                                                                                loc.shape):
             raise CheckpointError(f"{furi}: tensor {name!r} in the file does not match the manifest. The checkpoint "
                                   "is corrupt; nothing was loaded.", uri=manifest.uri)
-
-
-def latest_checkpoint(root: str, *, storage_options: dict[str, Any] | None = None,
-                      checksums: bool = True, progress: Any = None) -> CheckpointInfo | None:
-    """The newest checkpoint under ``root`` that is committed AND verifies; falls back past bad ones."""
-    for info in list_checkpoints(root, storage_options=storage_options):
-        try:
-            verify(info.manifest, storage_options, checksums=checksums, progress=progress)
-        except CheckpointError as exc:
-            logger.warning("[select] skipping %s: %s", info.uri, exc)
-            continue
-        return info
-    return None
-
-
-def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write a small file so readers see all of it or nothing (rename on local disks)."""
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or "file" in (fs.protocol or ()):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)

@@ -17,7 +17,7 @@ import torch
 import xxhash
 
 import resumer
-from resumer.manifest import MANIFEST, MODEL_FILE, OPTIMIZER_FILE
+from resumer.manifest import MANIFEST, QUARANTINE
 
 
 class Saved:
@@ -35,13 +35,26 @@ class Saved:
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.read(MANIFEST))
 
+    def data_file(self, kind: str) -> str:
+        """The model or optimizer data file's name (unique per save attempt)."""
+        return resumer.read_manifest(self.uri).data_file(kind)
+
+    @property
+    def model_file(self) -> str:
+        return self.data_file("model")
+
+    @property
+    def optimizer_file(self) -> str:
+        return self.data_file("optimizer")
+
     def write_manifest(self, raw: dict[str, Any]) -> None:
         self.write(MANIFEST, json.dumps(raw, indent=1).encode())
 
     def files(self) -> set[str]:
         """Every file under the root (relative names): nothing may be deleted or renamed by a refusal."""
         root_path = self.path.rsplit("/", 1)[0]
-        return {p[len(root_path):] for p in self.fs.find(root_path)}
+        # A reader may add a quarantine mark beside a bad checkpoint; it never removes or changes a file.
+        return {p[len(root_path):] for p in self.fs.find(root_path) if not p.endswith("/" + QUARANTINE)}
 
 
 @pytest.fixture
@@ -86,21 +99,23 @@ def refuses(dst, snapshot, assert_unchanged, saved) -> Callable[..., str]:
 
 
 def test_torn_checkpoint_is_refused_by_uri_and_by_root(saved, refuses):
+    data_files = [saved.model_file, saved.optimizer_file]
     saved.fs.rm(f"{saved.path}/{MANIFEST}")
     refuses(saved.uri, saved.uri, "no manifest.json", "torn checkpoint", "Nothing was loaded or deleted",
             plan_too=True)
     refuses(saved.root, saved.root, "no committed, valid checkpoint", plan_too=True)
     assert resumer.list_checkpoints(saved.root) == []
     assert resumer.latest_checkpoint(saved.root) is None
-    assert saved.fs.exists(f"{saved.path}/{MODEL_FILE}")
-    assert saved.fs.exists(f"{saved.path}/{OPTIMIZER_FILE}")
+    for name in data_files:
+        assert saved.fs.exists(f"{saved.path}/{name}")
 
 
 # --- damaged data files ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [MODEL_FILE, OPTIMIZER_FILE])
-def test_truncated_tensor_file_is_refused(saved, refuses, name):
+@pytest.mark.parametrize("kind", ["model", "optimizer"])
+def test_truncated_tensor_file_is_refused(saved, refuses, kind):
+    name = saved.data_file(kind)
     data = saved.read(name)
     saved.write(name, data[:-10])
     refuses(saved.uri, f"{saved.uri}/{name}", f"has {len(data) - 10} bytes, the manifest says {len(data)}",
@@ -108,10 +123,10 @@ def test_truncated_tensor_file_is_refused(saved, refuses, name):
 
 
 def test_one_flipped_byte_fails_the_checksum(saved, refuses):
-    data = bytearray(saved.read(MODEL_FILE))
+    data = bytearray(saved.read(saved.model_file))
     data[-3] ^= 0x10  # inside the last tensor's bytes: the header and the size still check out
-    saved.write(MODEL_FILE, bytes(data))
-    refuses(saved.uri, f"{saved.uri}/{MODEL_FILE}", "fails its checksum", "Nothing was loaded")
+    saved.write(saved.model_file, bytes(data))
+    refuses(saved.uri, f"{saved.uri}/{saved.model_file}", "fails its checksum", "Nothing was loaded")
 
 
 def _xxh(data: bytes) -> str:
@@ -121,18 +136,18 @@ def _xxh(data: bytes) -> str:
 def _rewrite_model_file(saved: Saved, new: bytes, offset_delta: int) -> None:
     """Replace model.safetensors and fix the manifest (size, checksum, tensor offsets) so it agrees with it."""
     raw = saved.manifest()
-    (entry,) = [f for f in raw["files"] if f["path"] == MODEL_FILE]
-    assert entry["checksum"] == _xxh(saved.read(MODEL_FILE))  # the fix-up below computes it the same way
+    (entry,) = [f for f in raw["files"] if f["path"] == saved.model_file]
+    assert entry["checksum"] == _xxh(saved.read(saved.model_file))  # the fix-up below computes it the same way
     entry["size"], entry["checksum"] = len(new), _xxh(new)
     for loc in raw["tensors"].values():
         loc["offset"] += offset_delta
-    saved.write(MODEL_FILE, new)
+    saved.write(saved.model_file, new)
     saved.write_manifest(raw)
     resumer.read_manifest(saved.uri)  # the manifest alone is consistent: only the header check can object
 
 
 def test_header_offsets_past_the_end_of_the_file(saved, refuses):
-    data = saved.read(MODEL_FILE)
+    data = saved.read(saved.model_file)
     (n,) = struct.unpack("<Q", data[:8])
     header, body = json.loads(data[8:8 + n]), data[8 + n:]
     b, e = header["3.bias"]["data_offsets"]
@@ -140,12 +155,12 @@ def test_header_offsets_past_the_end_of_the_file(saved, refuses):
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     _rewrite_model_file(saved, struct.pack("<Q", len(raw)) + raw + body, offset_delta=len(raw) - n)
-    refuses(saved.uri, f"{saved.uri}/{MODEL_FILE} is not a valid safetensors file", "'3.bias'",
+    refuses(saved.uri, f"{saved.uri}/{saved.model_file} is not a valid safetensors file", "'3.bias'",
             "past the end of the file", "corrupt")
 
 
 def test_header_length_past_the_end_of_the_file(saved, refuses):
-    data = saved.read(MODEL_FILE)
+    data = saved.read(saved.model_file)
     _rewrite_model_file(saved, struct.pack("<Q", len(data)) + data[8:], offset_delta=0)
     refuses(saved.uri, "is not a valid safetensors file", f"header length {len(data)} does not fit")
 
@@ -221,10 +236,10 @@ def test_manifest_naming_a_file_outside_its_directory_is_refused(saved, refuses,
     root_path = saved.path.rsplit("/", 1)[0]
     saved.fs.makedirs(f"{root_path}/elsewhere", exist_ok=True)
     for target in (f"{root_path}/x.safetensors", f"{root_path}/elsewhere/x.safetensors"):
-        saved.fs.pipe_file(target, saved.read(MODEL_FILE))
+        saved.fs.pipe_file(target, saved.read(saved.model_file))
     raw = saved.manifest()
     for f in raw["files"]:
-        if f["path"] == MODEL_FILE:
+        if f["path"] == saved.model_file:
             f["path"] = bad
     for loc in raw["tensors"].values():
         loc["file"] = bad
@@ -240,13 +255,13 @@ def _tear(s: Saved) -> None:
 
 
 def _truncate(s: Saved) -> None:
-    s.write(OPTIMIZER_FILE, s.read(OPTIMIZER_FILE)[:-1])
+    s.write(s.optimizer_file, s.read(s.optimizer_file)[:-1])
 
 
 def _flip(s: Saved) -> None:
-    data = bytearray(s.read(MODEL_FILE))
+    data = bytearray(s.read(s.model_file))
     data[-1] ^= 0x01
-    s.write(MODEL_FILE, bytes(data))
+    s.write(s.model_file, bytes(data))
 
 
 def _garble_manifest(s: Saved) -> None:

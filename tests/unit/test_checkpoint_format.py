@@ -12,11 +12,15 @@ import torch
 from torch import nn
 
 import resumer
-from resumer.manifest import MANIFEST, MODEL_FILE, OPTIMIZER_FILE, state_key
+from resumer.manifest import MANIFEST, state_key
 
 MODEL_KEYS = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
               "1.num_batches_tracked", "3.weight", "3.bias"]
 PARAMS = ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
+
+
+def _file(uri: str, kind: str) -> str:
+    return resumer.read_manifest(uri).data_file(kind)
 
 
 def _read(fs_of, uri: str) -> bytes:
@@ -98,13 +102,13 @@ def test_directory_without_manifest_is_never_listed(root, trained, fs_of):
     # A newer directory holding data but no manifest: a writer that stopped before committing.
     torn = f"{path}/step-0000000009"
     fs.makedirs(torn, exist_ok=True)
-    fs.pipe_file(f"{torn}/{MODEL_FILE}", _read(fs_of, f"{uri}/{MODEL_FILE}"))
+    fs.pipe_file(f"{torn}/model.abc.safetensors", _read(fs_of, f"{uri}/{_file(uri, 'model')}"))
     fs.makedirs(f"{path}/notes", exist_ok=True)  # and a directory that is not a step at all
     assert [i.step for i in resumer.list_checkpoints(root)] == [5]
     latest = resumer.latest_checkpoint(root)
     assert latest is not None
     assert latest.step == 5
-    assert fs.exists(f"{torn}/{MODEL_FILE}")  # skipped, not deleted
+    assert fs.exists(f"{torn}/model.abc.safetensors")  # skipped, not deleted
 
 
 def test_saving_the_same_step_twice_is_refused(root, trained, fs_of):
@@ -121,14 +125,14 @@ def test_saving_the_same_step_twice_is_refused(root, trained, fs_of):
 def test_files_are_readable_by_the_safetensors_library(root, trained, fs_of, tmp_path):
     t = trained()
     uri = resumer.save_checkpoint(root, 3, t.model, t.optimizer, t.scheduler)
-    model = _load_safetensors(fs_of, f"{uri}/{MODEL_FILE}", tmp_path)
+    model = _load_safetensors(fs_of, f"{uri}/{_file(uri, 'model')}", tmp_path)
     want = t.model.state_dict()
     assert sorted(model) == sorted(MODEL_KEYS)
     for name in MODEL_KEYS:
         assert model[name].dtype == want[name].dtype, name
         assert torch.equal(model[name], want[name]), name
     # Also from bytes (no file name involved), as a reader on object storage would.
-    from_bytes = safetensors.torch.load(_read(fs_of, f"{uri}/{MODEL_FILE}"))
+    from_bytes = safetensors.torch.load(_read(fs_of, f"{uri}/{_file(uri, 'model')}"))
     assert all(torch.equal(from_bytes[n], want[n]) for n in MODEL_KEYS)
 
 
@@ -136,7 +140,7 @@ def test_optimizer_state_is_keyed_by_parameter_name(root, trained, fs_of, tmp_pa
     t = trained()
     uri = resumer.save_checkpoint(root, 3, t.model, t.optimizer, t.scheduler)
     assert state_key("0.weight", "exp_avg") == "0.weight/exp_avg"
-    opt = _load_safetensors(fs_of, f"{uri}/{OPTIMIZER_FILE}", tmp_path)
+    opt = _load_safetensors(fs_of, f"{uri}/{_file(uri, 'optimizer')}", tmp_path)
     assert sorted(opt) == sorted(state_key(p, k) for p in PARAMS for k in ("exp_avg", "exp_avg_sq", "step"))
     params = dict(t.model.named_parameters())
     for p in PARAMS:
@@ -146,7 +150,9 @@ def test_optimizer_state_is_keyed_by_parameter_name(root, trained, fs_of, tmp_pa
     assert manifest["format"] == "resumer-checkpoint"
     assert manifest["version"] == 1
     assert sorted(manifest["optimizer"]["tensors"]) == sorted(opt)
-    assert [f["path"] for f in manifest["files"]] == [MODEL_FILE, OPTIMIZER_FILE]
+    paths = [f["path"] for f in manifest["files"]]
+    assert [p.split(".")[0] for p in paths] == ["model", "optimizer"]
+    assert len({p.split(".")[1] for p in paths}) == 1  # one token per save attempt
 
 
 def test_optimizer_state_follows_names_when_parameter_order_differs(root, trained, make_model, assert_same_tree):
@@ -183,7 +189,7 @@ def test_bfloat16_round_trip(root, make_model, fs_of, tmp_path):
     with torch.no_grad():
         src[0].weight.mul_(3.3)  # values that do not survive a trip through float16
     uri = resumer.save_checkpoint(root, 1, src)
-    stored = _load_safetensors(fs_of, f"{uri}/{MODEL_FILE}", tmp_path)
+    stored = _load_safetensors(fs_of, f"{uri}/{_file(uri, 'model')}", tmp_path)
     assert stored["0.weight"].dtype == torch.bfloat16
     assert torch.equal(stored["0.weight"], src[0].weight)
 
@@ -216,7 +222,7 @@ def test_tied_weights_are_stored_once(root, fs_of, tmp_path):
     opt.step()
     uri = resumer.save_checkpoint(root, 1, src, opt)
 
-    stored = _load_safetensors(fs_of, f"{uri}/{MODEL_FILE}", tmp_path)
+    stored = _load_safetensors(fs_of, f"{uri}/{_file(uri, 'model')}", tmp_path)
     assert list(stored) == ["embed.weight"]
     assert torch.equal(stored["embed.weight"], src.embed.weight)
     manifest = json.loads(_read(fs_of, f"{uri}/{MANIFEST}"))
