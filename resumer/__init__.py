@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from resumer.api import open_source, plan, resume
 from resumer.apply import ResumeResult
+from resumer.async_save import AsyncSaver
 from resumer.capture import signature
 from resumer.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, select
 from resumer.errors import CheckpointError, PlanRefused, ResumerError, TransientStorageError, UsageError
@@ -25,8 +26,8 @@ from resumer.signature import Signature, TensorSpec
 from resumer.store import read_manifest, verify
 
 __all__ = [
-    "Action", "CheckpointError", "CheckpointInfo", "Plan", "PlanEntry", "PlanRefused", "Policy", "Refusal",
-    "Rename", "ResumeResult", "ResumerError", "Section", "Signature", "TensorSpec", "TransientStorageError",
-    "UsageError", "latest_checkpoint", "list_checkpoints", "open_source", "plan", "read_manifest", "reconcile",
-    "resume", "save_checkpoint", "select", "signature", "verify",
+    "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "Plan", "PlanEntry", "PlanRefused", "Policy",
+    "Refusal", "Rename", "ResumeResult", "ResumerError", "Section", "Signature", "TensorSpec",
+    "TransientStorageError", "UsageError", "latest_checkpoint", "list_checkpoints", "open_source", "plan",
+    "read_manifest", "reconcile", "resume", "save_checkpoint", "select", "signature", "verify",
 ]

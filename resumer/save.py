@@ -9,13 +9,14 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 import resumer
-from resumer import rng
+from resumer import retry, rng
 from resumer.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
 from resumer.errors import CheckpointError, UsageError
 from resumer.jsonvalue import encode
@@ -73,13 +74,109 @@ def _world() -> dict[str, int]:
     return {"world_size": 1, "rank": 0}
 
 
-def _write(fs: Any, path: str, name: str, items: list[tuple[str, torch.Tensor]], files: list[dict[str, Any]]
-           ) -> dict[str, TensorLocation]:
-    """Write one safetensors file, record it in ``files``, return where each tensor lies."""
-    with fs.open(join(path, name), "wb") as f:
-        size, checksum, index = write_file(f, name, items)
+def _write(fs: Any, path: str, uri: str, name: str, items: list[tuple[str, torch.Tensor]],
+           files: list[dict[str, Any]]) -> dict[str, TensorLocation]:
+    """Write one safetensors file (rewritten whole on a transient failure); record it in ``files``."""
+    def put() -> tuple[int, str, dict[str, TensorLocation]]:
+        with fs.open(join(path, name), "wb") as f:
+            return write_file(f, name, items)
+
+    size, checksum, index = retry.call(put, what="writing", uri=join(uri, name))
     files.append({"path": name, "size": size, "checksum": checksum})
     return index
+
+
+@dataclass(slots=True, kw_only=True)
+class Snapshot:
+    """Everything one checkpoint holds, captured at one instant; tensors may be copies (async save)."""
+
+    step: int
+    model_items: list[tuple[str, torch.Tensor]]
+    optimizer_items: list[tuple[str, torch.Tensor]] | None
+    scalars: dict[str, dict[str, Any]]
+    meta: dict[str, Any]
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t.detach().clone()
+    return t.detach().to("cpu", non_blocking=False)
+
+
+def snapshot(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+             *, extra: dict[str, Any] | None = None, copy: bool = False) -> Snapshot:
+    """Capture a checkpoint's content. ``copy`` copies tensors to host memory so training may go on."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UsageError(f"step must be a non-negative int, got {step!r}.")
+    tensors = live_tensors(model)
+    on_meta = [lt.name for lt in tensors if lt.tensor.device.type == "meta"]
+    if on_meta:
+        raise UsageError(f"Cannot save a model on the meta device ({on_meta[0]!r} has no data). Materialize it first.")
+    world = _world()
+    sig = signature(model, optimizer, scheduler, step=step, world_size=world["world_size"])
+    rng_state = rng.capture()
+    sig = Signature(tensors=sig.tensors, optimizer=sig.optimizer, scheduler=sig.scheduler, step=step,
+                    rng=tuple(rng_state), world_size=world["world_size"])
+    sched_state = None
+    if scheduler is not None:
+        sched_state = {"cls": class_path(scheduler), "state": encode(scheduler.state_dict(), "scheduler state")}
+    model_items = [(lt.name, lt.tensor) for lt in tensors]
+    opt_items: list[tuple[str, torch.Tensor]] | None = None
+    scalars: dict[str, dict[str, Any]] = {}
+    if optimizer is not None:
+        opt_items, scalars = _optimizer_items(optimizer, {id(lt.tensor): lt.name for lt in tensors})
+    if copy:
+        model_items = [(n, _host_copy(t)) for n, t in model_items]
+        opt_items = None if opt_items is None else [(n, _host_copy(t)) for n, t in opt_items]
+    meta = {"signature": sig.to_dict(), "scheduler": sched_state, "rng": rng_state, "world": world,
+            "code": code_fingerprint(model, sig), "extra": encode(extra or {}, "extra")}
+    return Snapshot(step=step, model_items=model_items, optimizer_items=opt_items, scalars=scalars, meta=meta)
+
+
+def _health(snap: Snapshot) -> dict[str, Any]:
+    """Which tensors hold NaN/Inf, and the recorded loss: read later by the health gate from the manifest."""
+    bad = [n for n, t in snap.model_items if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    loss = snap.meta["extra"].get("loss") if isinstance(snap.meta["extra"], dict) else None
+    return {"nonfinite": bad, "loss": loss if isinstance(loss, (int, float, dict)) else None}
+
+
+def write_snapshot(snap: Snapshot, root: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Write a snapshot under ``root`` and commit it (data first, manifest last); returns its URI."""
+    started = time.perf_counter()
+    uri = join(root, step_dir(snap.step))
+    fs, path = get_fs(uri, storage_options)
+    if retry.call(lambda: fs.exists(join(path, MANIFEST)), what="checking", uri=uri):
+        raise CheckpointError(f"{uri} is already committed. Each step is saved once; pick a new step or another root.",
+                              uri=uri)
+    retry.call(lambda: fs.makedirs(path, exist_ok=True), what="creating", uri=uri)
+    files: list[dict[str, Any]] = []
+    token = uuid.uuid4().hex[:12]  # unique per attempt: racing writers never overwrite each other's bytes
+    index = _write(fs, path, uri, data_file_name(MODEL_KIND, token), snap.model_items, files)
+    opt_index: dict[str, TensorLocation] = {}
+    if snap.optimizer_items is not None:
+        opt_index = _write(fs, path, uri, data_file_name(OPTIMIZER_KIND, token), snap.optimizer_items, files)
+    raw = {
+        "format": FORMAT, "version": FORMAT_VERSION, "step": snap.step,
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+        "resumer_version": resumer.__version__, "torch_version": torch.__version__,
+        "signature": snap.meta["signature"],
+        "files": files,
+        "tensors": {n: loc.to_dict() for n, loc in index.items()},
+        "optimizer": None if snap.optimizer_items is None else {
+            "tensors": {n: loc.to_dict() for n, loc in opt_index.items()}, "scalars": snap.scalars},
+        "scheduler": snap.meta["scheduler"],
+        "rng": snap.meta["rng"],
+        "world": snap.meta["world"],
+        "code": snap.meta["code"],
+        "health": _health(snap),
+        "extra": snap.meta["extra"],
+    }
+    # Commit: the manifest goes last, so a reader sees either no checkpoint or all of it.
+    write_bytes_atomic(fs, join(path, MANIFEST), dumps(raw), uri)
+    total = sum(int(f["size"]) for f in files)
+    logger.info("[save] step=%d %s: %d tensors, %d bytes in %.2fs", snap.step, uri, len(snap.model_items), total,
+                time.perf_counter() - started)
+    return uri
 
 
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -90,55 +187,4 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.opt
     Data files are written first and the manifest last: a reader never sees a half-written checkpoint.
     Optimizer state is stored by parameter name, so it survives reordering and renames.
     """
-    if not isinstance(step, int) or step < 0:
-        raise UsageError(f"step must be a non-negative int, got {step!r}.")
-    started = time.perf_counter()
-    tensors = live_tensors(model)
-    on_meta = [lt.name for lt in tensors if lt.tensor.device.type == "meta"]
-    if on_meta:
-        raise UsageError(f"Cannot save a model on the meta device ({on_meta[0]!r} has no data). Materialize it first.")
-    world = _world()
-    sig = signature(model, optimizer, scheduler, step=step, world_size=world["world_size"])
-    rng_state = rng.capture()
-    sig = Signature(tensors=sig.tensors, optimizer=sig.optimizer, scheduler=sig.scheduler, step=step,
-                    rng=tuple(rng_state), world_size=world["world_size"])
-    extra_json = encode(extra or {}, "extra")
-    sched_state = None
-    if scheduler is not None:
-        sched_state = {"cls": class_path(scheduler), "state": encode(scheduler.state_dict(), "scheduler state")}
-
-    uri = join(root, step_dir(step))
-    fs, path = get_fs(uri, storage_options)
-    if fs.exists(join(path, MANIFEST)):
-        raise CheckpointError(f"{uri} is already committed. Each step is saved once; pick a new step or another root.",
-                              uri=uri)
-    fs.makedirs(path, exist_ok=True)
-    files: list[dict[str, Any]] = []
-    token = uuid.uuid4().hex[:12]  # unique per attempt: racing writers never overwrite each other's bytes
-    index = _write(fs, path, data_file_name(MODEL_KIND, token), [(lt.name, lt.tensor) for lt in tensors], files)
-    opt_index: dict[str, TensorLocation] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    if optimizer is not None:
-        opt_items, scalars = _optimizer_items(optimizer, {id(lt.tensor): lt.name for lt in tensors})
-        opt_index = _write(fs, path, data_file_name(OPTIMIZER_KIND, token), opt_items, files)
-    raw = {
-        "format": FORMAT, "version": FORMAT_VERSION, "step": step,
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-        "resumer_version": resumer.__version__, "torch_version": torch.__version__,
-        "signature": sig.to_dict(),
-        "files": files,
-        "tensors": {n: loc.to_dict() for n, loc in index.items()},
-        "optimizer": None if optimizer is None else {
-            "tensors": {n: loc.to_dict() for n, loc in opt_index.items()}, "scalars": scalars},
-        "scheduler": sched_state,
-        "rng": rng_state,
-        "world": world,
-        "code": code_fingerprint(model, sig),
-        "extra": extra_json,
-    }
-    # Commit: the manifest goes last, so a reader sees either no checkpoint or all of it.
-    write_bytes_atomic(fs, join(path, MANIFEST), dumps(raw))
-    total = sum(int(f["size"]) for f in files)
-    logger.info("[save] step=%d %s: %d tensors, %d bytes in %.2fs", step, uri, len(tensors), total,
-                time.perf_counter() - started)
-    return uri
+    return write_snapshot(snapshot(step, model, optimizer, scheduler, extra=extra), root, storage_options)

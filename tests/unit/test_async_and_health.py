@@ -1,0 +1,70 @@
+"""Async save (host copy, background commit, failures surfaced) and the health gate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import resumer
+from resumer import examples as ex
+
+
+def test_async_save_captures_the_state_at_save_time(tmp_path: pytest.TempPathFactory) -> None:
+    torch.manual_seed(0)
+    model = ex.mlp_v1()
+    opt = ex.adam(model)
+    ex.train_step(model, opt, 1)
+    at_save = {k: v.clone() for k, v in model.state_dict().items()}
+    with resumer.AsyncSaver(str(tmp_path)) as saver:
+        saver.save(1, model, opt, extra={"loss": 0.5})
+        for step in range(2, 5):  # training goes on while the save is written
+            ex.train_step(model, opt, step)
+        uri = saver.wait()
+    assert uri is not None and uri.endswith("step-0000000001")
+    fresh = ex.mlp_v1()
+    res = resumer.resume(str(tmp_path), fresh, ex.adam(fresh))
+    assert res.step == 1
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, at_save[k]), k
+    assert not torch.equal(fresh[0].weight, model[0].weight)  # the live model moved on
+
+
+def test_async_save_failure_is_raised_at_the_next_save(tmp_path: pytest.TempPathFactory) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the root should be")
+    saver = resumer.AsyncSaver(str(blocker))
+    model = ex.mlp_v1()
+    saver.save(1, model)
+    with pytest.raises(NotADirectoryError, match="Not a directory"):
+        saver.save(2, model)  # the first save's failure surfaces here, before a second starts
+    saver.close()  # reported once, not again
+
+
+def test_async_save_failure_is_logged_at_exit_when_nobody_waited(tmp_path: pytest.TempPathFactory) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = ("import logging, resumer; from resumer import examples as ex; logging.basicConfig(); "
+            f"s = resumer.AsyncSaver({str(blocker)!r}); s.save(1, ex.mlp_v1())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "a background checkpoint save under" in r.stderr and "failed" in r.stderr
+
+
+def test_health_gate_skips_non_finite_checkpoints(tmp_path: pytest.TempPathFactory) -> None:
+    root = str(tmp_path)
+    model = ex.mlp_v1()
+    resumer.save_checkpoint(root, 1, model, extra={"loss": 0.3})
+    resumer.save_checkpoint(root, 2, model, extra={"loss": float("nan")})
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    resumer.save_checkpoint(root, 3, model, extra={"loss": 0.2})
+    assert resumer.latest_checkpoint(root).step == 3  # the gate is off by default
+    sel = resumer.select(root, healthy=True)
+    assert sel.chosen is not None and sel.chosen.step == 1
+    reasons = {r.step: r.reason for r in sel.rejected}
+    assert reasons[3] == "unhealthy: 1 tensor(s) hold NaN/Inf at save time, e.g. '0.weight'"
+    assert reasons[2] == "unhealthy: the recorded loss is nan"
+    assert sorted(os.listdir(tmp_path)) == ["step-0000000001", "step-0000000002", "step-0000000003"]
