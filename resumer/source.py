@@ -61,6 +61,7 @@ class NativeSource:
         self._fs, self._path = get_fs(manifest.uri, storage_options)
         self._files: dict[str, Any] = {}
         self._plain: dict[str, Any] | None = None
+        self._state_specs = self.signature.optimizer.state_by_param() if self.signature.optimizer else {}
         self._verified = verified  # selection already checked it this way: do not read it all twice
 
 
@@ -130,7 +131,7 @@ class NativeSource:
     def state(self, param: str) -> dict[str, Any]:
         """Saved optimizer state of ``param`` (by saved name): fresh tensors plus plain values."""
         out: dict[str, Any] = dict(self._decoded("scalars").get(param, {}))
-        spec = self.signature.optimizer.state_by_param()[param] if self.signature.optimizer else None
+        spec = self._state_specs.get(param)
         for entry in spec.entries if spec else ():
             if entry.shape is None:
                 continue

@@ -57,7 +57,8 @@ def join(uri: str, *parts: str) -> str:
 
 def read_bytes(fs: Any, path: str, uri: str) -> bytes:
     """A whole small object, with retries. FileNotFoundError passes through."""
-    return retry.call(lambda: fs.cat_file(path), what="reading", uri=uri)
+    # start=0 makes it one ranged GET: without it s3fs first asks for the size (a HEAD per read).
+    return retry.call(lambda: fs.cat_file(path, start=0), what="reading", uri=uri)
 
 
 def write_bytes_atomic(fs: Any, path: str, data: bytes, uri: str | None = None) -> None:
@@ -123,7 +124,7 @@ def _size(fs: Any, fpath: str, furi: str) -> int | None:
 def _check_file(fs: Any, fpath: str, furi: str, size: int, entry: Any, manifest: Manifest, progress: Any) -> None:
     from resumer.transfer import open_for_scan
 
-    with open_for_scan(fs, fpath) as f:
+    with open_for_scan(fs, fpath, size) as f:
         header = read_header(f, size, furi)
         f.seek(0)
         got = checksum_stream(f, size, furi, progress)

@@ -1,0 +1,93 @@
+"""Helpers for tests, benchmarks and local deployments: a real S3 API server on loopback (moto).
+
+``local_s3()`` starts ``moto_server`` on 127.0.0.1 on a free port and always stops it. The storage
+options it yields reach the server through s3fs exactly as a user's AWS or MinIO bucket would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+FAKE_KEY = "AKIATESTKEY123456789"
+FAKE_SECRET = "s3cr3t-DO-NOT-PRINT-abc123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class LocalS3:
+    """A running S3 API server: its endpoint and the options that reach it, plus its request log."""
+
+    endpoint: str
+    port: int
+    log_path: str | None
+
+    def storage_options(self) -> dict[str, Any]:
+        return {"key": FAKE_KEY, "secret": FAKE_SECRET, "client_kwargs": {"endpoint_url": self.endpoint},
+                "skip_instance_cache": True}
+
+    def make_bucket(self, name: str) -> str:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self.storage_options())
+        fs.mkdir(name)
+        return f"s3://{name}"
+
+    def requests(self) -> list[str]:
+        """Request lines the server logged so far (e.g. 'GET /bucket/key HTTP/1.1'), when logging to a file."""
+        if not self.log_path or not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return [line.split('"')[1] for line in f if line.count('"') >= 2]
+
+
+def _moto_server() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    return exe if os.path.exists(exe) else (shutil.which("moto_server") or "moto_server")
+
+
+@contextlib.contextmanager
+def local_s3(port: int | None = None, *, log_path: str | None = None, ready_timeout_s: float = 20.0
+             ) -> Iterator[LocalS3]:
+    """Start moto's S3 server on 127.0.0.1 (a free port unless given); stop it on exit, whatever happens."""
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    port = port or free_port()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()  # noqa: S310 - loopback only
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+                time.sleep(0.1)
+        yield LocalS3(endpoint=endpoint, port=port, log_path=log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if log is not subprocess.DEVNULL:
+            log.close()  # type: ignore[union-attr]
