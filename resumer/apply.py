@@ -42,16 +42,21 @@ def apply_plan(plan: Plan, source: CheckpointSource, model: nn.Module, optimizer
     if not plan.ok:
         raise PlanRefused(plan)
     started = time.perf_counter()
-    # Both before the model is touched: a corrupt checkpoint changes nothing.
+    # All before the model is touched: a corrupt checkpoint changes nothing.
     if verify:
         source.verify()
     source.prepare()
+    carry = optimizer is not None and plan.optimizer_action() is Action.CARRY
+    if carry:
+        source.load_optimizer_state({e.source for e in plan.section(Section.OPTIMIZER_STATE)
+                                     if e.action is Action.CARRY and e.source is not None})
     tensors = live_tensors(model)
     by_name = {lt.name: lt.tensor for lt in tensors}
     for e in plan.section(Section.MODEL):
         if e.copies:
             source.copy_into(e.source or e.name, by_name[e.name])
-    if optimizer is not None and plan.optimizer_action() is Action.CARRY:
+    if carry:
+        assert optimizer is not None
         _apply_optimizer(plan, source, optimizer, {id(lt.tensor): lt.name for lt in tensors})
     if scheduler is not None and any(e.action is Action.RESTORE for e in plan.section(Section.SCHEDULER)):
         scheduler.load_state_dict(source.scheduler_state())

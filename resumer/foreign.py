@@ -247,6 +247,9 @@ class ForeignSource:
     def prepare(self) -> None:
         """Its values are already Python objects from the weights-only unpickler."""
 
+    def load_optimizer_state(self, params: set[str]) -> None:
+        """Already in memory."""
+
     def copy_into(self, name: str, dest: torch.Tensor) -> None:
         src = self._model[name]
         with torch.no_grad():

@@ -160,3 +160,35 @@ def checksum_stream(f: BinaryIO, size: int, uri: str, on_bytes: Any = None) -> s
         if on_bytes is not None:
             on_bytes(len(part))
     return f"{CHECKSUM_ALGO}:{h.hexdigest()}"
+
+
+def read_hashing(f: BinaryIO, size: int, regions: list[tuple[int, memoryview]], uri: str,
+                 on_bytes: Any = None) -> str:
+    """Read a whole file once, in order: each region (offset, view) straight into its view, the rest into a
+    scratch buffer; hash every byte on the way. Returns the checksum. Regions must not overlap."""
+    h = xxhash.xxh3_128()
+    scratch = memoryview(bytearray(min(CHUNK, max(size, 1))))
+    pos = 0
+
+    def skip_to(end: int) -> None:
+        nonlocal pos
+        while pos < end:
+            part = scratch[:min(len(scratch), end - pos)]
+            readinto_exact(f, part, uri)
+            h.update(part)
+            pos += len(part)
+            if on_bytes is not None:
+                on_bytes(len(part))
+
+    f.seek(0)
+    for offset, view in sorted(regions, key=lambda r: r[0]):
+        skip_to(offset)
+        for i in range(0, len(view), CHUNK):
+            piece = view[i:i + CHUNK]
+            readinto_exact(f, piece, uri)
+            h.update(piece)
+        pos += len(view)
+        if on_bytes is not None:
+            on_bytes(len(view))
+    skip_to(size)
+    return f"{CHECKSUM_ALGO}:{h.hexdigest()}"

@@ -14,7 +14,7 @@ from resumer import rng
 from resumer.errors import CheckpointError, ResumerError
 from resumer.jsonvalue import decode
 from resumer.manifest import Manifest, state_key
-from resumer.safetensors_io import TensorLocation, readinto_exact, tensor_bytes
+from resumer.safetensors_io import TensorLocation, read_hashing, readinto_exact, tensor_bytes
 from resumer.signature import Signature
 from resumer.store import get_fs, join, verify
 from resumer.transfer import open_for_scan
@@ -37,6 +37,7 @@ class CheckpointSource(Protocol):
 
     def verify(self) -> None: ...
     def prepare(self) -> None: ...
+    def load_optimizer_state(self, params: set[str]) -> None: ...
     def copy_into(self, name: str, dest: torch.Tensor) -> None: ...
     def state(self, param: str) -> dict[str, Any]: ...
     def group_hyperparams(self, index: int) -> dict[str, Any]: ...
@@ -62,14 +63,43 @@ class NativeSource:
         self._files: dict[str, Any] = {}
         self._plain: dict[str, Any] | None = None
         self._state_specs = self.signature.optimizer.state_by_param() if self.signature.optimizer else {}
+        self._preloaded: dict[str, torch.Tensor] = {}
         self._verified = verified  # selection already checked it this way: do not read it all twice
 
 
     def verify(self) -> None:
-        """Sizes, headers and (unless turned off) checksums of every file."""
+        """Sizes of every file; headers and checksums (unless turned off) of the model files.
+
+        The optimizer file is checksummed by :meth:`load_optimizer_state` in the same pass that reads it
+        into fresh tensors, before any of them reaches the optimizer.
+        """
         if not self._verified:
-            verify(self.manifest, self.storage_options, checksums=self.checksums, progress=self.progress)
-            self._verified = True
+            model_files = {loc.file for loc in self.manifest.tensors.values()}
+            verify(self.manifest, self.storage_options, checksums=self.checksums, progress=self.progress,
+                   checksum_files=model_files)
+
+    def load_optimizer_state(self, params: set[str]) -> None:
+        """Read the optimizer file once, in order, into fresh tensors for ``params`` (saved names), hashing
+        every byte; a checksum mismatch raises CheckpointError before anything is attached."""
+        wanted = {state_key(p, e.key): p for p in params for e in self._state_entries(p)}
+        by_file: dict[str, list[tuple[str, TensorLocation]]] = {}
+        for key, loc in self.manifest.optimizer_tensors.items():
+            by_file.setdefault(loc.file, []).append((key, loc))
+        for name, locs in by_file.items():
+            tensors = {k: torch.empty(loc.shape, dtype=torch_dtype(loc.dtype)) for k, loc in locs if k in wanted}
+            regions = [(loc.offset, tensor_bytes(tensors[k])) for k, loc in locs if k in tensors]
+            entry = self.manifest.file(name)
+            furi = join(self.uri, name)
+            got = read_hashing(self._file(name), entry.size, regions, furi, self.progress)
+            self.bytes_read += entry.size
+            if self.checksums and not self._verified and got != entry.checksum:
+                raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed "
+                                      "after the checkpoint was written. Nothing was loaded.", uri=self.uri)
+            self._preloaded.update(tensors)
+
+    def _state_entries(self, param: str) -> tuple[Any, ...]:
+        spec = self._state_specs.get(param)
+        return tuple(e for e in spec.entries if e.shape is not None) if spec else ()
 
     def prepare(self) -> None:
         """Decode every plain value (hyperparameters, scalars, scheduler, RNG, extra) before anything is set."""
@@ -131,11 +161,12 @@ class NativeSource:
     def state(self, param: str) -> dict[str, Any]:
         """Saved optimizer state of ``param`` (by saved name): fresh tensors plus plain values."""
         out: dict[str, Any] = dict(self._decoded("scalars").get(param, {}))
-        spec = self._state_specs.get(param)
-        for entry in spec.entries if spec else ():
-            if entry.shape is None:
+        for entry in self._state_entries(param):
+            key = state_key(param, entry.key)
+            if key in self._preloaded:
+                out[entry.key] = self._preloaded.pop(key)
                 continue
-            loc = self.manifest.optimizer_tensors[state_key(param, entry.key)]
+            loc = self.manifest.optimizer_tensors[key]
             t = torch.empty(loc.shape, dtype=torch_dtype(loc.dtype))
             self._read(loc, t)
             out[entry.key] = t

@@ -90,11 +90,13 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> Ma
 
 
 def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
-           progress: Any = None, sizes: dict[str, int] | None = None) -> None:
+           progress: Any = None, sizes: dict[str, int] | None = None,
+           checksum_files: set[str] | None = None) -> None:
     """Check the checkpoint's files against its manifest; CheckpointError names the first problem.
 
     Sizes always (from ``sizes``, a listing already made, when given). With ``checksums`` also every
-    safetensors header and every byte's checksum (a full read).
+    safetensors header and every byte's checksum (a full read) of every file, or of ``checksum_files``
+    only (the caller checksums the others while it reads them).
     """
     fs, path = get_fs(manifest.uri, storage_options)
     for entry in manifest.files:
@@ -107,7 +109,7 @@ def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None, *,
         if size != entry.size:
             raise CheckpointError(f"{furi} has {size} bytes, the manifest says {entry.size}: the file is truncated "
                                   "or was replaced. Nothing was loaded.", uri=manifest.uri)
-        if checksums:
+        if checksums and (checksum_files is None or entry.path in checksum_files):
             def check(e: Any = entry, fp: str = fpath, fu: str = furi, n: int = size) -> None:
                 _check_file(fs, fp, fu, n, e, manifest, progress)
 

@@ -1,8 +1,11 @@
-"""A resume reads each byte for verification once, and planning reads no tensor bytes."""
+"""How often a resume reads each byte: verification once, and the optimizer file in the same pass as its load."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 import resumer
 import resumer.source
@@ -10,24 +13,64 @@ import resumer.store
 from resumer import examples as ex
 
 
-def test_resume_from_root_verifies_once(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = ex.mlp_v1()
-    uri = resumer.save_checkpoint(str(tmp_path), 1, model, ex.adam(model))
-    checksummed: list[int] = []
+@pytest.fixture
+def checksummed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the files that get a separate checksum pass."""
+    seen: list[int] = []
     real = resumer.store.checksum_stream
 
     def counting(f, size, uri, on_bytes=None):  # noqa: ANN001, ANN202
-        checksummed.append(size)
+        seen.append(size)
         return real(f, size, uri, on_bytes)
 
     monkeypatch.setattr(resumer.store, "checksum_stream", counting)
-    total = resumer.read_manifest(uri).total_bytes
+    return seen
+
+
+def saved(tmp_path: pytest.TempPathFactory) -> tuple[str, torch.nn.Module, torch.optim.Optimizer]:
+    model = ex.mlp_v1()
+    opt = ex.adam(model)
+    ex.train_step(model, opt, 1)
+    return resumer.save_checkpoint(str(tmp_path), 1, model, opt), model, opt
+
+
+def test_resume_from_root_verifies_once(tmp_path: pytest.TempPathFactory, checksummed: list[int]) -> None:
+    uri, _, _ = saved(tmp_path)
+    manifest = resumer.read_manifest(uri)
     seen: list[int] = []
     res = resumer.resume(str(tmp_path), ex.mlp_v1(), progress=seen.append)
-    assert sum(checksummed) == total  # selection verified it; apply did not read it all again
-    model_bytes = sum(t.numel * 4 for t in resumer.read_manifest(uri).signature.tensors)
+    assert sum(checksummed) == manifest.total_bytes  # selection verified it; apply did not read it all again
+    model_bytes = sum(t.numel * 4 for t in manifest.signature.tensors)
     assert res.bytes_read == model_bytes  # no optimizer given: its state is not read
-    assert sum(seen) == total + res.bytes_read  # progress saw the verification pass and the load
-    checksummed.clear()
-    resumer.resume(uri, ex.mlp_v1())
-    assert sum(checksummed) == total
+    assert sum(seen) == manifest.total_bytes + res.bytes_read  # progress saw the verification and the load
+
+
+def test_optimizer_file_is_checksummed_while_it_loads(tmp_path: pytest.TempPathFactory,
+                                                      checksummed: list[int]) -> None:
+    uri, model, opt = saved(tmp_path)
+    manifest = resumer.read_manifest(uri)
+    fresh = ex.mlp_v1()
+    fresh_opt = ex.adam(fresh)
+    resumer.resume(uri, fresh, fresh_opt)
+    assert checksummed == [manifest.file(manifest.data_file("model")).size]  # one separate pass: the model
+    assert torch.equal(fresh_opt.state[fresh[2].weight]["exp_avg"], opt.state[model[2].weight]["exp_avg"])
+
+
+def test_flipped_byte_in_optimizer_file_changes_nothing(tmp_path: pytest.TempPathFactory) -> None:
+    uri, _, _ = saved(tmp_path)
+    path = f"{uri}/{resumer.read_manifest(uri).data_file('optimizer')}"
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[-3] ^= 0x10
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    fresh = ex.mlp_v1()
+    fresh_opt = ex.adam(fresh)
+    ex.train_step(fresh, fresh_opt, 7)
+    before = copy.deepcopy(fresh.state_dict())
+    before_opt = copy.deepcopy(fresh_opt.state_dict())
+    with pytest.raises(resumer.CheckpointError, match="fails its checksum"):
+        resumer.resume(uri, fresh, fresh_opt)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    after_opt = fresh_opt.state_dict()
+    assert all(torch.equal(after_opt["state"][i][k], v) for i, st in before_opt["state"].items() for k, v in st.items())
