@@ -24,10 +24,12 @@ from resumer.reconcile import reconcile
 from resumer.save import save_checkpoint
 from resumer.signature import Signature, TensorSpec
 from resumer.store import read_manifest, verify
+from resumer.watch import Watcher, WatchEvent
 
 __all__ = [
     "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "Plan", "PlanEntry", "PlanRefused", "Policy",
     "Refusal", "Rename", "ResumeResult", "ResumerError", "Section", "Signature", "TensorSpec",
     "TransientStorageError", "UsageError", "latest_checkpoint", "list_checkpoints", "open_source", "plan",
     "read_manifest", "reconcile", "resume", "save_checkpoint", "select", "signature", "verify",
+    "WatchEvent", "Watcher",
 ]

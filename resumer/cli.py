@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from resumer.cli_watch import watch_command  # imports resumer.cli only inside the command: no cycle
 from resumer.errors import CheckpointError, PlanRefused, ResumerError, UsageError
 
 EXIT_OK, EXIT_CHECKPOINT, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -221,6 +222,9 @@ def demo(workdir: str, steps: int) -> None:
     from resumer.demo import run_demo
 
     _run(lambda: run_demo(workdir, steps, out))
+
+
+cli.add_command(watch_command)
 
 
 def main() -> None:
