@@ -32,6 +32,9 @@ class AsyncSaver:
         self._error: BaseException | None = None
         self._last_uri: str | None = None
         self.last_stall_s = 0.0
+        # Host copies reused from one save to the next (only one save is in flight): after the first save
+        # the stall is a memory copy, with no new pages to fault in.
+        self._buffers: dict[str, torch.Tensor] = {}
         _live.add(self)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -39,7 +42,7 @@ class AsyncSaver:
         """Snapshot now (blocking only for the copy), write and commit in the background."""
         self.wait()  # one in flight; also raises the previous save's failure here
         started = time.perf_counter()
-        snap = snapshot(step, model, optimizer, scheduler, extra=extra, copy=True)
+        snap = snapshot(step, model, optimizer, scheduler, extra=extra, copy=True, buffers=self._buffers)
         self.last_stall_s = time.perf_counter() - started
         self._thread = threading.Thread(target=self._run, args=(snap,), name=f"resumer-save-{step}", daemon=True)
         self._thread.start()

@@ -97,15 +97,22 @@ class Snapshot:
     meta: dict[str, Any]
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t.detach().clone()
-    return t.detach().to("cpu", non_blocking=False)
+def _host_copy(name: str, t: torch.Tensor, buffers: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """A host copy of ``t``, reusing the buffer kept under ``name`` when it fits (no new pages to fault in)."""
+    buf = buffers.get(name) if buffers is not None else None
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
+        if buffers is not None:
+            buffers[name] = buf
+    buf.copy_(t.detach(), non_blocking=t.device.type == "cuda")
+    return buf
 
 
 def snapshot(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-             *, extra: dict[str, Any] | None = None, copy: bool = False) -> Snapshot:
-    """Capture a checkpoint's content. ``copy`` copies tensors to host memory so training may go on."""
+             *, extra: dict[str, Any] | None = None, copy: bool = False,
+             buffers: dict[str, torch.Tensor] | None = None) -> Snapshot:
+    """Capture a checkpoint's content. ``copy`` copies tensors to host memory so training may go on,
+    into ``buffers`` (name -> host tensor, filled and reused across saves) when given."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UsageError(f"step must be a non-negative int, got {step!r}.")
     tensors = live_tensors(model)
@@ -126,8 +133,11 @@ def snapshot(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     if optimizer is not None:
         opt_items, scalars = _optimizer_items(optimizer, {id(lt.tensor): lt.name for lt in tensors})
     if copy:
-        model_items = [(n, _host_copy(t)) for n, t in model_items]
-        opt_items = None if opt_items is None else [(n, _host_copy(t)) for n, t in opt_items]
+        on_gpu = any(t.device.type == "cuda" for _, t in model_items + (opt_items or []))
+        model_items = [(n, _host_copy(n, t, buffers)) for n, t in model_items]
+        opt_items = None if opt_items is None else [(n, _host_copy(n, t, buffers)) for n, t in opt_items]
+        if on_gpu:
+            torch.cuda.synchronize()  # the non-blocking copies must land before the writer reads them
     meta = {"signature": sig.to_dict(), "scheduler": sched_state, "rng": rng_state, "world": world,
             "code": code_fingerprint(model, sig), "extra": encode(extra or {}, "extra")}
     return Snapshot(step=step, model_items=model_items, optimizer_items=opt_items, scalars=scalars, meta=meta)

@@ -68,3 +68,19 @@ def test_health_gate_skips_non_finite_checkpoints(tmp_path: pytest.TempPathFacto
     assert reasons[3] == "unhealthy: 1 tensor(s) hold NaN/Inf at save time, e.g. '0.weight'"
     assert reasons[2] == "unhealthy: the recorded loss is nan"
     assert sorted(os.listdir(tmp_path)) == ["step-0000000001", "step-0000000002", "step-0000000003"]
+
+
+def test_async_saves_in_a_row_reuse_host_buffers_without_mixing_states(tmp_path: pytest.TempPathFactory) -> None:
+    torch.manual_seed(0)
+    model = ex.mlp_v1()
+    opt = ex.adam(model)
+    expected = {}
+    with resumer.AsyncSaver(str(tmp_path)) as saver:
+        for step in range(1, 4):
+            ex.train_step(model, opt, step)
+            expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            saver.save(step, model, opt)
+    for step, want in expected.items():
+        fresh = ex.mlp_v1()
+        resumer.resume(f"{tmp_path}/step-{step:010d}", fresh, ex.adam(fresh))
+        assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items()), step
