@@ -91,3 +91,67 @@ def local_s3(port: int | None = None, *, log_path: str | None = None, ready_time
             proc.wait(timeout=10)
         if log is not subprocess.DEVNULL:
             log.close()  # type: ignore[union-attr]
+
+
+# --- fakes of the controller's protocols (resumer.controller), for driving it one step at a time -------------
+
+
+class FakeClock:
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
+class FakePlanner:
+    """Returns the decisions it is given, one per attempt (the last one repeats); records what it was asked."""
+
+    def __init__(self, *decisions: Any) -> None:
+        self.decisions = list(decisions)
+        self.asked: list[tuple[int, Any]] = []
+
+    def decide(self, attempt: int, previous: Any) -> Any:
+        import dataclasses
+
+        self.asked.append((attempt, previous))
+        d = self.decisions[min(attempt - 1, len(self.decisions) - 1)]
+        return dataclasses.replace(d, attempt=attempt, previous_failure=previous)
+
+
+class FakeRecorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def record_decision(self, decision: Any) -> None:
+        self.events.append(("decision", decision))
+
+    def end_attempt(self, attempt: int, status: str) -> None:
+        self.events.append(("end", (attempt, status)))
+
+    def log_metrics(self, attempt: int, metrics: dict[str, float]) -> None:
+        self.events.append(("metrics", (attempt, metrics)))
+
+    def of(self, kind: str) -> list[Any]:
+        return [v for k, v in self.events if k == kind]
+
+
+class FakeLauncher:
+    """Plays back scripted observations; ``launches`` and ``stops`` record what the controller did."""
+
+    def __init__(self, *observations: Any) -> None:
+        self.script = list(observations)
+        self.launches: list[Any] = []
+        self.stops: list[str] = []
+
+    def launch(self, decision: Any) -> None:
+        self.launches.append(decision)
+
+    def poll(self) -> Any:
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+    def stop(self, reason: str) -> None:
+        self.stops.append(reason)
