@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resumer import lease
 from resumer.apply import ResumeResult, apply_plan
 from resumer.capture import signature
 from resumer.catalog import latest_checkpoint, list_checkpoints
@@ -92,7 +94,11 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
     """
     source = open_source(checkpoint_or_root, storage_options, checksums=verify, progress=progress)
     try:
-        the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
-        return apply_plan(the_plan, source, model, optimizer, scheduler, verify=verify)
+        # Leased for the whole read, so retention cannot delete it under us (see resumer.lease.reading).
+        guard = (lease.reading(source.uri, storage_options) if isinstance(source, NativeSource)
+                 else contextlib.nullcontext())
+        with guard:
+            the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
+            return apply_plan(the_plan, source, model, optimizer, scheduler, verify=verify)
     finally:
         source.close()

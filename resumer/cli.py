@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from resumer.cli_prune import prune as prune_command  # imports resumer.cli only inside the command: no cycle
 from resumer.cli_watch import watch_command  # imports resumer.cli only inside the command: no cycle
 from resumer.errors import CheckpointError, PlanRefused, ResumerError, UsageError
 
@@ -225,6 +226,7 @@ def demo(workdir: str, steps: int) -> None:
 
 
 cli.add_command(watch_command)
+cli.add_command(prune_command)
 
 
 def main() -> None:
