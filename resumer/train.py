@@ -1,0 +1,142 @@
+"""The two calls a training loop makes on Ray Train workers (plus an optional heartbeat).
+
+    def train_loop(config):                                  # your entrypoint, run on every worker
+        model = ray.train.torch.prepare_model(build_model())
+        opt = make_optimizer(model)
+        start = resumer.train.restore(model, opt, sched)     # the step to continue AFTER (0: fresh)
+        for step in range(start + 1, config["total_steps"] + 1):
+            loss = train_step(model, opt, step)              # data position = global step, not a per-rank counter
+            resumer.train.save(step, model, opt, sched, metrics={"loss": loss})   # writes every N steps
+
+``restore`` applies the checkpoint and plan the controller chose, on every rank, after checking that
+this rank plans exactly the same thing (a checkpoint committed between two ranks' listings cannot split
+them: the controller names the checkpoint URI, not the root). ``save`` reports progress every call
+(heartbeat for hang detection, metrics) and writes on rank 0 every ``checkpoint.every`` steps
+(replicated DDP state). Outside a resumer-launched job both calls are harmless no-ops (restore returns 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from resumer.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+ENV = "RESUMER_ATTEMPT"
+BOARD_NAMESPACE = "resumer"
+_board: Any = None
+
+
+def attempt_config() -> dict[str, Any] | None:
+    """The attempt this worker belongs to, as set by the launcher, or None outside resumer."""
+    raw = os.environ.get(ENV)
+    return json.loads(raw) if raw else None
+
+
+def plan_hash(plan: Any) -> str:
+    """What every rank must agree on: the entries, renames and refusals (notes may differ per rank)."""
+    d = plan.to_dict()
+    core = {k: d[k] for k in ("policy", "checkpoint", "step", "entries", "renames", "refusals")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+def board_name(job: str) -> str:
+    return f"resumer-board-{job}"
+
+
+def _get_board(cfg: dict[str, Any]) -> Any:
+    global _board
+    if _board is None:
+        import ray
+
+        try:
+            _board = ray.get_actor(board_name(cfg["job"]), namespace=BOARD_NAMESPACE)
+        except ValueError:
+            _board = False  # no controller listening (e.g. a manual run): keep training
+    return _board or None
+
+
+def build() -> tuple[nn.Module, Any, Any]:
+    """The job's model (prepared for DDP by Ray Train), optimizer and scheduler, from its factories."""
+    from resumer.factories import build as build_from_refs
+
+    cfg = attempt_config()
+    if cfg is None:
+        raise CheckpointError("resumer.train.build() runs inside a job launched by resumer (no attempt config).")
+    model = build_from_refs(cfg["model"])[0]
+    try:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model)
+    except (ImportError, RuntimeError):  # not inside a Ray Train worker: a plain local run
+        pass
+    _, optimizer, scheduler = _optimizer_for(model, cfg)
+    return model, optimizer, scheduler
+
+
+def _optimizer_for(model: nn.Module, cfg: dict[str, Any]) -> tuple[nn.Module, Any, Any]:
+    from resumer.factories import resolve
+
+    optimizer = resolve(cfg["optimizer"], "optimizer")(model) if cfg.get("optimizer") else None
+    scheduler = resolve(cfg["scheduler"], "scheduler")(optimizer) if cfg.get("scheduler") and optimizer else None
+    return model, optimizer, scheduler
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> int:
+    """Apply the controller's checkpoint and plan on this rank; returns the last completed step (0 if fresh)."""
+    import resumer
+
+    cfg = attempt_config()
+    if cfg is None or not cfg.get("checkpoint"):
+        return 0
+    kw = {"policy": cfg["policy"], "renames": cfg["renames"] or None, "storage_options": cfg.get("storage_options")}
+    mine = resumer.plan(cfg["checkpoint"], model, optimizer, scheduler, **kw)
+    if plan_hash(mine) != cfg["plan_hash"]:
+        raise CheckpointError(f"rank {rank()} planned {cfg['checkpoint']} differently from the controller "
+                              f"({mine.summary()}); refusing to train on split state.", uri=cfg["checkpoint"])
+    res = resumer.resume(cfg["checkpoint"], model, optimizer, scheduler, **kw)
+    logger.info("[restore] rank %d: %s", rank(), res.plan.summary())
+    return res.step
+
+
+def report(step: int, metrics: dict[str, float] | None = None) -> None:
+    """Heartbeat: the step this rank just finished (and metrics from rank 0). Non-blocking."""
+    cfg = attempt_config()
+    board = _get_board(cfg) if cfg else None
+    if board is not None:
+        board.beat.remote(rank(), step, metrics if rank() == 0 else None, time.time(), socket.gethostname(),
+                          os.getpid())
+
+
+def save(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, *,
+         metrics: dict[str, float] | None = None, force: bool = False) -> str | None:
+    """Report progress; on rank 0, every ``checkpoint.every`` steps (or when ``force``), save and commit."""
+    import resumer
+
+    report(step, metrics)
+    cfg = attempt_config()
+    if cfg is None or (not force and step % int(cfg["every"]) != 0) or rank() != 0:
+        return None
+    uri = resumer.save_checkpoint(cfg["root"], step, model, optimizer, scheduler,
+                                  extra={"metrics": metrics or {}, "job": cfg["job"], "attempt": cfg["attempt"]},
+                                  storage_options=cfg.get("storage_options"))
+    board = _get_board(cfg)
+    if board is not None:
+        board.committed.remote(step, uri)
+    return uri

@@ -1,0 +1,136 @@
+"""Jobs on a real local Ray cluster with 2 CPU workers (gloo): kill, crash loop, refused resubmission."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import resumer
+from resumer import examples as ex
+from resumer import jobspec
+from resumer.controller import State
+from resumer.decision import FailureClass, Outcome
+from resumer.job import LogRecorder, run_job
+
+pytestmark = pytest.mark.slow
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="resumer", logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def spec_for(tmp: str, **config: object) -> jobspec.JobSpec:
+    raw = {"name": f"t{abs(hash(tmp)) % 10**8}", "entrypoint": "resumer.examples_train:train_loop",
+           "model": "resumer.examples:mlp_v1", "optimizer": "resumer.examples:adam",
+           "scheduler": "resumer.examples:step_lr", "config": {"total_steps": 24, "step_delay_s": 0.1, **config},
+           "scaling": {"workers": 2}, "storage": {"root": f"{tmp}/ckpt"}, "checkpoint": {"every": 5},
+           "retries": {"crashed": {"max": 5, "backoff_s": 0.5}}}
+    return jobspec.parse(raw)
+
+
+def losses(result: object) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for step, metrics in result.training_metrics:  # type: ignore[attr-defined]
+        out.setdefault(step, []).append(metrics["loss"])
+    return out
+
+
+def test_sigkill_worker_resumes_with_identical_losses(ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
+    from resumer.ray_launcher import RayLauncher
+
+    straight = run_job(spec_for(str(tmp_path / "a")), timeout_s=300)
+    assert straight.state is State.SUCCEEDED and straight.attempts == 1
+    reference = losses(straight)
+    assert sorted(reference) == list(range(1, 25))
+
+    spec = spec_for(str(tmp_path / "b"))
+    launcher = RayLauncher(spec)
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            pids = launcher.worker_pids()
+            if len(pids) == 2 and launcher.last_step() >= 12:
+                os.kill(pids[1][1], signal.SIGKILL)  # a real worker process, mid-run
+                killed.append(pids[1][1])
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=killer, daemon=True).start()
+    recorder = LogRecorder()
+    result = run_job(spec, launcher=launcher, recorder=recorder, timeout_s=300)
+    assert killed, "the worker was never killed"
+    assert result.state is State.SUCCEEDED and result.attempts == 2
+    first, second = result.decisions
+    assert first.outcome is Outcome.STARTED
+    assert second.outcome is Outcome.RESUMED and second.previous_failure is FailureClass.CRASHED
+    assert second.step is not None and 10 <= second.step < 24
+    assert recorder.ends == [(1, "FAILED"), (2, "FINISHED")]
+    assert any("time_to_recover_s" in m for _, m in recorder.metrics)
+    got = losses(result)
+    assert sorted(got) == list(range(1, 25))
+    for step, values in got.items():  # re-done steps too: the resumed run repeats them exactly
+        assert all(v == reference[step][0] for v in values), step
+    assert any(len(v) > 1 for v in got.values())  # some steps ran twice (after the last commit, before the kill)
+    final = resumer.latest_checkpoint(spec.root)
+    assert final is not None and final.step == 20
+
+
+def test_crash_at_the_same_step_is_a_crash_loop(ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
+    spec = spec_for(str(tmp_path), crash_at=7)
+    result = run_job(spec, timeout_s=300)
+    assert result.state is State.FAILED
+    assert result.attempts == 3  # not the budget of 5: the loop is recognised
+    assert result.message.startswith("crash loop: crashed at step")
+    assert "injected crash at step 7" in result.message
+    assert [d.outcome for d in result.decisions] == [Outcome.STARTED, Outcome.RESUMED, Outcome.RESUMED]
+
+
+def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFactory) -> None:
+    """A v2 (head resized) under strict stops with the plan before anything launches; under partial it resumes."""
+    class NoLaunch:
+        launched: list[object] = []
+
+        def launch(self, decision: object) -> None:
+            self.launched.append(decision)
+
+        def poll(self) -> object:
+            from resumer.controller import Observation, RunStatus
+
+            return Observation(status=RunStatus.SUCCEEDED, step=24)
+
+        def stop(self, reason: str) -> None:
+            raise AssertionError(reason)
+
+    spec = spec_for(str(tmp_path))
+    model = ex.mlp_v1()
+    opt = ex.adam(model)
+    resumer.save_checkpoint(spec.root, 10, model, opt, ex.step_lr(opt))
+    v2 = jobspec.parse({"name": spec.name, "entrypoint": spec.entrypoint,
+                        "model": "resumer.examples:mlp_v2_wider_head", "optimizer": spec.optimizer,
+                        "scheduler": spec.scheduler, "storage": {"root": spec.root}})
+    launcher = NoLaunch()
+    refused = run_job(v2, launcher=launcher, timeout_s=60)
+    assert refused.state is State.REFUSED and launcher.launched == []
+    assert "model '4.weight': shape differs: saved float32[4, 64], now float32[8, 64]" in refused.message
+    assert refused.decisions[0].code_changed and refused.decisions[0].previous_failure is FailureClass.CODE_CHANGED
+    partial = jobspec.parse({"name": spec.name, "entrypoint": spec.entrypoint,
+                             "model": "resumer.examples:mlp_v2_wider_head", "optimizer": spec.optimizer,
+                             "scheduler": spec.scheduler, "storage": {"root": spec.root},
+                             "resume": {"policy": "partial"}})
+    ok = run_job(partial, launcher=launcher, timeout_s=60)
+    assert ok.state is State.SUCCEEDED and ok.decisions[0].outcome is Outcome.RESUMED
+    assert ok.decisions[0].plan is not None and ok.decisions[0].plan.counts()["fresh"] == 2
