@@ -43,7 +43,8 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointInfo:
-    """A committed checkpoint: its URI, step and parsed manifest (``quarantine`` says why it is not used)."""
+    """A committed checkpoint: its URI, step and parsed manifest (``quarantine`` says why it is not used; a
+    checkpoint quarantined for an unreadable manifest is listed with ``manifest=None``)."""
 
     uri: str
     step: int
@@ -52,11 +53,11 @@ class CheckpointInfo:
 
     @property
     def time(self) -> str:
-        return self.manifest.time
+        return self.manifest.time if self.manifest is not None else ""
 
     @property
     def total_bytes(self) -> int:
-        return self.manifest.total_bytes
+        return self.manifest.total_bytes if self.manifest is not None else 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,12 +116,15 @@ def list_checkpoints(root: str, *, storage_options: dict[str, Any] | None = None
                   if c.committed and (include_quarantined or not c.quarantined)]
 
     def load(c: Candidate) -> CheckpointInfo | None:
+        reason = quarantine_reason(c, storage_options) if c.quarantined else None
         try:
             m = read_manifest(c.uri, storage_options)
         except CheckpointError as exc:
-            logger.debug("skipping %s: %s", c.uri, exc)
-            return None
-        reason = quarantine_reason(c, storage_options) if c.quarantined else None
+            if reason is None:
+                logger.debug("skipping %s: %s", c.uri, exc)
+                return None
+            # Quarantined for its manifest: still listed (with the reason), so people can find it.
+            return CheckpointInfo(uri=c.uri, step=c.step, manifest=None, quarantine=reason)  # type: ignore[arg-type]
         return CheckpointInfo(uri=c.uri, step=m.step, manifest=m, quarantine=reason)
 
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from resumer.cli_jobs import logs, status, stop, submit  # import resumer.cli only inside the commands: no cycle
 from resumer.cli_prune import prune as prune_command  # imports resumer.cli only inside the command: no cycle
 from resumer.cli_watch import watch_command  # imports resumer.cli only inside the command: no cycle
 from resumer.errors import CheckpointError, PlanRefused, ResumerError, UsageError
@@ -78,7 +79,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 def cli(verbose: int) -> None:
     """Plan and apply resumes of PyTorch training across code changes."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Only resumer's own loggers get more verbose: botocore's DEBUG records print signed request headers
+    # (the access key id), and other libraries are noise here.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("resumer").setLevel(level)
+    logging.getLogger(__name__).debug("debug logging on for resumer's loggers only (storage options redacted)")
 
 
 @cli.command()
@@ -227,6 +232,8 @@ def demo(workdir: str, steps: int) -> None:
 
 cli.add_command(watch_command)
 cli.add_command(prune_command)
+for _command in (submit, status, stop, logs):
+    cli.add_command(_command)
 
 
 def main() -> None:

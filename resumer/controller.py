@@ -86,6 +86,7 @@ class Controller:
     recorder: DecisionRecorder
     launcher: Launcher
     hang_timeout_s: float = 300.0
+    startup_timeout_s: float = 900.0  # before the first step report: workers start, data loads, restore reads
     policy: FailurePolicy = field(default_factory=FailurePolicy)
     clock: Callable[[], float] = time.monotonic
     state: State = State.READY
@@ -138,11 +139,14 @@ class Controller:
                 self._recovered = True
                 self.recorder.log_metrics(self.attempt, {"time_to_recover_s": now - self._failed_at})
                 self._failed_at = None
-            last = obs.reported_at if obs.reported_at is not None else self._started_at
-            if now - last > self.hang_timeout_s:
-                self.launcher.stop(f"no step reported for {now - last:.0f}s")
-                return self._failed(Failure(cls=FailureClass.HUNG, step=obs.step,
-                                            cause=f"no step reported for {now - last:.0f}s"), "KILLED")
+            started = obs.reported_at is None
+            last = self._started_at if obs.reported_at is None else obs.reported_at
+            limit = self.startup_timeout_s if started else self.hang_timeout_s
+            if now - last > limit:
+                cause = (f"no first step within {now - last:.0f}s of launch" if started
+                         else f"no step reported for {now - last:.0f}s")
+                self.launcher.stop(cause)
+                return self._failed(Failure(cls=FailureClass.HUNG, step=obs.step, cause=cause), "KILLED")
             return StepResult(action="observe", state=self.state, detail=f"running at step {obs.step}")
         if obs.status is RunStatus.SUCCEEDED:
             self.state = State.SUCCEEDED

@@ -181,12 +181,24 @@ def write_snapshot(snap: Snapshot, root: str, storage_options: dict[str, Any] | 
         "health": _health(snap),
         "extra": snap.meta["extra"],
     }
+    _check_written(fs, path, uri, files)
     # Commit: the manifest goes last, so a reader sees either no checkpoint or all of it.
     write_bytes_atomic(fs, join(path, MANIFEST), dumps(raw), uri)
     total = sum(int(f["size"]) for f in files)
     logger.info("[save] step=%d %s: %d tensors, %d bytes in %.2fs", snap.step, uri, len(snap.model_items), total,
                 time.perf_counter() - started)
     return uri
+
+
+def _check_written(fs: Any, path: str, uri: str, files: list[dict[str, Any]]) -> None:
+    """One listing before the commit: every data file is there with its size (a store can lose an object)."""
+    listed = retry.call(lambda: fs.ls(path, detail=True), what="listing", uri=uri)
+    sizes = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in listed}
+    for f in files:
+        if sizes.get(f["path"]) != f["size"]:
+            raise CheckpointError(f"{join(uri, f['path'])} is missing or has the wrong size just before commit "
+                                  f"({sizes.get(f['path'])} bytes, wrote {f['size']}): the store lost it. Nothing "
+                                  "was committed; save again.", uri=uri)
 
 
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -27,14 +27,21 @@ STEP_DIR = re.compile(r"^step-(\d{1,19})$")
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
+_LISTING_CACHED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+
+
 def step_dir(step: int) -> str:
     return f"step-{step:010d}"
 
 
 def get_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """(filesystem, path) for a URI; unknown or uninstalled protocols are a UsageError."""
+    options = dict(storage_options or {})
+    if uri.split("://", 1)[0] in _LISTING_CACHED:
+        # Checkpoints appear while we watch: a cached listing would hide a commit made by another process.
+        options.setdefault("use_listings_cache", False)
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(uri, **options)
     except ImportError as exc:
         proto = uri.split("://", 1)[0]
         pkg = _PACKAGES.get(proto, "the fsspec implementation for it")

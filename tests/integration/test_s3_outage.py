@@ -180,10 +180,6 @@ def test_s3_server_restarts_empty_during_save(restartable: Restartable,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "resumer/save.py write_snapshot(): the manifest is PUT without checking that the data files written "
-    "earlier are still there; when the store loses one (here: the server restarts empty after the model file "
-    "was stored), save_checkpoint returns a URI for a checkpoint that selection then rejects as incomplete"))
 def test_save_that_returns_committed_a_usable_checkpoint(restartable: Restartable) -> None:
     model, opt = _trained(2048, 1024)  # ~50 MB: the second file's upload outlasts the cut's latency
     root, save = _save_through_restart(restartable, "between-data-files", 1, model, opt)

@@ -113,3 +113,14 @@ def test_user_stop() -> None:
     ctl.stop()
     assert ctl.state is State.STOPPED and launcher.stops == ["stopped by the user"]
     assert rec.of("end") == [(1, "KILLED")]
+
+
+def test_startup_has_its_own_timeout() -> None:
+    not_started = Observation(status=RunStatus.RUNNING, step=None, reported_at=None)
+    ctl, _, launcher, clock = make(not_started, hang_timeout_s=10.0, startup_timeout_s=100.0)
+    ctl.step()
+    clock.advance(50)
+    assert ctl.step().action == "observe"  # slow start is not a hang
+    clock.advance(51)
+    assert ctl.step().action == "backoff"
+    assert launcher.stops == ["no first step within 101s of launch"]
