@@ -1,11 +1,14 @@
-"""A training entrypoint for Ray Train workers, used by ``jobs/*.yaml``, the docs and the tests.
+"""A training entrypoint for Ray Train workers, used by ``jobs/mlp.yaml``, the docs and the tests.
 
-Data position is the GLOBAL step (and rank), so a resumed run sees exactly the batches the dead one
-would have seen, whatever the world size.
+Data position is the GLOBAL step: each step consumes one global batch and rank r trains on its slice,
+so a resumed run sees exactly the samples the dead one would have, whatever the world size.
+Fault injection for tests: ``crash_at`` (every attempt raises at that step) and ``hang_at`` (the
+first attempt sleeps forever at that step).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -15,25 +18,32 @@ import resumer.train
 from resumer import examples as ex
 
 
+def _inject(config: dict[str, Any], step: int) -> None:
+    if step == config.get("crash_at"):
+        raise RuntimeError(f"injected crash at step {step}")
+    attempt = (resumer.train.attempt_config() or {}).get("attempt", 1)
+    if step == config.get("hang_at") and attempt == 1:
+        time.sleep(3600)  # a hung collective, a stuck data loader...
+
+
 def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(int(config.get("seed", 0)))
     model, optimizer, scheduler = resumer.train.build()
     start = resumer.train.restore(model, optimizer, scheduler)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = resumer.train.rank()
+    global_batch = int(config.get("batch_size", 16)) * world
     for step in range(start + 1, int(config["total_steps"]) + 1):
-        x, y = ex.batch(step * world + rank, batch_size=int(config.get("batch_size", 16)))
-        loss = nn.functional.mse_loss(model(x)[:, : y.shape[1]], y)
+        x, y = ex.batch(step, batch_size=global_batch)
+        shard = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
+        loss = nn.functional.mse_loss(model(x[shard])[:, : y.shape[1]], y[shard])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if step == config.get("crash_at"):
-            raise RuntimeError(f"injected crash at step {step}")
+        _inject(config, step)
         delay = float(config.get("step_delay_s", 0))
         if delay:
-            import time
-
             time.sleep(delay)
         resumer.train.save(step, model, optimizer, scheduler, metrics={"loss": float(loss.detach())})

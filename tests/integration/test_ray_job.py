@@ -134,3 +134,67 @@ def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFact
     ok = run_job(partial, launcher=launcher, timeout_s=60)
     assert ok.state is State.SUCCEEDED and ok.decisions[0].outcome is Outcome.RESUMED
     assert ok.decisions[0].plan is not None and ok.decisions[0].plan.counts()["fresh"] == 2
+
+
+def test_a_step_that_hangs_once_is_detected_killed_and_resumed(ray_cluster: None,
+                                                               tmp_path: pytest.TempPathFactory) -> None:
+    raw = {"name": "hang", "entrypoint": "resumer.examples_train:train_loop", "model": "resumer.examples:mlp_v1",
+           "optimizer": "resumer.examples:adam", "config": {"total_steps": 14, "hang_at": 8},
+           "storage": {"root": str(tmp_path / "ckpt")}, "checkpoint": {"every": 5},
+           "retries": {"hung": {"max": 1, "backoff_s": 0.5, "timeout_s": 8}}}
+    recorder = LogRecorder()
+    result = run_job(jobspec.parse(raw), recorder=recorder, timeout_s=300)
+    assert result.state is State.SUCCEEDED and result.attempts == 2
+    assert result.decisions[1].previous_failure is FailureClass.HUNG and result.decisions[1].step == 5
+    assert recorder.ends == [(1, "KILLED"), (2, "FINISHED")]
+
+
+def test_newest_checkpoint_torn_uses_the_previous_one(tmp_path: pytest.TempPathFactory) -> None:
+    """The planner picks the newest VALID checkpoint and records what it passed over (no Ray needed)."""
+    from resumer.planner import JobPlanner
+
+    spec = spec_for(str(tmp_path))
+    model = ex.mlp_v1()
+    opt = ex.adam(model)
+    sched = ex.step_lr(opt)
+    resumer.save_checkpoint(spec.root, 5, model, opt, sched)
+    torn = resumer.save_checkpoint(spec.root, 10, model, opt, sched)
+    os.remove(f"{torn}/manifest.json")  # the writer was killed before committing
+    decision = JobPlanner(spec).decide(2, FailureClass.CRASHED)
+    assert decision.outcome is Outcome.RESUMED and decision.step == 5
+    assert [r["step"] for r in decision.rejected] == [10]
+    assert "torn" in decision.rejected[0]["reason"]
+
+
+def test_submit_cli_runs_a_job_and_refuses_a_changed_one(tmp_path: pytest.TempPathFactory) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "mlp.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw["config"] = {"total_steps": 12}
+    raw["checkpoint"] = {"every": 5}
+    raw["storage"] = {"root": str(tmp_path / "ckpt")}
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+
+    def submit(path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "resumer", "submit", path, "--json", "--timeout", "240"],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    done = submit(str(spec))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["state"] == "succeeded" and result["decisions"][0]["outcome"] == "started"
+    assert resumer.latest_checkpoint(str(tmp_path / "ckpt")).step == 10  # type: ignore[union-attr]
+    raw["model"] = "resumer.examples:mlp_v2_wider_head"
+    spec.write_text(yaml.safe_dump(raw))
+    refused = submit(str(spec))
+    assert refused.returncode == 3
+    out = json.loads(refused.stdout)
+    assert out["state"] == "refused" and "shape differs" in out["message"]

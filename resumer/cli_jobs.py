@@ -1,0 +1,129 @@
+"""``resumer submit | status | stop | logs``: run a job here (embedded Ray) or on a cluster (Ray Jobs API)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import click
+
+ADDRESS_HELP = "Ray cluster address (http://HOST:8265 for the Jobs API); default: $RAY_ADDRESS, else embedded Ray."
+EXIT_FAILED = 1
+
+
+def _cli() -> Any:
+    import resumer.cli as cli  # imported lazily: resumer.cli registers these commands
+
+    return cli
+
+
+@click.command()
+@click.argument("spec_path", metavar="JOB.yaml")
+@click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Stop the job after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def submit(spec_path: str, address: str | None, timeout_s: float | None, as_json: bool) -> None:
+    """Run JOB.yaml: train on Ray Train workers, recover from failures, record every decision.
+
+    Without an address the controller runs here on an embedded local Ray and this command returns when the
+    job ends (exit 0 succeeded, 3 refused: the message says what to change, 1 failed). With --address the
+    controller is submitted to the cluster through the Ray Jobs API and survives this terminal closing.
+    """
+    cli = _cli()
+
+    def run() -> int:
+        from resumer import jobspec
+
+        spec = jobspec.load(spec_path)
+        if address and address.startswith("http"):
+            return _submit_remote(spec_path, spec.name, address, as_json)
+        from resumer.controller import State
+        from resumer.job import run_job
+
+        result = run_job(spec, address=address, timeout_s=timeout_s)
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            for d in result.decisions:
+                cli.out.print(d.summary(), markup=False, highlight=False)
+            cli.out.print(f"job {spec.name}: {result.state.value} after {result.attempts} attempt(s)"
+                          + (f"\n{result.message}" if result.message else ""), markup=False, highlight=False)
+        if result.state is State.SUCCEEDED:
+            return cli.EXIT_OK
+        return cli.EXIT_REFUSED if result.state is State.REFUSED else EXIT_FAILED
+
+    cli._run(run)
+
+
+def _submit_remote(spec_path: str, name: str, address: str, as_json: bool) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = f"resumer-{name}-{uuid.uuid4().hex[:6]}"
+    workdir = os.path.dirname(os.path.abspath(spec_path))
+    client.submit_job(entrypoint=f"python -m resumer submit {os.path.basename(spec_path)}", submission_id=job_id,
+                      runtime_env={"working_dir": workdir})
+    if as_json:
+        click.echo(json.dumps({"submission_id": job_id, "address": address}))
+    else:
+        _cli().out.print(f"submitted {job_id} to {address}\n  resumer status {job_id} --address {address}",
+                         markup=False, highlight=False)
+    return 0
+
+
+def _client(address: str | None) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    from resumer.errors import UsageError
+
+    if not address:
+        raise UsageError("Give --address (or set RAY_ADDRESS) to reach the cluster's Ray Jobs API.")
+    return JobSubmissionClient(address)
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def status(job_id: str, address: str | None, as_json: bool) -> None:
+    """Show the state of a submitted job."""
+    cli = _cli()
+
+    def run() -> int:
+        info = _client(address).get_job_info(job_id)
+        row = {"submission_id": job_id, "status": str(info.status), "message": info.message}
+        click.echo(json.dumps(row) if as_json else f"{job_id}: {row['status']} {row['message'] or ''}")
+        return cli.EXIT_OK
+
+    cli._run(run)
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
+def stop(job_id: str, address: str | None) -> None:
+    """Stop a submitted job (its controller ends the running attempt as KILLED)."""
+    cli = _cli()
+
+    def run() -> int:
+        stopped = _client(address).stop_job(job_id)
+        click.echo(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+        return cli.EXIT_OK
+
+    cli._run(run)
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
+def logs(job_id: str, address: str | None) -> None:
+    """Print a submitted job's controller log."""
+    cli = _cli()
+
+    def run() -> int:
+        click.echo(_client(address).get_job_logs(job_id))
+        return cli.EXIT_OK
+
+    cli._run(run)
