@@ -65,6 +65,8 @@ def _get_board(cfg: dict[str, Any]) -> Any:
     if _board is None:
         import ray
 
+        if not ray.is_initialized():  # a plain local run: never start a Ray just to report progress
+            return None
         try:
             _board = ray.get_actor(board_name(cfg["job"]), namespace=BOARD_NAMESPACE)
         except ValueError:
