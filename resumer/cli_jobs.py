@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import uuid
 from typing import Any
 
@@ -62,9 +63,10 @@ def _submit_remote(spec_path: str, name: str, address: str, as_json: bool) -> in
 
     client = JobSubmissionClient(address)
     job_id = f"resumer-{name}-{uuid.uuid4().hex[:6]}"
-    workdir = os.path.dirname(os.path.abspath(spec_path))
-    client.submit_job(entrypoint=f"python -m resumer submit {os.path.basename(spec_path)}", submission_id=job_id,
-                      runtime_env={"working_dir": workdir})
+    # The controller runs on the cluster and reads the spec there: the path must be valid on the head node
+    # (the same checkout locally, or the path baked into the image, as in deploy/kuberay/rayjob.yaml).
+    client.submit_job(entrypoint=f"python -m resumer submit {shlex.quote(os.path.abspath(spec_path))}",
+                      submission_id=job_id)
     if as_json:
         click.echo(json.dumps({"submission_id": job_id, "address": address}))
     else:
