@@ -214,7 +214,7 @@ def list_(root: str, show_all: bool, as_json: bool, storage: tuple[str, ...]) ->
         for r in rows if not as_json else ():
             mark = f"  QUARANTINED: {r['quarantine']}" if r["quarantine"] else ""
             out.print(f"{r['step']:>10}  {r['time']}  {r['bytes']:>12}  {r['uri']}{mark}", markup=False,
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         return EXIT_OK
 
     _run(run)
