@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FAKE_KEY = "AKIATESTKEY123456789"
 FAKE_SECRET = "s3cr3t-DO-NOT-PRINT-abc123"
 
@@ -52,7 +54,7 @@ class LocalS3:
         if not self.log_path or not os.path.exists(self.log_path):
             return []
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return [line.split('"')[1] for line in f if line.count('"') >= 2]
+            return [_ANSI.sub("", line.split('"')[1]) for line in f if line.count('"') >= 2]
 
 
 def _moto_server() -> str:

@@ -5,7 +5,7 @@ Each test saves two real checkpoints (steps 3 and 6 of ``mlp_v1`` + Adam), then 
 round trips are bit-exact; every kind of damage to the newest checkpoint is detected with a clear
 CheckpointError, selection falls back to step 3, and nothing is deleted (the bad one only gains a
 ``quarantine.json``); credentials never show up in errors, logs or CLI output; and reading a large
-checkpoint from S3 costs about one GET per 16 MiB block.
+checkpoint from S3 costs about one GET per block (resumer.transfer.BLOCK_SIZE).
 """
 
 from __future__ import annotations

@@ -1,0 +1,147 @@
+"""Benchmark: read a >= 1 GiB checkpoint from a local S3 API server (moto), against plain clients.
+
+Plain clients, measured in the same run against the same object:
+  * boto3's transfer manager (``download_fileobj``, 64 MiB parts, 8 threads) into a null sink;
+  * s3fs ``cat_file`` of the whole object (its own concurrent ranged reads);
+  * s3fs ``open(block_size=64 MiB)`` read sequentially.
+resumer, measured the same way:
+  * the verification pass (``resumer.verify``: a full checksum read through the prefetching reader);
+  * the load pass (``resumer.resume(uri, verify=False)`` into a fresh model);
+  * the default ``resumer.resume(uri)`` (verify, then load: two passes), reported as effective throughput.
+GET requests per method are counted from the server's request log.
+
+Target: resumer's read passes reach >= 0.8x the throughput of the best plain client, with about one GET
+per 64 MiB block. Run: ``python bench/s3_read.py [--gib 1] [--repeat 2] [--json] [--no-check]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import resumer
+from resumer.testing import local_s3
+
+MIB = 2**20
+TARGET = 0.8
+
+
+class NullSink:
+    """Accepts writes and keeps nothing (boto3 streams into it)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, b: bytes) -> int:
+        self.n += len(b)
+        return len(b)
+
+
+def build_model(gib: float) -> nn.Module:
+    width = 4096
+    layers = max(1, round(gib * 2**30 / (width * width * 4)))
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+    return model.to_empty(device="cpu")
+
+
+def timed(fn: Callable[[], Any], repeat: int, requests: Callable[[], int]) -> tuple[float, int]:
+    times, gets = [], 0
+    for _ in range(repeat):
+        before = requests()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        gets = requests() - before
+    return statistics.median(times), gets
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args(argv)
+    log = os.path.join(tempfile.mkdtemp(prefix="resumer-bench-"), "moto.log")
+    with local_s3(log_path=log) as s3:
+        so = s3.storage_options()
+        root = s3.make_bucket("bench") + "/run"
+        model = build_model(args.gib)
+        for p in model.parameters():
+            p.data.normal_()
+        t = time.perf_counter()
+        uri = resumer.save_checkpoint(root, 1, model, storage_options=so)
+        save_s = time.perf_counter() - t
+        manifest = resumer.read_manifest(uri, so)
+        (entry,) = manifest.files
+        nbytes = entry.size
+        key = uri.removeprefix("s3://") + "/" + entry.path
+        bucket, obj = key.split("/", 1)
+
+        def gets() -> int:
+            return sum(1 for r in s3.requests() if r.startswith("GET ") and entry.path in r)
+
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from s3fs import S3FileSystem
+
+        client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=so["key"],
+                              aws_secret_access_key=so["secret"])
+        cfg = TransferConfig(multipart_chunksize=64 * MIB, multipart_threshold=64 * MIB, max_concurrency=8)
+        fs = S3FileSystem(**so)
+        buf = bytearray(64 * MIB)
+
+        def s3fs_open() -> None:
+            with fs.open(key, "rb", block_size=64 * MIB) as f:
+                while f.readinto(buf):
+                    pass
+
+        fresh = build_model(args.gib)
+        results: dict[str, dict[str, Any]] = {}
+        methods: dict[str, tuple[str, Callable[[], Any], int]] = {
+            "boto3": ("boto3 download_fileobj (64 MiB x 8)",
+                      lambda: client.download_fileobj(bucket, obj, NullSink(), Config=cfg), 1),
+            "s3fs_cat": ("s3fs cat_file (concurrent)", lambda: fs.cat_file(key), 1),
+            "s3fs_open": ("s3fs open(block_size=64 MiB) sequential", s3fs_open, 1),
+            "verify": ("resumer.verify (checksum pass)", lambda: resumer.verify(manifest, so), 1),
+            "load": ("resumer.resume(verify=False) load pass",
+                     lambda: resumer.resume(uri, fresh, storage_options=so, verify=False), 1),
+            "resume": ("resumer.resume default (verify + load)",
+                       lambda: resumer.resume(uri, fresh, storage_options=so), 2),
+        }
+        for name, (label, fn, passes) in methods.items():
+            secs, n = timed(fn, args.repeat, gets)
+            results[name] = {"label": label, "seconds": round(secs, 3), "gets": n,
+                             "mib_s": round(passes * nbytes / MIB / secs, 1)}
+        assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True))
+    best = max(results[k]["mib_s"] for k in ("boto3", "s3fs_cat", "s3fs_open"))
+    for r in results.values():
+        r["vs_best_plain"] = round(r["mib_s"] / best, 2)
+    blocks = -(-nbytes // (64 * MIB))
+    summary = {"bytes": nbytes, "save_seconds": round(save_s, 2), "blocks": blocks, "methods": results,
+               "target": f"verify and load >= {TARGET}x best plain client",
+               "met": results["verify"]["vs_best_plain"] >= TARGET and results["load"]["vs_best_plain"] >= TARGET}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"checkpoint {nbytes / MIB:.0f} MiB on moto S3 (saved in {save_s:.1f}s), {blocks} blocks of 64 MiB")
+        for r in results.values():
+            print(f"  {r['label']:<42} {r['seconds']:>7.2f}s {r['mib_s']:>8.1f} MiB/s  x{r['vs_best_plain']:<5}"
+                  f" GETs {r['gets']}")
+        print(f"target: {summary['target']}: {'met' if summary['met'] else 'NOT met'}")
+    return 0 if summary["met"] or args.no_check else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
