@@ -18,18 +18,20 @@ from resumer.apply import ResumeResult
 from resumer.async_save import AsyncSaver
 from resumer.capture import signature
 from resumer.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, select
+from resumer.decision import Decision, FailureClass, Outcome
 from resumer.errors import CheckpointError, PlanRefused, ResumerError, TransientStorageError, UsageError
 from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
 from resumer.reconcile import reconcile
+from resumer.recorder import MlflowRecorder, Recorder, RunStatus
 from resumer.save import save_checkpoint
 from resumer.signature import Signature, TensorSpec
 from resumer.store import read_manifest, verify
 from resumer.watch import Watcher, WatchEvent
 
 __all__ = [
-    "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "Plan", "PlanEntry", "PlanRefused", "Policy",
-    "Refusal", "Rename", "ResumeResult", "ResumerError", "Section", "Signature", "TensorSpec",
-    "TransientStorageError", "UsageError", "latest_checkpoint", "list_checkpoints", "open_source", "plan",
-    "read_manifest", "reconcile", "resume", "save_checkpoint", "select", "signature", "verify",
-    "WatchEvent", "Watcher",
+    "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "Decision", "FailureClass", "MlflowRecorder",
+    "Outcome", "Plan", "PlanEntry", "PlanRefused", "Policy", "Recorder", "Refusal", "Rename", "ResumeResult",
+    "ResumerError", "RunStatus", "Section", "Signature", "TensorSpec", "TransientStorageError", "UsageError",
+    "latest_checkpoint", "list_checkpoints", "open_source", "plan", "read_manifest", "reconcile", "resume",
+    "save_checkpoint", "select", "signature", "verify", "WatchEvent", "Watcher",
 ]

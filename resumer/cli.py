@@ -1,4 +1,5 @@
-"""The ``resumer`` command line. Exit codes: 0 ok, 1 bad checkpoint, 2 usage error, 3 plan refused."""
+"""The ``resumer`` command line. Exit codes: 0 ok, 1 bad checkpoint (``history``: tracking server unreachable),
+2 usage error, 3 plan refused."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from resumer.cli_history import history_command  # imports resumer.cli only inside the command: no cycle
 from resumer.cli_jobs import logs, status, stop, submit  # import resumer.cli only inside the commands: no cycle
 from resumer.cli_prune import prune as prune_command  # imports resumer.cli only inside the command: no cycle
 from resumer.cli_watch import watch_command  # imports resumer.cli only inside the command: no cycle
@@ -231,6 +233,7 @@ def demo(workdir: str, steps: int) -> None:
 
 
 cli.add_command(watch_command)
+cli.add_command(history_command)
 cli.add_command(prune_command)
 for _command in (submit, status, stop, logs):
     cli.add_command(_command)
