@@ -5,6 +5,8 @@ Each v2 is a code change people make between runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -68,7 +70,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, sc
     """One deterministic training step on ``batch(step)``; returns the loss."""
     x, y = batch(step)
     out = model(x)
-    loss = nn.functional.mse_loss(out[:, : y.shape[1]], y)
+    return optimizer_step(optimizer, scheduler, nn.functional.mse_loss(out[:, : y.shape[1]], y))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, loss: torch.Tensor) -> float:
+    """Backward, optimizer step, scheduler step; returns the loss as a float (shared by every example)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 import resumer.train
-from resumer.examples import CNN
+from resumer.examples import CNN, optimizer_step
 
 # ---------------------------------------------------------------------------------------------- CNN
 
@@ -182,15 +182,6 @@ def _shard(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     return t[rank * per:(rank + 1) * per]
 
 
-def _step(model: nn.Module, optimizer: Any, scheduler: Any, loss: torch.Tensor) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return float(loss.detach())
-
-
 def _after_step(config: dict[str, Any], step: int) -> None:
     """Fault injection for tests and demos (``crash_at``) and a slower pace (``step_delay_s``)."""
     if step == config.get("crash_at"):
@@ -211,7 +202,7 @@ def train_cnn(config: dict[str, Any]) -> None:
     for step in range(start + 1, int(config["total_steps"]) + 1):
         x, y = cnn_batch(step, int(config.get("batch_size", 32)), classes)
         loss = F.cross_entropy(model(_shard(x, world, rank)), _shard(y, world, rank))
-        value = _step(model, optimizer, scheduler, loss)
+        value = optimizer_step(optimizer, scheduler, loss)
         _after_step(config, step)
         resumer.train.save(step, model, optimizer, scheduler, metrics={"loss": value})
 
@@ -228,6 +219,6 @@ def train_charlm(config: dict[str, Any]) -> None:
         x, y = charlm_batch(step, int(config.get("batch_size", 16)), text)
         logits = model(_shard(x, world, rank))
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), _shard(y, world, rank).reshape(-1))
-        value = _step(model, optimizer, scheduler, loss)
+        value = optimizer_step(optimizer, scheduler, loss)
         _after_step(config, step)
         resumer.train.save(step, model, optimizer, scheduler, metrics={"loss": value})
