@@ -24,13 +24,16 @@ def _cli() -> Any:
 @click.argument("spec_path", metavar="JOB.yaml")
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Stop the job after this many seconds.")
+@click.option("--no-mlflow", is_flag=True, help="Do not record in MLflow (decisions are only logged).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def submit(spec_path: str, address: str | None, timeout_s: float | None, as_json: bool) -> None:
+def submit(spec_path: str, address: str | None, timeout_s: float | None, no_mlflow: bool, as_json: bool) -> None:
     """Run JOB.yaml: train on Ray Train workers, recover from failures, record every decision.
 
     Without an address the controller runs here on an embedded local Ray and this command returns when the
     job ends (exit 0 succeeded, 3 refused: the message says what to change, 1 failed). With --address the
     controller is submitted to the cluster through the Ray Jobs API and survives this terminal closing.
+    Every decision is recorded in MLflow (the spec's mlflow section; default: the embedded SQLite store)
+    before its attempt launches: `resumer history NAME` reads them back.
     """
     cli = _cli()
 
@@ -39,11 +42,11 @@ def submit(spec_path: str, address: str | None, timeout_s: float | None, as_json
 
         spec = jobspec.load(spec_path)
         if address and address.startswith("http"):
-            return _submit_remote(spec_path, spec.name, address, as_json)
+            return _submit_remote(spec_path, spec.name, address, as_json, no_mlflow)
         from resumer.controller import State
-        from resumer.job import run_job
+        from resumer.job import LogRecorder, run_job
 
-        result = run_job(spec, address=address, timeout_s=timeout_s)
+        result = run_job(spec, address=address, timeout_s=timeout_s, recorder=LogRecorder() if no_mlflow else None)
         if as_json:
             click.echo(json.dumps(result.to_dict(), indent=2))
         else:
@@ -51,6 +54,11 @@ def submit(spec_path: str, address: str | None, timeout_s: float | None, as_json
                 cli.out.print(d.summary(), markup=False, highlight=False)
             cli.out.print(f"job {spec.name}: {result.state.value} after {result.attempts} attempt(s)"
                           + (f"\n{result.message}" if result.message else ""), markup=False, highlight=False)
+            if result.tracking_uri:
+                where = _redact_uri(result.tracking_uri)
+                hint = "" if spec.tracking_uri is None else f" --tracking-uri {where}"
+                cli.out.print(f"recorded in MLflow ({where}): resumer history {spec.name}{hint}",
+                              markup=False, highlight=False)
         if result.state is State.SUCCEEDED:
             return cli.EXIT_OK
         return cli.EXIT_REFUSED if result.state is State.REFUSED else EXIT_FAILED
@@ -58,14 +66,26 @@ def submit(spec_path: str, address: str | None, timeout_s: float | None, as_json
     cli._run(run)
 
 
-def _submit_remote(spec_path: str, name: str, address: str, as_json: bool) -> int:
+def _redact_uri(uri: str) -> str:
+    """``uri`` without a password (``http://user:secret@host`` -> ``http://user:***@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
+                                     + (f":{parts.port}" if parts.port else "")))
+
+
+def _submit_remote(spec_path: str, name: str, address: str, as_json: bool, no_mlflow: bool = False) -> int:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
     job_id = f"resumer-{name}-{uuid.uuid4().hex[:6]}"
     # The controller runs on the cluster and reads the spec there: the path must be valid on the head node
     # (the same checkout locally, or the path baked into the image, as in deploy/kuberay/rayjob.yaml).
-    client.submit_job(entrypoint=f"python -m resumer submit {shlex.quote(os.path.abspath(spec_path))}",
+    flags = " --no-mlflow" if no_mlflow else ""
+    client.submit_job(entrypoint=f"python -m resumer submit {shlex.quote(os.path.abspath(spec_path))}{flags}",
                       submission_id=job_id)
     if as_json:
         click.echo(json.dumps({"submission_id": job_id, "address": address}))

@@ -45,9 +45,11 @@ class Planner(Protocol):
 
 
 class DecisionRecorder(Protocol):
+    """What the controller records; ``resumer.recorder.MlflowRecorder`` is one (its job's calls, job=None)."""
+
     def record_decision(self, decision: Decision) -> None: ...
     def end_attempt(self, attempt: int, status: str) -> None: ...
-    def log_metrics(self, attempt: int, metrics: dict[str, float]) -> None: ...
+    def log_attempt_metrics(self, metrics: dict[str, float]) -> None: ...  # to the current attempt
 
 
 class Launcher(Protocol):
@@ -137,7 +139,7 @@ class Controller:
             start_step = self.decision.step if self.decision and self.decision.step is not None else 0
             if not self._recovered and obs.step is not None and obs.step > start_step and self._failed_at is not None:
                 self._recovered = True
-                self.recorder.log_metrics(self.attempt, {"time_to_recover_s": now - self._failed_at})
+                self.recorder.log_attempt_metrics({"time_to_recover_s": now - self._failed_at})
                 self._failed_at = None
             started = obs.reported_at is None
             last = self._started_at if obs.reported_at is None else obs.reported_at

@@ -134,7 +134,8 @@ class FakeRecorder:
     def end_attempt(self, attempt: int, status: str) -> None:
         self.events.append(("end", (attempt, status)))
 
-    def log_metrics(self, attempt: int, metrics: dict[str, float]) -> None:
+    def log_attempt_metrics(self, metrics: dict[str, float]) -> None:
+        attempt = self.of("decision")[-1].attempt if self.of("decision") else 0
         self.events.append(("metrics", (attempt, metrics)))
 
     def of(self, kind: str) -> list[Any]:
