@@ -4,7 +4,8 @@
     ├── UsageError                bad input from a user: an unknown policy, a bad MODULE:FACTORY, a bad rule
     ├── CheckpointError           a checkpoint that is missing, torn, corrupt or unsafe (has .uri)
     ├── PlanRefused               resume() was asked to apply a plan that is not ok (has .plan)
-    └── TransientStorageError     storage failed in a way that may succeed on retry (has .uri)
+    ├── TransientStorageError     storage failed in a way that may succeed on retry (has .uri)
+    └── Preempted                 a worker got a preemption notice and stopped at a step boundary (.step, .uri)
 
 Errors keep their data as attributes and survive pickling (Ray moves them between processes).
 """
@@ -53,6 +54,18 @@ class PlanRefused(ResumerError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (PlanRefused, (self.plan,))
+
+
+class Preempted(ResumerError):
+    """A worker received a preemption notice (SIGTERM); ``.uri`` is its emergency checkpoint, if written."""
+
+    def __init__(self, step: int, uri: str | None) -> None:
+        where = f"emergency checkpoint {uri}" if uri else "no emergency checkpoint from this rank"
+        super().__init__(f"Preempted after step {step}: {where}.")
+        self.step, self.uri = step, uri
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Preempted, (self.step, self.uri))
 
 
 def _rebuild_checkpoint_error(message: str, uri: str | None) -> CheckpointError:

@@ -10,7 +10,7 @@ Example (``jobs/mlp.yaml``)::
     config: {total_steps: 60}                          # passed to the entrypoint
     scaling: {workers: 2, use_gpu: false}
     storage: {root: runs/mlp/checkpoints, options: {}}
-    checkpoint: {every: 10, keep_last: 3}
+    checkpoint: {every: 10, keep_last: 3, grace_s: 30}   # grace_s: time to write an emergency checkpoint
     resume: {policy: strict, renames: [auto]}
     retries: {crashed: {max: 5, backoff_s: 2}, preempted: {max: 20}, hung: {max: 2, timeout_s: 300}}
     mlflow: {tracking_uri: sqlite:///runs/mlflow.db, experiment: resumer}
@@ -53,6 +53,7 @@ class JobSpec:
     every: int = 10
     keep_last: int | None = None
     keep_every: int | None = None
+    grace_s: float = 30.0  # after a preemption notice (SIGTERM): time for the emergency checkpoint
     policy: Policy = Policy.STRICT
     renames: tuple[str, ...] = ()
     budgets: dict[FailureClass, Budget] = field(default_factory=dict)
@@ -139,7 +140,7 @@ def parse(raw: Any, *, base_dir: str = ".") -> JobSpec:
         raise _err("name", f"must be letters, digits, '.', '_' or '-' (1-101 chars), got {name!r}")
     scaling = _section(raw, "scaling", {"workers", "use_gpu", "resources_per_worker"})
     storage = _section(raw, "storage", {"root", "options"})
-    ckpt = _section(raw, "checkpoint", {"every", "keep_last", "keep_every"})
+    ckpt = _section(raw, "checkpoint", {"every", "keep_last", "keep_every", "grace_s"})
     resume = _section(raw, "resume", {"policy", "renames"})
     mlflow = _section(raw, "mlflow", {"tracking_uri", "experiment"})
     root = storage.get("root")
@@ -172,6 +173,7 @@ def parse(raw: Any, *, base_dir: str = ".") -> JobSpec:
         every=_int(ckpt.get("every", 10), "checkpoint.every") or 1,
         keep_last=_int(ckpt.get("keep_last"), "checkpoint.keep_last", optional=True),
         keep_every=_int(ckpt.get("keep_every"), "checkpoint.keep_every", optional=True),
+        grace_s=_number(ckpt.get("grace_s", 30.0), "checkpoint.grace_s"),
         policy=policy, renames=tuple(str(r) for r in renames), budgets=budgets, hang_timeout_s=timeout,
         tracking_uri=mlflow.get("tracking_uri"), experiment=str(mlflow.get("experiment", "resumer")))
 

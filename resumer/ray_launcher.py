@@ -48,6 +48,7 @@ def _progress_board_class() -> Any:
             self.at: float | None = None
             self.metrics: list[tuple[int, dict[str, float]]] = []
             self.last_commit: tuple[int, str] | None = None
+            self.claims: dict[int, int] = {}
 
         def beat(self, rank: int, step: int, metrics: dict[str, float] | None, wall: float,
                  host: str = "", pid: int = 0) -> None:
@@ -62,6 +63,13 @@ def _progress_board_class() -> Any:
 
         def current_step(self) -> int:
             return min(self.steps.values()) if self.steps else 0
+
+        def claim(self, step: int, rank: int) -> bool:
+            """The first rank to claim an emergency checkpoint of ``step`` writes it."""
+            if step in self.claims:
+                return False
+            self.claims[step] = rank
+            return True
 
         def committed(self, step: int, uri: str) -> None:
             self.last_commit = (step, uri)
@@ -87,7 +95,7 @@ def classify(exc: BaseException) -> tuple[FailureClass, str]:
     causes = list(failures.values()) or [exc]
     for e in causes:
         if type(e).__name__ == "Preempted" or "Preempted" in str(e)[:2000]:
-            return FailureClass.PREEMPTED, "preempted (SIGTERM); emergency checkpoint attempted"
+            return FailureClass.PREEMPTED, "preempted (SIGTERM): stopped at a step boundary after an emergency save"
     for e in causes:
         name = type(e).__name__
         if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError") or "died" in str(e).lower():
@@ -101,10 +109,14 @@ class RayLauncher:
     """The controller's Launcher on Ray Train. Embedded local Ray unless ``address`` is given."""
 
     def __init__(self, spec: JobSpec, *, address: str | None = None, clock: Callable[[], float] = time.monotonic,
-                 num_cpus: int | None = None) -> None:
+                 num_cpus: int | None = None, progress: Any = None) -> None:
         import ray
 
         self.spec = spec
+        # Where rank 0's training points and checkpoint commits go (the job's recorder): relayed in poll(),
+        # before an attempt's end is reported, so every point reaches the attempt it belongs to.
+        self.progress = progress
+        self._relayed_commit: tuple[int, str] | None = None
         self.clock = clock
         if not ray.is_initialized():
             kw: dict[str, Any] = {"address": address, "namespace": BOARD_NAMESPACE, "include_dashboard": False,
@@ -126,6 +138,7 @@ class RayLauncher:
                "storage_options": self.spec.storage_options, "checkpoint": decision.checkpoint
                if decision.step is not None else None, "policy": decision.policy,
                "renames": list(self.spec.renames), "plan_hash": plan_hash, "every": self.spec.every,
+               "grace_s": self.spec.grace_s, "keep_last": self.spec.keep_last, "keep_every": self.spec.keep_every,
                "model": self.spec.model, "optimizer": self.spec.optimizer, "scheduler": self.spec.scheduler}
         return {ENV: json.dumps(cfg)}
 
@@ -139,6 +152,7 @@ class RayLauncher:
         if self._thread is not None:
             self._thread.join(timeout=120)  # the previous fit must release its workers first
         ray.get(self.board.reset.remote())
+        self._relayed_commit = None
         scaling = ScalingConfig(num_workers=self.spec.workers, use_gpu=self.spec.use_gpu,
                                 resources_per_worker=self.spec.resources_per_worker or None)
         self._run_name = f"{self.spec.name}-a{decision.attempt}-{uuid.uuid4().hex[:6]}"
@@ -166,7 +180,7 @@ class RayLauncher:
         import ray
 
         snap = ray.get(self.board.snapshot.remote(), timeout=30)
-        self.last_metrics.extend(snap["metrics"])
+        self._relay(snap)
         step = snap["step"]
         at = None if snap["at"] is None else self.clock() - max(0.0, time.time() - snap["at"])
         if self._thread is not None and self._thread.is_alive():
@@ -176,6 +190,17 @@ class RayLauncher:
             logger.warning("[launcher] attempt failed: %s", cause)
             return Observation(status=RunStatus.FAILED, step=step, failure=Failure(cls=cls, step=step, cause=cause))
         return Observation(status=RunStatus.SUCCEEDED, step=step)
+
+    def _relay(self, snap: dict[str, Any]) -> None:
+        self.last_metrics.extend(snap["metrics"])
+        if self.progress is None:
+            return
+        for step, metrics in snap["metrics"]:
+            self.progress.log_training(step, metrics)
+        commit = snap["committed"]
+        if commit is not None and tuple(commit) != self._relayed_commit:
+            self._relayed_commit = tuple(commit)
+            self.progress.checkpoint_committed(int(commit[0]))
 
     def worker_pids(self) -> dict[int, tuple[str, int]]:
         """rank -> (host, pid) of this attempt's training workers, as they reported themselves."""

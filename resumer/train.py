@@ -13,6 +13,11 @@ this rank plans exactly the same thing (a checkpoint committed between two ranks
 them: the controller names the checkpoint URI, not the root). ``save`` reports progress every call
 (heartbeat for hang detection, metrics) and writes on rank 0 every ``checkpoint.every`` steps
 (replicated DDP state). Outside a resumer-launched job both calls are harmless no-ops (restore returns 0).
+
+Preemption: ``restore`` installs a SIGTERM handler (``resumer.preemption``). After a notice, the next
+``save`` on the notified rank writes an emergency checkpoint of its (replicated) state, whatever the
+cadence, and raises ``resumer.errors.Preempted``; the controller resumes from that checkpoint. When
+several ranks are notified at once, the first to claim the step on the progress board writes it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from resumer.errors import CheckpointError
+from resumer import preemption
+from resumer.errors import CheckpointError, Preempted
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +111,8 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, sc
     import resumer
 
     cfg = attempt_config()
+    if cfg is not None:
+        preemption.install(float(cfg.get("grace_s", 30.0)))
     if cfg is None or not cfg.get("checkpoint"):
         return 0
     kw = {"policy": cfg["policy"], "renames": cfg["renames"] or None, "storage_options": cfg.get("storage_options")}
@@ -128,17 +136,66 @@ def report(step: int, metrics: dict[str, float] | None = None) -> None:
 
 def save(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, *,
          metrics: dict[str, float] | None = None, force: bool = False) -> str | None:
-    """Report progress; on rank 0, every ``checkpoint.every`` steps (or when ``force``), save and commit."""
-    import resumer
+    """Report progress; on rank 0, every ``checkpoint.every`` steps (or when ``force``), save and commit.
 
+    After a preemption notice: writes an emergency checkpoint (see the module doc) and raises ``Preempted``.
+    """
     report(step, metrics)
     cfg = attempt_config()
-    if cfg is None or (not force and step % int(cfg["every"]) != 0) or rank() != 0:
+    if cfg is None:
         return None
-    uri = resumer.save_checkpoint(cfg["root"], step, model, optimizer, scheduler,
-                                  extra={"metrics": metrics or {}, "job": cfg["job"], "attempt": cfg["attempt"]},
+    if preemption.noticed() is not None:
+        uri = _write(cfg, step, model, optimizer, scheduler, metrics, emergency=True) if _claim(cfg, step) else None
+        raise Preempted(step, uri)
+    if (not force and step % int(cfg["every"]) != 0) or rank() != 0:
+        return None
+    return _write(cfg, step, model, optimizer, scheduler, metrics)
+
+
+def _claim(cfg: dict[str, Any], step: int) -> bool:
+    """Whether this rank writes the emergency checkpoint of ``step`` (the first notified rank does)."""
+    board = _get_board(cfg)
+    if board is None:
+        return True
+    try:
+        import ray
+
+        return bool(ray.get(board.claim.remote(step, rank()), timeout=10))
+    except Exception as exc:  # noqa: BLE001 - no answer from the board: write it (a duplicate is safe)
+        logger.warning("[preemption] progress board unreachable (%s): writing the emergency checkpoint", exc)
+        return True
+
+
+def _write(cfg: dict[str, Any], step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+           metrics: dict[str, float] | None, *, emergency: bool = False) -> str:
+    import resumer
+
+    started = time.monotonic()
+    extra = {"metrics": metrics or {}, "job": cfg["job"], "attempt": cfg["attempt"]}
+    if emergency:
+        extra |= {"emergency": True, "rank": rank()}
+    uri = resumer.save_checkpoint(cfg["root"], step, model, optimizer, scheduler, extra=extra,
                                   storage_options=cfg.get("storage_options"))
+    if emergency:
+        notice = preemption.noticed() or time.time()
+        logger.warning("[preemption] rank %d: emergency checkpoint %s committed %.1fs after the notice (%.1fs)",
+                       rank(), uri, time.time() - notice, time.monotonic() - started)
     board = _get_board(cfg)
     if board is not None:
         board.committed.remote(step, uri)
+    if not emergency and (cfg.get("keep_last") or cfg.get("keep_every")):
+        _prune(cfg)
     return uri
+
+
+def _prune(cfg: dict[str, Any]) -> None:
+    """Retention after a commit (never before: the new checkpoint must exist first). Sizes, not checksums:
+    this process just wrote the newest one, checksumming as it wrote; a failure here never stops training."""
+    from resumer.errors import ResumerError
+    from resumer.retention import RetentionPolicy, prune
+
+    try:
+        prune(cfg["root"], RetentionPolicy(keep_last=cfg.get("keep_last"), keep_every=cfg.get("keep_every")),
+              storage_options=cfg.get("storage_options"), checksums=False)
+    except (OSError, ResumerError) as exc:
+        logger.warning("[retention] pruning %s failed (the next save tries again): %s", cfg["root"], exc)

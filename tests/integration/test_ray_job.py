@@ -180,8 +180,9 @@ def test_submit_cli_runs_a_job_and_refuses_a_changed_one(tmp_path: pytest.TempPa
     raw["storage"] = {"root": str(tmp_path / "ckpt")}
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RESUMER_HOME": str(tmp_path / "home")}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
 
     def submit(path: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "resumer", "submit", path, "--json", "--timeout", "240"],
@@ -198,3 +199,73 @@ def test_submit_cli_runs_a_job_and_refuses_a_changed_one(tmp_path: pytest.TempPa
     assert refused.returncode == 3
     out = json.loads(refused.stdout)
     assert out["state"] == "refused" and "shape differs" in out["message"]
+    # Both submissions are on record in the embedded MLflow store (SQLite under RESUMER_HOME), no server.
+    from resumer.history import read_history
+
+    assert out["tracking_uri"] == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    history = read_history(raw["name"], tracking_uri=out["tracking_uri"])
+    assert [(a.outcome, a.status) for a in history.attempts] == [("started", "FINISHED"), ("refused", "FAILED")]
+    assert "shape differs" in history.attempts[1].message and history.status == "FAILED"
+
+
+def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlflow(
+        ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
+    """SIGTERM (a preemption notice) to a real worker: it saves at the next step boundary, off the cadence,
+    and the job resumes from THAT checkpoint; every decision and the training curve land on a real MLflow
+    server (parent curve one line, resume marker at the emergency step); killed attempts do not stay RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from resumer.history import read_history
+    from resumer.ray_launcher import RayLauncher
+    from resumer.recorder import MlflowRecorder
+    from resumer.store import read_manifest
+    from resumer.testing_mlflow import local_mlflow
+
+    reference = {s: v[0] for s, v in losses(run_job(spec_for(str(tmp_path / "a")), recorder=LogRecorder(),
+                                                     timeout_s=300)).items()}
+    spec = spec_for(str(tmp_path / "b"))
+    launcher = RayLauncher(spec)
+    signalled: list[int] = []
+
+    def preempt() -> None:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            pids = launcher.worker_pids()
+            if len(pids) == 2 and launcher.last_step() >= 11:
+                signalled.append(launcher.last_step())
+                os.kill(pids[1][1], signal.SIGTERM)  # rank 1: the rank that does NOT write on the cadence
+                return
+            time.sleep(0.05)
+
+    with local_mlflow(str(tmp_path / "mlflow")) as server:
+        recorder = MlflowRecorder(server.url, "ray-it", spool_dir=str(tmp_path / "spool"))
+        recorder.start_job(spec.name, params={"workers": 2})
+        threading.Thread(target=preempt, daemon=True).start()
+        result = run_job(spec, launcher=launcher, recorder=recorder, timeout_s=300)
+        assert recorder.flush(30)
+        recorder.close()
+        history = read_history(spec.name, tracking_uri=server.url, experiment="ray-it")
+        client = MlflowClient(tracking_uri=server.url)
+        parent_loss = {m.step: m.value for m in client.get_metric_history(history.run_id, "loss")}
+        markers = [(m.step, m.value) for m in client.get_metric_history(history.run_id, "resume_marker")]
+        parent_points = len(client.get_metric_history(history.run_id, "loss"))
+
+    assert signalled, "the worker was never signalled"
+    assert result.state is State.SUCCEEDED and result.attempts == 2, result.message
+    first, second = result.decisions
+    assert second.outcome is Outcome.RESUMED and second.previous_failure is FailureClass.PREEMPTED
+    emergency = second.step
+    assert emergency is not None and emergency >= signalled[0]
+    if emergency % 5:  # off the cadence: only the emergency save can have written it (on a cadence step both may)
+        extra = read_manifest(second.checkpoint).raw["extra"]  # type: ignore[arg-type]
+        assert extra["emergency"] is True and extra["rank"] == 1
+    got = losses(result)
+    assert sorted(got) == list(range(1, 25))
+    assert all(v == reference[s] for s, vals in got.items() for v in vals)  # bitwise, the redone steps too
+    # The record: outcomes, failure classes and how each run ended.
+    assert [(a.attempt, a.outcome, a.previous_failure, a.status) for a in history.attempts] == [
+        (1, "started", "none", "KILLED"), (2, "resumed", "preempted", "FINISHED")]
+    assert history.attempts[1].step == emergency and history.status == "FINISHED"
+    assert parent_points == 24 and sorted(parent_loss) == list(range(1, 25))  # one line, no duplicates
+    assert all(parent_loss[s] == reference[s] for s in parent_loss)
+    assert markers == [(emergency, 2.0)]
