@@ -3,11 +3,14 @@
 Data position is the GLOBAL step: each step consumes one global batch and rank r trains on its slice,
 so a resumed run sees exactly the samples the dead one would have, whatever the world size.
 Fault injection for tests: ``crash_at`` (every attempt raises at that step) and ``hang_at`` (the
-first attempt sleeps forever at that step).
+first attempt sleeps forever at that step). ``progress_file``: rank 0 appends one JSON line per step
+(wall time, step, pid) and one at start (the step it continues after), for benchmarks.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any
 
@@ -26,13 +29,24 @@ def _inject(config: dict[str, Any], step: int) -> None:
         time.sleep(3600)  # a hung collective, a stuck data loader...
 
 
+def note_progress(config: dict[str, Any], event: str, step: int) -> None:
+    """Append ``{"t", "event", "step", "pid"}`` to ``config["progress_file"]`` (rank 0 only), if set."""
+    path = config.get("progress_file")
+    if path and resumer.train.rank() == 0:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"t": time.time(), "event": event, "step": step, "pid": os.getpid()}) + "\n")
+
+
 def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(int(config.get("seed", 0)))
     model, optimizer, scheduler = resumer.train.build()
     start = resumer.train.restore(model, optimizer, scheduler)
+    note_progress(config, "start", start)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = resumer.train.rank()
-    global_batch = int(config.get("batch_size", 16)) * world
+    global_batch = int(config.get("batch_size", 32))  # GLOBAL: the same samples per step on any world size
+    if global_batch % world:
+        raise ValueError(f"batch_size {global_batch} (the global batch) does not divide into {world} workers")
     for step in range(start + 1, int(config["total_steps"]) + 1):
         x, y = ex.batch(step, batch_size=global_batch)
         shard = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
@@ -46,4 +60,5 @@ def train_loop(config: dict[str, Any]) -> None:
         delay = float(config.get("step_delay_s", 0))
         if delay:
             time.sleep(delay)
+        note_progress(config, "step", step)
         resumer.train.save(step, model, optimizer, scheduler, metrics={"loss": float(loss.detach())})
