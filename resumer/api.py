@@ -70,9 +70,10 @@ def plan(checkpoint: str, model: nn.Module, optimizer: torch.optim.Optimizer | N
 
 
 def _plan_for(source: CheckpointSource, model: nn.Module, optimizer: Any, scheduler: Any, policy: Any,
-              renames: Any) -> Plan:
+              renames: Any, *, world_size: int | None = None) -> Plan:
+    """``world_size``: the world the plan is for (default: this process's); a controller plans for its job's."""
     started = time.perf_counter()
-    current = signature(model, optimizer, scheduler, world_size=_world_size())
+    current = signature(model, optimizer, scheduler, world_size=world_size or _world_size())
     result = reconcile(source.signature, current, policy, renames, checkpoint=source.uri)
     logger.debug("planned %s in %.1f ms", source.uri, (time.perf_counter() - started) * 1e3)
     return result

@@ -46,7 +46,8 @@ class JobPlanner:
             outcome = Outcome.STARTED if attempt == 1 and not rejected else Outcome.FRESH_START
             return Decision(outcome=outcome, metrics={"plan_seconds": time.perf_counter() - started}, **base)
         source = NativeSource(sel.chosen.manifest, spec.storage_options or None, verified=True)
-        plan = _plan_for(source, model, optimizer, scheduler, spec.policy, list(spec.renames) or None)
+        plan = _plan_for(source, model, optimizer, scheduler, spec.policy, list(spec.renames) or None,
+                         world_size=spec.workers)  # the job's world, not this controller process's
         saved_code = sel.chosen.manifest.code.get("fingerprint")
         current_code = code_fingerprint(model, signature(model, optimizer, scheduler)).get("fingerprint")
         decision = Decision(

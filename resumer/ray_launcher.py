@@ -9,13 +9,11 @@ actor (``ProgressBoard``) the workers ping without blocking.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -45,21 +43,26 @@ def _progress_board_class() -> Any:
         def reset(self) -> None:
             self.steps: dict[int, int] = {}
             self.pids: dict[int, tuple[str, int]] = {}
+            self.nodes: dict[int, tuple[str, int]] = {}  # rank -> (Ray node id, pid)
             self.at: float | None = None
             self.metrics: list[tuple[int, dict[str, float]]] = []
             self.last_commit: tuple[int, str] | None = None
             self.claims: dict[int, int] = {}
 
         def beat(self, rank: int, step: int, metrics: dict[str, float] | None, wall: float,
-                 host: str = "", pid: int = 0) -> None:
+                 host: str = "", pid: int = 0, node: str = "") -> None:
             self.steps[rank] = step
             self.pids[rank] = (host, pid)
+            self.nodes[rank] = (node, pid)
             self.at = wall
             if metrics:
                 self.metrics.append((step, metrics))
 
         def snapshot_pids(self) -> dict[int, tuple[str, int]]:
             return dict(self.pids)
+
+        def snapshot_nodes(self) -> dict[int, tuple[str, int]]:
+            return dict(self.nodes)
 
         def current_step(self) -> int:
             return min(self.steps.values()) if self.steps else 0
@@ -80,6 +83,22 @@ def _progress_board_class() -> Any:
                     "committed": self.last_commit, "pids": dict(self.pids)}
 
     return ProgressBoard
+
+
+def _kill_worker(pid: int) -> str:
+    """Runs on the worker's node: SIGKILL ``pid`` if it is still a Ray Train worker (pids get reused)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+    except OSError:
+        return "gone"
+    if "RayTrainWorker" not in cmdline:
+        return f"not a Ray Train worker ({cmdline[:80]!r}): left alone"
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "gone"
+    return "killed"
 
 
 def _run_entrypoint(ref: str, config: dict[str, Any]) -> None:
@@ -217,17 +236,23 @@ class RayLauncher:
     def stop(self, reason: str) -> None:
         """Kill this attempt's worker processes (a hung step cannot be interrupted politely).
 
-        Workers on this machine are killed directly; on a multi-node cluster this needs the controller to
-        run on each worker's node (not done yet: see the README's limitations).
+        Each worker is killed by a small task pinned to its own node (``NodeAffinitySchedulingStrategy``),
+        so this works on a multi-node cluster as on one machine; the task checks the pid is still a Ray
+        Train worker first.
         """
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         logger.warning("[launcher] stopping attempt %s: %s", self._run_name, reason)
-        here = socket.gethostname()
-        for host, pid in self.worker_pids().values():
-            if host != here or not pid:
-                logger.warning("[launcher] cannot kill worker pid %s on %s from %s", pid, host, here)
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill = ray.remote(num_cpus=0, max_retries=0)(_kill_worker)
+        nodes = ray.get(self.board.snapshot_nodes.remote(), timeout=30)
+        refs = {rank: kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pid)
+                for rank, (node, pid) in nodes.items() if node and pid}
+        for rank, ref in refs.items():
+            try:
+                logger.warning("[launcher] rank %d (pid %s): %s", rank, nodes[rank][1], ray.get(ref, timeout=60))
+            except ray.exceptions.RayError as exc:  # the node is gone: its workers with it
+                logger.warning("[launcher] rank %d: kill task failed (%s)", rank, type(exc).__name__)
         if self._thread is not None:
             self._thread.join(timeout=120)
 

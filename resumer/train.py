@@ -131,7 +131,17 @@ def report(step: int, metrics: dict[str, float] | None = None) -> None:
     board = _get_board(cfg) if cfg else None
     if board is not None:
         board.beat.remote(rank(), step, metrics if rank() == 0 else None, time.time(), socket.gethostname(),
-                          os.getpid())
+                          os.getpid(), _node_id())
+
+
+def _node_id() -> str:
+    """This worker's Ray node (where the controller sends a kill for a hung step), or "" outside Ray."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
+    except (ImportError, RuntimeError):
+        return ""
 
 
 def save(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, *,

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import resumer
 from resumer import examples as ex
@@ -32,12 +33,15 @@ def ray_cluster():
 
 
 def spec_for(tmp: str, **config: object) -> jobspec.JobSpec:
-    raw = {"name": f"t{abs(hash(tmp)) % 10**8}", "entrypoint": "resumer.examples_train:train_loop",
+    return jobspec.parse(raw_for(tmp, **config))
+
+
+def raw_for(tmp: str, **config: object) -> dict[str, object]:
+    return {"name": f"t{abs(hash(tmp)) % 10**8}", "entrypoint": "resumer.examples_train:train_loop",
            "model": "resumer.examples:mlp_v1", "optimizer": "resumer.examples:adam",
            "scheduler": "resumer.examples:step_lr", "config": {"total_steps": 24, "step_delay_s": 0.1, **config},
            "scaling": {"workers": 2}, "storage": {"root": f"{tmp}/ckpt"}, "checkpoint": {"every": 5},
            "retries": {"crashed": {"max": 5, "backoff_s": 0.5}}}
-    return jobspec.parse(raw)
 
 
 def losses(result: object) -> dict[int, list[float]]:
@@ -269,3 +273,31 @@ def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlf
     assert parent_points == 24 and sorted(parent_loss) == list(range(1, 25))  # one line, no duplicates
     assert all(parent_loss[s] == reference[s] for s in parent_loss)
     assert markers == [(emergency, 2.0)]
+
+
+def test_resume_on_a_different_number_of_workers(ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
+    """Written by 2 workers, resumed on 1: replicated DDP state loads whole, the data position follows the
+    global step (the same samples per step), and the plan and the record show the world-size change."""
+    from safetensors.torch import load_file
+
+    assert run_job(spec_for(str(tmp_path / "a"), total_steps=16), recorder=LogRecorder(),
+                   timeout_s=300).state is State.SUCCEEDED
+    raw = raw_for(str(tmp_path / "b"), total_steps=10)
+    first = run_job(jobspec.parse(raw), recorder=LogRecorder(), timeout_s=300)
+    assert first.state is State.SUCCEEDED
+    one = jobspec.parse({**raw, "scaling": {"workers": 1}, "config": {**raw["config"], "total_steps": 16}})
+    result = run_job(one, recorder=LogRecorder(), timeout_s=300)
+    assert result.state is State.SUCCEEDED, result.message
+    d = result.decisions[0]
+    assert d.outcome is Outcome.RESUMED and d.step == 10
+    assert (d.world_size_before, d.world_size_after) == (2, 1)
+    assert d.plan is not None and "world size 2 saved, 1 now" in d.plan.notes
+    assert sorted(losses(result)) == list(range(11, 17))
+    # Step 15's weights and Adam state: one worker averages the same global batch in another order than
+    # two (the loss each reports is its own shard's), so they agree up to rounding, not bitwise.
+    for name in ("model", "optimizer"):
+        want, have = (load_file(str(next((tmp_path / run / "ckpt" / "step-0000000015").glob(f"{name}.*.safetensors"))))
+                      for run in ("a", "b"))
+        assert want.keys() == have.keys() and len(want) >= 6
+        for key in want:
+            assert torch.allclose(want[key].float(), have[key].float(), rtol=1e-4, atol=1e-6), (name, key)
