@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import resumer
+import resumer.train
 from resumer import examples as ex
 from resumer import jobspec
 from resumer.controller import State
@@ -301,3 +302,60 @@ def test_resume_on_a_different_number_of_workers(ray_cluster: None, tmp_path: py
         assert want.keys() == have.keys() and len(want) >= 6
         for key in want:
             assert torch.allclose(want[key].float(), have[key].float(), rtol=1e-4, atol=1e-6), (name, key)
+
+
+EXPECTED = {  # (v1, v2) -> policy -> resumed? (the unit tests in test_deploy.py pin each plan's content)
+    ("cnn", "cnn_v2"): {"strict": False, "partial": True, "reset-optimizer": False},
+    ("charlm", "charlm_v2"): {"strict": True, "partial": True, "reset-optimizer": True},
+    ("charlm", "charlm_sgd"): {"strict": False, "partial": True, "reset-optimizer": True},  # partial: optimizer reset
+}
+
+
+@pytest.mark.parametrize(("v1", "v2"), list(EXPECTED))
+def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
+        ray_cluster: None, tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, v1: str, v2: str) -> None:
+    """The shipped jobs/ examples: a v1 checkpoint at step 4, then its v2 resubmitted on 2 Ray workers under
+    each policy (each from a copy of the same v1 root): refused before anything launches, or resumed with
+    exactly the plan an offline ``resumer.plan`` makes, training on from step 5."""
+    import json as json_
+    import shutil
+
+    from resumer.factories import build, resolve
+
+    jobs = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
+    base = jobspec.load(os.path.join(jobs, f"{v1}.yaml"))
+    monkeypatch.setenv(resumer.train.ENV, json_.dumps({  # the v1 checkpoint, trained in-process (no Ray needed)
+        "job": base.name, "attempt": 1, "root": str(tmp_path / "v1"), "storage_options": {}, "checkpoint": None,
+        "policy": "strict", "renames": [], "plan_hash": None, "every": 4, "model": base.model,
+        "optimizer": base.optimizer, "scheduler": base.scheduler}))
+    resolve(base.entrypoint, "entrypoint")({**base.config, "total_steps": 4})
+    monkeypatch.delenv(resumer.train.ENV)
+    v1_uri = resumer.latest_checkpoint(str(tmp_path / "v1")).uri  # type: ignore[union-attr]
+    with open(os.path.join(jobs, f"{v2}.yaml")) as f:
+        import yaml
+
+        raw = yaml.safe_load(f)
+    for policy, resumes in EXPECTED[(v1, v2)].items():
+        root = tmp_path / policy
+        shutil.copytree(tmp_path / "v1", root)
+        spec = jobspec.parse({**raw, "name": f"{v2}-{policy}-{abs(hash(str(tmp_path))) % 10**6}",
+                              "storage": {"root": str(root)}, "config": {**raw["config"], "total_steps": 6},
+                              "checkpoint": {"every": 2}, "resume": {**raw.get("resume", {}), "policy": policy}},
+                             base_dir=jobs)
+        model, optimizer, scheduler = build(spec.model, spec.optimizer, spec.scheduler)
+        offline = resumer.plan(str(root), model, optimizer, scheduler, policy=policy,
+                               renames=list(spec.renames) or None)
+        assert offline.ok is resumes, (policy, offline.describe())
+        result = run_job(spec, recorder=LogRecorder(), timeout_s=300)
+        decision = result.decisions[0]
+        assert decision.checkpoint == v1_uri.replace("/v1/", f"/{policy}/") and decision.step == 4
+        assert decision.plan is not None
+        assert resumer.train.plan_hash(decision.plan) == resumer.train.plan_hash(offline), policy
+        if resumes:
+            assert result.state is State.SUCCEEDED and decision.outcome is Outcome.RESUMED, (policy, result.message)
+            assert sorted(losses(result)) == [5, 6], policy
+            assert resumer.latest_checkpoint(str(root)).step == 6  # type: ignore[union-attr]
+        else:
+            assert result.state is State.REFUSED and decision.outcome is Outcome.REFUSED, policy
+            assert result.message == offline.describe_refusal() and result.training_metrics == []
+            assert resumer.latest_checkpoint(str(root)).step == 4  # type: ignore[union-attr]  # nothing ran
