@@ -505,6 +505,7 @@ class MlflowRecorder:
             tags["resumer.plan_summary"] = d.plan.summary()
         if d.message:
             tags["resumer.message"] = d.message[:MAX_TAG_LEN]
+        tags["mlflow.note.content"] = _note(d)[:MAX_TAG_LEN]  # the run's description: the decision at a glance
         now = _now_ms()
         ops = [new_op("create_run", key=att.key, parent_key=state.key, name=f"{d.job} attempt {d.attempt}",
                       start_ms=now, tags=tags),
@@ -529,6 +530,21 @@ class MlflowRecorder:
         with open(os.path.join(self.spool.blob_dir(op["id"]), name), "w", encoding="utf-8") as f:
             f.write(text)
         return op
+
+
+def _note(d: Decision) -> str:
+    """Markdown for the attempt run's description in the MLflow UI (long tag keys are cut off there)."""
+    where = f" from `{d.checkpoint}` (step {d.step})" if d.checkpoint else ""
+    lines = [f"**{d.outcome.value}**{where} under policy `{d.policy}`; previous attempt: {d.previous_failure.value}."]
+    if d.plan is not None:
+        lines.append(f"`{d.plan.summary()}`")
+    if d.message:
+        lines.append("```\n" + d.message.rstrip("\n") + "\n```")
+    if d.rejected:
+        lines.append(f"{len(d.rejected)} candidate checkpoint(s) passed over: see `rejected.json`.")
+    if d.plan is not None:
+        lines.append("Every tensor's action: `plan.md` / `plan.html` under Artifacts.")
+    return "\n\n".join(lines)
 
 
 def _now_ms() -> int:

@@ -305,6 +305,7 @@ def test_mlflow_ui_shows_the_decision_outcome_and_plan(browser: Chromium, tmp_pa
         assert "resumer.message" not in tags, "a message tag shows although only refusals record one"
         text = browser.text()
         assert f"{JOB} attempt 2" in text and "Finished" in text, text[-3000:]
+        assert "resumed from" in text and "previous attempt: preempted" in text, text[:3000]  # the Description
         lines = [line.strip() for line in text.splitlines()]
         for metric, value in (("plan_renamed", "4"), ("plan_loaded", "2"), ("bytes_read", "23456")):
             assert metric in lines and lines[lines.index(metric) + 1] == value, (metric, text[-3000:])

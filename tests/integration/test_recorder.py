@@ -157,6 +157,10 @@ def test_lineage_tags_and_metrics_of_started_resumed_refused(
     assert [t["resumer.code_changed"] for t in tags] == ["false", "false", "true"]
     assert tags[1]["resumer.world_size_before"] == "2" and tags[1]["resumer.policy"] == "strict"
     assert tags[2]["resumer.message"].startswith("Cannot resume") and "shape" in tags[2]["resumer.message"]
+    notes = [t["mlflow.note.content"] for t in tags]  # the run description in the UI: the decision at a glance
+    assert notes[0].startswith("**started** under policy `strict`") and "plan.md" not in notes[0]
+    assert notes[1].startswith("**resumed** from `/ckpt/step-00000020` (step 20)") and plans[0].summary() in notes[1]
+    assert "previous attempt: crashed" in notes[1] and tags[2]["resumer.message"].rstrip() in notes[2]
     # Crashed -> FAILED, ended by the next decision; code-changed -> KILLED; refused -> FAILED at once.
     assert [c.info.status for c in children] == ["FAILED", "KILLED", "FAILED"]
     m = children[1].data.metrics
