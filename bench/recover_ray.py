@@ -68,10 +68,13 @@ def killer(path: str, kill_at: int, out: dict[str, Any]) -> threading.Thread:
 def measure(path: str, out: dict[str, Any], every: int) -> dict[str, Any]:
     lines = progress(path)
     after = [ln for ln in lines if ln["t"] > out["t_kill"] and ln["pid"] != out["killed_pid"]]
-    start = next(ln for ln in after if ln["event"] == "start")
-    first = next(ln for ln in after if ln["event"] == "step")
+    enter = next(ln for ln in after if ln["event"] == "enter")  # the restarted training function
+    start = next(ln for ln in after if ln["event"] == "start" and ln["t"] >= enter["t"])
+    first = next(ln for ln in after if ln["event"] == "step" and ln["t"] >= start["t"])
     committed = out["killed_after_step"] // every * every  # the newest checkpoint before the kill
-    return {"recover_s": first["t"] - out["t_kill"], "resumed_after": start["step"], "committed": committed,
+    return {"recover_s": first["t"] - out["t_kill"], "until_train_fn_s": enter["t"] - out["t_kill"],
+            "restore_s": start["t"] - enter["t"], "resumed_after": start["step"], "committed": committed,
+            "stray_lines": [ln for ln in after if ln["t"] < enter["t"]],  # written after the kill by an old worker
             "lost_committed_steps": max(0, committed - start["step"]),
             "steps": sorted({ln["step"] for ln in lines if ln["event"] == "step"})}
 
@@ -86,6 +89,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     from resumer import examples as ex
     from resumer.examples_train import note_progress
 
+    note_progress(config, "enter", -1)
     torch.manual_seed(0)
     model = ray.train.torch.prepare_model(ex.mlp_v1())
     opt = ex.adam(model)
@@ -188,7 +192,8 @@ def main() -> int:
                     os.makedirs(work)
                     r = fn(work, config)
                     runs[arm].append(r)
-                    print(f"{arm} run {i + 1}: recovered in {r['recover_s']:.2f}s, resumed after step "
+                    print(f"{arm} run {i + 1}: recovered in {r['recover_s']:.2f}s (train function entered after "
+                          f"{r['until_train_fn_s']:.2f}s, restore {r['restore_s']:.2f}s), resumed after step "
                           f"{r['resumed_after']} (committed before the kill: {r['committed']})", file=sys.stderr)
     finally:
         ray.shutdown()

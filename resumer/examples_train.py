@@ -4,7 +4,7 @@ Data position is the GLOBAL step: each step consumes one global batch and rank r
 so a resumed run sees exactly the samples the dead one would have, whatever the world size.
 Fault injection for tests: ``crash_at`` (every attempt raises at that step) and ``hang_at`` (the
 first attempt sleeps forever at that step). ``progress_file``: rank 0 appends one JSON line per step
-(wall time, step, pid) and one at start (the step it continues after), for benchmarks.
+(wall time, step, pid), one on entry and one after restore (the step it continues after), for benchmarks.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def note_progress(config: dict[str, Any], event: str, step: int) -> None:
 
 
 def train_loop(config: dict[str, Any]) -> None:
+    note_progress(config, "enter", -1)
     torch.manual_seed(int(config.get("seed", 0)))
     model, optimizer, scheduler = resumer.train.build()
     start = resumer.train.restore(model, optimizer, scheduler)

@@ -3,8 +3,8 @@
 Each attempt is one ``TorchTrainer.fit()`` with ``FailureConfig(max_failures=0)``: a failure comes back
 to resumer's controller, which classifies it, plans again and records the decision before relaunching
 (Ray's own restart would reuse a checkpoint without planning). The attempt's decision reaches the
-workers as an environment variable (``resumer.train.ENV``); progress comes back through a small named
-actor (``ProgressBoard``) the workers ping without blocking.
+workers as an environment variable (``resumer.train.ENV``, set by the function each worker runs);
+progress comes back through a small named actor (``ProgressBoard``) the workers ping without blocking.
 """
 
 from __future__ import annotations
@@ -101,9 +101,16 @@ def _kill_worker(pid: int) -> str:
     return "killed"
 
 
-def _run_entrypoint(ref: str, config: dict[str, Any]) -> None:
-    """Runs on each worker: import the user's entrypoint by reference and call it."""
+def _run_entrypoint(ref: str, env: dict[str, str], config: dict[str, Any]) -> None:
+    """Runs on each worker: set the attempt's environment, import the user's entrypoint by reference, call it.
+
+    The attempt reaches the workers inside this function's arguments rather than as a runtime env: a
+    runtime env that changes every attempt would keep Ray from starting the new workers on idle,
+    already-started worker processes (seconds per restart on a small machine).
+    """
     from resumer.factories import resolve
+
+    os.environ.update(env)
 
     resolve(ref, "entrypoint")(config)
 
@@ -177,11 +184,10 @@ class RayLauncher:
         self._run_name = f"{self.spec.name}-a{decision.attempt}-{uuid.uuid4().hex[:6]}"
         env = self._env(decision, plan_hash(decision.plan) if decision.plan is not None else None)
         trainer = TorchTrainer(
-            functools.partial(_run_entrypoint, self.spec.entrypoint), train_loop_config=dict(self.spec.config),
+            functools.partial(_run_entrypoint, self.spec.entrypoint, env), train_loop_config=dict(self.spec.config),
             scaling_config=scaling,
             run_config=RunConfig(name=self._run_name, storage_path=self.ray_storage,
-                                 failure_config=FailureConfig(max_failures=0),
-                                 worker_runtime_env={"env_vars": env}))  # type: ignore[call-arg]  # Train V2
+                                 failure_config=FailureConfig(max_failures=0)))
         result: dict[str, Any] = {}
         self._result = result
 
