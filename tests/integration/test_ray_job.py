@@ -359,3 +359,26 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
             assert result.state is State.REFUSED and decision.outcome is Outcome.REFUSED, policy
             assert result.message == offline.describe_refusal() and result.training_metrics == []
             assert resumer.latest_checkpoint(str(root)).step == 4  # type: ignore[union-attr]  # nothing ran
+
+
+def test_newest_checkpoint_torn_the_job_resumes_from_the_previous_one(ray_cluster: None,
+                                                                       tmp_path: pytest.TempPathFactory) -> None:
+    """On Ray: the newest checkpoint lost its manifest (the writer died before the commit; the kill-writer
+    tests show that is what a killed writer leaves), so the job resumes from the one before and says why."""
+    spec = spec_for(str(tmp_path), total_steps=12)
+    torch.manual_seed(0)
+    model = ex.mlp_v1()
+    opt = ex.adam(model)
+    sched = ex.step_lr(opt)
+    for step in range(1, 11):
+        ex.train_step(model, opt, step, sched)
+        if step in (5, 10):
+            uri = resumer.save_checkpoint(spec.root, step, model, opt, sched)
+    os.remove(f"{uri}/manifest.json")
+    result = run_job(spec, recorder=LogRecorder(), timeout_s=300)
+    assert result.state is State.SUCCEEDED, result.message
+    d = result.decisions[0]
+    assert d.outcome is Outcome.RESUMED and d.step == 5
+    assert [(r["step"], "torn" in r["reason"]) for r in d.rejected] == [(10, True)]
+    assert sorted(losses(result)) == list(range(6, 13))
+    assert os.path.isdir(uri) and resumer.latest_checkpoint(spec.root).step == 10  # type: ignore[union-attr]
