@@ -1,10 +1,14 @@
-"""Launch attempts as Ray Train ``TorchTrainer`` runs and observe them for the controller.
+"""Launch attempts on Ray Train ``TorchTrainer`` workers and observe them for the controller.
 
-Each attempt is one ``TorchTrainer.fit()`` with ``FailureConfig(max_failures=0)``: a failure comes back
-to resumer's controller, which classifies it, plans again and records the decision before relaunching
-(Ray's own restart would reuse a checkpoint without planning). The attempt's decision reaches the
-workers as an environment variable (``resumer.train.ENV``, set by the function each worker runs);
-progress comes back through a small named actor (``ProgressBoard``) the workers ping without blocking.
+One ``fit()`` runs a job's attempts while it can: when a worker raises or dies, ``FailureRelay`` (a Ray
+Train callback) marks the attempt failed on the job's ``ProgressBoard`` with its class, and Ray Train
+restarts the worker group (its controller stays up: measured faster than a new ``fit()``, see
+``bench/recover_ray.py``). The restarted workers wait on the board until resumer's controller has
+classified the failure, planned the next attempt and recorded it, then take that attempt's config
+(``resumer.train.ENV``, set by the function each worker runs) — or return, when the job ends. Ray's own
+restart never reuses a checkpoint without planning: a group that restarts unannounced is caught by the
+board (a rank taking an attempt from a second process). A new ``fit()`` starts only when none runs.
+Progress (steps, metrics, commits) comes back through the same board, pinged without blocking.
 """
 
 from __future__ import annotations
@@ -25,64 +29,17 @@ from resumer.controller import Observation, RunStatus
 from resumer.decision import Decision, FailureClass
 from resumer.failures import Failure
 from resumer.jobspec import JobSpec
-from resumer.train import BOARD_NAMESPACE, ENV, board_name
+from resumer.ray_board import (
+    NAMESPACE,
+    board_name,
+    classify_causes,
+    failure_relay,
+    progress_board_class,
+    wait_for_attempt,
+)
+from resumer.train import ENV
 
 logger = logging.getLogger(__name__)
-
-
-def _progress_board_class() -> Any:
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class ProgressBoard:
-        """Last step per rank, wall time of the last beat, rank 0's metrics, last committed checkpoint."""
-
-        def __init__(self) -> None:
-            self.reset()
-
-        def reset(self) -> None:
-            self.steps: dict[int, int] = {}
-            self.pids: dict[int, tuple[str, int]] = {}
-            self.nodes: dict[int, tuple[str, int]] = {}  # rank -> (Ray node id, pid)
-            self.at: float | None = None
-            self.metrics: list[tuple[int, dict[str, float]]] = []
-            self.last_commit: tuple[int, str] | None = None
-            self.claims: dict[int, int] = {}
-
-        def beat(self, rank: int, step: int, metrics: dict[str, float] | None, wall: float,
-                 host: str = "", pid: int = 0, node: str = "") -> None:
-            self.steps[rank] = step
-            self.pids[rank] = (host, pid)
-            self.nodes[rank] = (node, pid)
-            self.at = wall
-            if metrics:
-                self.metrics.append((step, metrics))
-
-        def snapshot_pids(self) -> dict[int, tuple[str, int]]:
-            return dict(self.pids)
-
-        def snapshot_nodes(self) -> dict[int, tuple[str, int]]:
-            return dict(self.nodes)
-
-        def current_step(self) -> int:
-            return min(self.steps.values()) if self.steps else 0
-
-        def claim(self, step: int, rank: int) -> bool:
-            """The first rank to claim an emergency checkpoint of ``step`` writes it."""
-            if step in self.claims:
-                return False
-            self.claims[step] = rank
-            return True
-
-        def committed(self, step: int, uri: str) -> None:
-            self.last_commit = (step, uri)
-
-        def snapshot(self) -> dict[str, Any]:
-            metrics, self.metrics = self.metrics, []
-            return {"step": min(self.steps.values()) if self.steps else None, "at": self.at, "metrics": metrics,
-                    "committed": self.last_commit, "pids": dict(self.pids)}
-
-    return ProgressBoard
 
 
 def _kill_worker(pid: int) -> str:
@@ -101,34 +58,26 @@ def _kill_worker(pid: int) -> str:
     return "killed"
 
 
-def _run_entrypoint(ref: str, env: dict[str, str], config: dict[str, Any]) -> None:
-    """Runs on each worker: set the attempt's environment, import the user's entrypoint by reference, call it.
+def _run_entrypoint(ref: str, board: str, config: dict[str, Any]) -> None:
+    """Runs on each worker: take the attempt from the board (waiting, after a restart, until the controller
+    has planned and recorded it), set it in the environment, import the user's entrypoint and call it.
+    An abort (the job ends) returns at once."""
+    import ray
+    import ray.train
 
-    The attempt reaches the workers inside this function's arguments rather than as a runtime env: a
-    runtime env that changes every attempt would keep Ray from starting the new workers on idle,
-    already-started worker processes (seconds per restart on a small machine).
-    """
     from resumer.factories import resolve
 
-    os.environ.update(env)
-
+    cfg = wait_for_attempt(ray.get_actor(board, namespace=NAMESPACE), ray.train.get_context().get_world_rank())
+    if cfg.get("abort"):
+        return
+    os.environ[ENV] = json.dumps(cfg)
     resolve(ref, "entrypoint")(config)
 
 
 def classify(exc: BaseException) -> tuple[FailureClass, str]:
     """Failure class and a one-line cause for what ``fit()`` raised."""
     failures = getattr(exc, "worker_failures", None) or {}
-    causes = list(failures.values()) or [exc]
-    for e in causes:
-        if type(e).__name__ == "Preempted" or "Preempted" in str(e)[:2000]:
-            return FailureClass.PREEMPTED, "preempted (SIGTERM): stopped at a step boundary after an emergency save"
-    for e in causes:
-        name = type(e).__name__
-        if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError") or "died" in str(e).lower():
-            return FailureClass.CRASHED, f"worker process died ({name})"
-    first = causes[0]
-    lines = [ln for ln in str(first).splitlines() if ln.strip()]
-    return FailureClass.CRASHED, f"{type(first).__name__}: {lines[-1][:200] if lines else ''}"
+    return classify_causes(list(failures.values()) or [exc])
 
 
 class RayLauncher:
@@ -145,49 +94,60 @@ class RayLauncher:
         self._relayed_commit: tuple[int, str] | None = None
         self.clock = clock
         if not ray.is_initialized():
-            kw: dict[str, Any] = {"address": address, "namespace": BOARD_NAMESPACE, "include_dashboard": False,
+            kw: dict[str, Any] = {"address": address, "namespace": NAMESPACE, "include_dashboard": False,
                                   "logging_level": logging.WARNING}
             if address is None and num_cpus is not None:
                 kw["num_cpus"] = num_cpus
             ray.init(**kw)
-        self.board = _progress_board_class().options(name=board_name(spec.name), namespace=BOARD_NAMESPACE,
-                                                     get_if_exists=True).remote()
+        self.board = progress_board_class().options(name=board_name(spec.name), namespace=NAMESPACE,
+                                                    get_if_exists=True).remote()
         self.ray_storage = tempfile.mkdtemp(prefix=f"resumer-ray-{spec.name}-")
         self._thread: threading.Thread | None = None
         self._result: dict[str, Any] = {}
         self._run_name = ""
-        self._started = 0.0
+        self._attempt = 0
+        self._reported = False  # the current attempt's failure went to the controller
         self.last_metrics: list[tuple[int, dict[str, float]]] = []
 
-    def _env(self, decision: Decision, plan_hash: str | None) -> dict[str, str]:
-        cfg = {"job": self.spec.name, "attempt": decision.attempt, "root": self.spec.root,
-               "storage_options": self.spec.storage_options, "checkpoint": decision.checkpoint
-               if decision.step is not None else None, "policy": decision.policy,
-               "renames": list(self.spec.renames), "plan_hash": plan_hash, "every": self.spec.every,
-               "grace_s": self.spec.grace_s, "keep_last": self.spec.keep_last, "keep_every": self.spec.keep_every,
-               "model": self.spec.model, "optimizer": self.spec.optimizer, "scheduler": self.spec.scheduler}
-        return {ENV: json.dumps(cfg)}
+    def _attempt_config(self, decision: Decision, plan_hash: str | None) -> dict[str, Any]:
+        return {"job": self.spec.name, "attempt": decision.attempt, "root": self.spec.root,
+                "storage_options": self.spec.storage_options, "checkpoint": decision.checkpoint
+                if decision.step is not None else None, "policy": decision.policy,
+                "renames": list(self.spec.renames), "plan_hash": plan_hash, "every": self.spec.every,
+                "grace_s": self.spec.grace_s, "keep_last": self.spec.keep_last, "keep_every": self.spec.keep_every,
+                "model": self.spec.model, "optimizer": self.spec.optimizer, "scheduler": self.spec.scheduler}
 
     def launch(self, decision: Decision) -> None:
+        """Post the recorded decision; start a fit when none is running (else Ray Train's restarted group,
+        waiting on the board, takes it)."""
         import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
 
         from resumer.train import plan_hash
 
-        if self._thread is not None:
-            self._thread.join(timeout=120)  # the previous fit must release its workers first
-        ray.get(self.board.reset.remote())
+        cfg = self._attempt_config(decision, plan_hash(decision.plan) if decision.plan is not None else None)
+        self._attempt, self._reported = decision.attempt, False
         self._relayed_commit = None
+        ray.get(self.board.post.remote(decision.attempt, cfg), timeout=30)
+        if self._thread is None or not self._thread.is_alive():
+            self._start_fit(decision.attempt)
+
+    def _start_fit(self, attempt: int) -> None:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
         scaling = ScalingConfig(num_workers=self.spec.workers, use_gpu=self.spec.use_gpu,
                                 resources_per_worker=self.spec.resources_per_worker or None)
-        self._run_name = f"{self.spec.name}-a{decision.attempt}-{uuid.uuid4().hex[:6]}"
-        env = self._env(decision, plan_hash(decision.plan) if decision.plan is not None else None)
+        self._run_name = f"{self.spec.name}-a{attempt}-{uuid.uuid4().hex[:6]}"
+        # Ray Train restarts the worker group itself (its controller stays up: seconds faster than a new fit),
+        # but a restarted group only waits on the board until resumer's controller has classified the
+        # failure, planned and recorded the next attempt. Our budgets stop first; this is only a ceiling.
+        ceiling = sum(b.max_restarts for b in self.spec.budgets.values()) + 1
         trainer = TorchTrainer(
-            functools.partial(_run_entrypoint, self.spec.entrypoint, env), train_loop_config=dict(self.spec.config),
-            scaling_config=scaling,
+            functools.partial(_run_entrypoint, self.spec.entrypoint, board_name(self.spec.name)),
+            train_loop_config=dict(self.spec.config), scaling_config=scaling,
             run_config=RunConfig(name=self._run_name, storage_path=self.ray_storage,
-                                 failure_config=FailureConfig(max_failures=0)))
+                                 failure_config=FailureConfig(max_failures=ceiling),
+                                 callbacks=[failure_relay(board_name(self.spec.name))]))
         result: dict[str, Any] = {}
         self._result = result
 
@@ -197,8 +157,7 @@ class RayLauncher:
             except BaseException as exc:  # noqa: BLE001 - handed to the controller as a classified failure
                 result["error"] = exc
 
-        self._started = self.clock()
-        self._thread = threading.Thread(target=fit, name=f"resumer-fit-{decision.attempt}", daemon=True)
+        self._thread = threading.Thread(target=fit, name=f"resumer-fit-{attempt}", daemon=True)
         self._thread.start()
 
     def poll(self) -> Observation:
@@ -208,13 +167,19 @@ class RayLauncher:
         self._relay(snap)
         step = snap["step"]
         at = None if snap["at"] is None else self.clock() - max(0.0, time.time() - snap["at"])
+        failed = snap["failed"]
+        if failed is not None and failed[0] == self._attempt and not self._reported:
+            return self._failure(FailureClass(failed[1]), failed[2], step)
         if self._thread is not None and self._thread.is_alive():
             return Observation(status=RunStatus.RUNNING, step=step, reported_at=at)
-        if "error" in self._result:
-            cls, cause = classify(self._result["error"])
-            logger.warning("[launcher] attempt failed: %s", cause)
-            return Observation(status=RunStatus.FAILED, step=step, failure=Failure(cls=cls, step=step, cause=cause))
+        if "error" in self._result and not self._reported:
+            return self._failure(*classify(self._result["error"]), step)
         return Observation(status=RunStatus.SUCCEEDED, step=step)
+
+    def _failure(self, cls: FailureClass, cause: str, step: int | None) -> Observation:
+        self._reported = True
+        logger.warning("[launcher] attempt %d failed: %s", self._attempt, cause)
+        return Observation(status=RunStatus.FAILED, step=step, failure=Failure(cls=cls, step=step, cause=cause))
 
     def _relay(self, snap: dict[str, Any]) -> None:
         self.last_metrics.extend(snap["metrics"])
@@ -244,12 +209,13 @@ class RayLauncher:
 
         Each worker is killed by a small task pinned to its own node (``NodeAffinitySchedulingStrategy``),
         so this works on a multi-node cluster as on one machine; the task checks the pid is still a Ray
-        Train worker first.
+        Train worker first. Returns once the attempt is marked failed (or its fit ended), so a late report
+        of this kill can never be taken for the next attempt's failure.
         """
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        logger.warning("[launcher] stopping attempt %s: %s", self._run_name, reason)
+        logger.warning("[launcher] stopping attempt %d (%s): %s", self._attempt, self._run_name, reason)
         kill = ray.remote(num_cpus=0, max_retries=0)(_kill_worker)
         nodes = ray.get(self.board.snapshot_nodes.remote(), timeout=30)
         refs = {rank: kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pid)
@@ -259,12 +225,21 @@ class RayLauncher:
                 logger.warning("[launcher] rank %d (pid %s): %s", rank, nodes[rank][1], ray.get(ref, timeout=60))
             except ray.exceptions.RayError as exc:  # the node is gone: its workers with it
                 logger.warning("[launcher] rank %d: kill task failed (%s)", rank, type(exc).__name__)
-        if self._thread is not None:
-            self._thread.join(timeout=120)
+        self._reported = True  # the controller classifies this end itself (hung, stopped)
+        deadline = time.monotonic() + 60
+        while refs and time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+            failed = ray.get(self.board.failure.remote(), timeout=30)
+            if failed is not None and failed[0] >= self._attempt:
+                break
+            time.sleep(0.1)
 
     def shutdown(self) -> None:
+        """End the job's fit: post an abort (a group waiting on the board returns), kill a running one."""
         import ray
 
         if self._thread is not None and self._thread.is_alive():
-            self.stop("shutting down")
+            ray.get(self.board.post.remote(self._attempt + 1, {"abort": True}), timeout=30)
+            if ray.get(self.board.snapshot_nodes.remote(), timeout=30):
+                self.stop("shutting down")
+            self._thread.join(timeout=120)
         ray.kill(self.board)

@@ -35,11 +35,12 @@ from torch import nn
 
 from resumer import preemption
 from resumer.errors import CheckpointError, Preempted
+from resumer.ray_board import NAMESPACE as BOARD_NAMESPACE
+from resumer.ray_board import board_name
 
 logger = logging.getLogger(__name__)
 
 ENV = "RESUMER_ATTEMPT"
-BOARD_NAMESPACE = "resumer"
 _board: Any = None
 
 
@@ -60,10 +61,6 @@ def rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
     return 0
-
-
-def board_name(job: str) -> str:
-    return f"resumer-board-{job}"
 
 
 def _get_board(cfg: dict[str, Any]) -> Any:
