@@ -22,6 +22,7 @@ several ranks are notified at once, the first to claim the step on the progress 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -47,7 +48,13 @@ _board: Any = None
 def attempt_config() -> dict[str, Any] | None:
     """The attempt this worker belongs to, as set by the launcher, or None outside resumer."""
     raw = os.environ.get(ENV)
-    return json.loads(raw) if raw else None
+    return _parse(raw) if raw else None
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(raw: str) -> dict[str, Any]:
+    # Parsed once per attempt, not twice per training step (report + save); callers only read it.
+    return dict(json.loads(raw))
 
 
 def plan_hash(plan: Any) -> str:
