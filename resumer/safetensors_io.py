@@ -146,9 +146,7 @@ def readinto_exact(f: BinaryIO, view: memoryview, uri: str) -> None:
         got += n
 
 
-def checksum_stream(f: BinaryIO, size: int, uri: str, on_bytes: Any = None) -> str:
-    """xxh3-128 of the first ``size`` bytes of ``f``, read in large blocks into one reused buffer."""
-    h = xxhash.xxh3_128()
+def _hash_stream(h: Any, f: BinaryIO, size: int, uri: str, on_bytes: Any) -> None:
     buf = bytearray(min(CHUNK, max(size, 1)))
     view = memoryview(buf)
     left = size
@@ -159,7 +157,39 @@ def checksum_stream(f: BinaryIO, size: int, uri: str, on_bytes: Any = None) -> s
         left -= len(part)
         if on_bytes is not None:
             on_bytes(len(part))
+
+
+def checksum_stream(f: BinaryIO, size: int, uri: str, on_bytes: Any = None) -> str:
+    """xxh3-128 of the next ``size`` bytes of ``f``, read in large blocks into one reused buffer."""
+    h = xxhash.xxh3_128()
+    _hash_stream(h, f, size, uri, on_bytes)
     return f"{CHECKSUM_ALGO}:{h.hexdigest()}"
+
+
+class _Hashing:
+    """Reads through ``f``, hashing and counting every byte it hands out."""
+
+    def __init__(self, f: BinaryIO, h: Any) -> None:
+        self.f, self.h, self.count = f, h, 0
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        self.count += len(data)
+        return data
+
+
+def header_and_checksum(f: BinaryIO, size: int, uri: str,
+                        on_bytes: Any = None) -> tuple[dict[str, TensorLocation], str]:
+    """One sequential pass over a whole file from its start: its validated header, then the checksum of all
+    ``size`` bytes (the header's bytes are hashed as they are parsed: nothing is read twice, no seek back)."""
+    h = xxhash.xxh3_128()
+    tee = _Hashing(f, h)
+    header = read_header(tee, size, uri)  # type: ignore[arg-type]
+    if on_bytes is not None:
+        on_bytes(tee.count)
+    _hash_stream(h, f, size - tee.count, uri, on_bytes)
+    return header, f"{CHECKSUM_ALGO}:{h.hexdigest()}"
 
 
 def read_hashing(f: BinaryIO, size: int, regions: list[tuple[int, memoryview]], uri: str,

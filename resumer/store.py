@@ -18,7 +18,7 @@ import fsspec
 from resumer import retry
 from resumer.errors import CheckpointError, UsageError
 from resumer.manifest import MANIFEST, Manifest, parse
-from resumer.safetensors_io import checksum_stream, read_header
+from resumer.safetensors_io import header_and_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +134,7 @@ def _check_file(fs: Any, fpath: str, furi: str, size: int, entry: Any, manifest:
     from resumer.transfer import open_for_scan
 
     with open_for_scan(fs, fpath, size) as f:
-        header = read_header(f, size, furi)
-        f.seek(0)
-        got = checksum_stream(f, size, furi, progress)
+        header, got = header_and_checksum(f, size, furi, progress)
     if got != entry.checksum:
         raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed after "
                               "the checkpoint was written. Nothing was loaded.", uri=manifest.uri)
