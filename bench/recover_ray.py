@@ -84,10 +84,9 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from torch import nn
 
     from resumer import examples as ex
-    from resumer.examples_train import note_progress
+    from resumer.examples_train import note_progress, shard_step
 
     note_progress(config, "enter", -1)
     torch.manual_seed(0)
@@ -107,13 +106,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     world, rank = ray.train.get_context().get_world_size(), ray.train.get_context().get_world_rank()
     batch = int(config["batch_size"])
     for step in range(start + 1, int(config["total_steps"]) + 1):
-        x, y = ex.batch(step, batch_size=batch)
-        shard = slice(rank * batch // world, (rank + 1) * batch // world)
-        loss = nn.functional.mse_loss(model(x[shard])[:, : y.shape[1]], y[shard])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = shard_step(model, opt, sched, step, batch, world, rank)  # the same step as the resumer arm
         time.sleep(float(config["step_delay_s"]))
         note_progress(config, "step", step)
         if step % int(config["every"]) == 0:
@@ -121,7 +114,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "step": step}, os.path.join(d, "state.pt"))
-            ray.train.report({"loss": float(loss.detach()), "step": step},
+            ray.train.report({"loss": loss, "step": step},
                              checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 

@@ -37,6 +37,14 @@ def note_progress(config: dict[str, Any], event: str, step: int) -> None:
             f.write(json.dumps({"t": time.time(), "event": event, "step": step, "pid": os.getpid()}) + "\n")
 
 
+def shard_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, global_batch: int,
+               world: int, rank: int) -> float:
+    """One step on this rank's slice of the GLOBAL batch of ``step``; returns this rank's loss."""
+    x, y = ex.batch(step, batch_size=global_batch)
+    shard = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
+    return ex.optimizer_step(optimizer, scheduler, nn.functional.mse_loss(model(x[shard])[:, : y.shape[1]], y[shard]))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     note_progress(config, "enter", -1)
     torch.manual_seed(int(config.get("seed", 0)))
@@ -49,17 +57,10 @@ def train_loop(config: dict[str, Any]) -> None:
     if global_batch % world:
         raise ValueError(f"batch_size {global_batch} (the global batch) does not divide into {world} workers")
     for step in range(start + 1, int(config["total_steps"]) + 1):
-        x, y = ex.batch(step, batch_size=global_batch)
-        shard = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
-        loss = nn.functional.mse_loss(model(x[shard])[:, : y.shape[1]], y[shard])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        loss = shard_step(model, optimizer, scheduler, step, global_batch, world, rank)
         _inject(config, step)
         delay = float(config.get("step_delay_s", 0))
         if delay:
             time.sleep(delay)
         note_progress(config, "step", step)
-        resumer.train.save(step, model, optimizer, scheduler, metrics={"loss": float(loss.detach())})
+        resumer.train.save(step, model, optimizer, scheduler, metrics={"loss": loss})
