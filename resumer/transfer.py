@@ -39,18 +39,15 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-class BlockReader(io.RawIOBase):
-    """A read-only, seekable file over ``fs`` that prefetches fixed blocks with parallel ranged GETs."""
+class _RemoteFile(io.RawIOBase):
+    """What both readers share: a read-only, seekable file of known size over ``fs``'s ``path``."""
 
-    def __init__(self, fs: Any, path: str, size: int | None = None, *, block_size: int = BLOCK_SIZE,
-                 concurrency: int = CONCURRENCY) -> None:
+    def __init__(self, fs: Any, path: str, size: int | None) -> None:
         super().__init__()
         self.fs, self.path = fs, path
         self.size = int(size if size is not None else retry.call(lambda: fs.size(path), what="stat", uri=path))
-        self.block_size, self.concurrency = block_size, max(1, concurrency)
         self.pos = 0
         self.requests = 0
-        self._blocks: dict[int, Future[bytes]] = {}
 
     def readable(self) -> bool:
         return True
@@ -65,6 +62,19 @@ class BlockReader(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
         self.pos = max(0, base + offset)
         return self.pos
+
+    def read(self, size: int = -1) -> bytes:
+        return _read_all(self, self.size, self.pos, size)
+
+
+class BlockReader(_RemoteFile):
+    """A read-only, seekable file over ``fs`` that prefetches fixed blocks with parallel ranged GETs."""
+
+    def __init__(self, fs: Any, path: str, size: int | None = None, *, block_size: int = BLOCK_SIZE,
+                 concurrency: int = CONCURRENCY) -> None:
+        super().__init__(fs, path, size)
+        self.block_size, self.concurrency = block_size, max(1, concurrency)
+        self._blocks: dict[int, Future[bytes]] = {}
 
     def _fetch(self, k: int) -> bytes:
         start = k * self.block_size
@@ -94,9 +104,6 @@ class BlockReader(io.RawIOBase):
         view[:n] = memoryview(data)[off:off + n]  # a view: slicing the bytes would copy them first
         self.pos += n
         return n
-
-    def read(self, size: int = -1) -> bytes:
-        return _read_all(self, self.size, self.pos, size)
 
     def close(self) -> None:
         for fut in self._blocks.values():
@@ -131,32 +138,14 @@ async def _close(body: Any) -> None:
     body.close()
 
 
-class StreamReader(io.RawIOBase):
+class StreamReader(_RemoteFile):
     """A read-only, seekable file over an s3fs object: one streaming GET per sequential run of reads."""
 
     def __init__(self, fs: Any, path: str, size: int | None = None) -> None:
-        super().__init__()
-        self.fs, self.path = fs, path
-        self.size = int(size if size is not None else retry.call(lambda: fs.size(path), what="stat", uri=path))
-        self.pos = 0
-        self.requests = 0
+        super().__init__(fs, path, size)
         self._body: Any = None
         self._body_pos = 0  # the offset the open body delivers next
         self._scratch: memoryview | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
 
     def _drop(self) -> None:
         body, self._body = self._body, None
@@ -213,9 +202,6 @@ class StreamReader(io.RawIOBase):
         retry.call(attempt, what="reading", uri=f"{self.path}[{self.pos + done[0]}:]")
         self.pos += done[0]
         return done[0]
-
-    def read(self, size: int = -1) -> bytes:
-        return _read_all(self, self.size, self.pos, size)
 
     def close(self) -> None:
         self._drop()
