@@ -22,10 +22,11 @@ from resumer.decision import Decision, FailureClass, Outcome
 from resumer.errors import CheckpointError, PlanRefused, ResumerError, TransientStorageError, UsageError
 from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
 from resumer.reconcile import reconcile
-from resumer.recorder import MlflowRecorder, Recorder, RunStatus
+from resumer.recorder import MlflowRecorder
 from resumer.save import save_checkpoint
 from resumer.signature import Signature, TensorSpec
 from resumer.store import read_manifest, verify
+from resumer.tracking import Recorder, RunStatus
 from resumer.watch import Watcher, WatchEvent
 
 __all__ = [

@@ -13,8 +13,8 @@ from typing import Any
 
 from resumer.errors import ResumerError, UsageError
 from resumer.mlflow_ops import KIND_TAG, classify
-from resumer.recorder import configure_mlflow_env, default_tracking_uri, sqlite_path, validate_job
 from resumer.spool import PERMANENT
+from resumer.tracking import configure_mlflow_env, default_tracking_uri, sqlite_path, validate_job
 
 COUNT_KEYS = ("loaded", "renamed", "fresh", "dropped", "optimizer_carried", "optimizer_fresh")
 

@@ -5,7 +5,7 @@
 ``LocalMlflow.start()`` stop and restart the same server (same database, same port) in the middle of a
 test, the way a shared tracking server goes away and comes back.
 
-``MemoryRecorder`` implements ``resumer.recorder.Recorder`` in memory, for the controller's unit tests.
+``MemoryRecorder`` implements ``resumer.tracking.Recorder`` in memory, for the controller's unit tests.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resumer.decision import Decision
-from resumer.recorder import RunStatus
 from resumer.testing import free_port
+from resumer.tracking import RunStatus
 
 # Without this the server starts a job runner: 13 processes, ~2.9 GB and a folder left in /dev/shm.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}

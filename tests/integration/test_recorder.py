@@ -25,10 +25,11 @@ from resumer.decision import Decision, FailureClass, Outcome
 from resumer.history import read_history
 from resumer.mlflow_fast import PointEncoder
 from resumer.plan import Plan
-from resumer.recorder import MlflowRecorder, Recorder
+from resumer.recorder import MlflowRecorder
 from resumer.spool import new_op
 from resumer.testing import free_port
 from resumer.testing_mlflow import LocalMlflow, MemoryRecorder
+from resumer.tracking import Recorder
 
 pytestmark = pytest.mark.slow  # every test here talks to a real MLflow store; most start a server process
 
