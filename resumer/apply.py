@@ -42,14 +42,17 @@ def apply_plan(plan: Plan, source: CheckpointSource, model: nn.Module, optimizer
     if not plan.ok:
         raise PlanRefused(plan)
     started = time.perf_counter()
+    carry = optimizer is not None and plan.optimizer_action() is Action.CARRY
+    carried = {e.source for e in plan.section(Section.OPTIMIZER_STATE)
+               if e.action is Action.CARRY and e.source is not None} if carry else set()
+    if carried:
+        source.reserve(carried)  # memory for the state is faulted in while the model files verify
     # All before the model is touched: a corrupt checkpoint changes nothing.
     if verify:
         source.verify()
     source.prepare()
-    carry = optimizer is not None and plan.optimizer_action() is Action.CARRY
     if carry:
-        source.load_optimizer_state({e.source for e in plan.section(Section.OPTIMIZER_STATE)
-                                     if e.action is Action.CARRY and e.source is not None})
+        source.load_optimizer_state(carried)
     tensors = live_tensors(model)
     by_name = {lt.name: lt.tensor for lt in tensors}
     for e in plan.section(Section.MODEL):

@@ -241,6 +241,9 @@ class ForeignSource:
         extra = {str(k): v for k, v in obj.items() if isinstance(v, (int, float, str, bool)) and k != step_key}
         return cls(uri, model, opt, sched, step, extra, notes)
 
+    def reserve(self, params: set[str]) -> None:
+        """Nothing to make room for: the state is already in memory."""
+
     def verify(self) -> None:
         """Nothing more to check: the file was parsed whole, with weights_only=True, before planning."""
 

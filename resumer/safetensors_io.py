@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -192,10 +192,11 @@ def header_and_checksum(f: BinaryIO, size: int, uri: str,
     return header, f"{CHECKSUM_ALGO}:{h.hexdigest()}"
 
 
-def read_hashing(f: BinaryIO, size: int, regions: list[tuple[int, memoryview]], uri: str,
-                 on_bytes: Any = None) -> str:
-    """Read a whole file once, in order: each region (offset, view) straight into its view, the rest into a
-    scratch buffer; hash every byte on the way. Returns the checksum. Regions must not overlap."""
+def read_hashing(f: BinaryIO, size: int, regions: Sequence[tuple[int, int]], into: Callable[[int], memoryview],
+                 uri: str, on_bytes: Any = None) -> str:
+    """Read a whole file once, in order, hashing every byte: region ``i`` (offset, nbytes; sorted by offset,
+    not overlapping) straight into ``into(i)``, asked for just before it is read; the rest into a scratch
+    buffer. Returns the checksum."""
     h = xxhash.xxh3_128()
     scratch = memoryview(bytearray(min(CHUNK, max(size, 1))))
     pos = 0
@@ -211,14 +212,19 @@ def read_hashing(f: BinaryIO, size: int, regions: list[tuple[int, memoryview]], 
                 on_bytes(len(part))
 
     f.seek(0)
-    for offset, view in sorted(regions, key=lambda r: r[0]):
+    for i, (offset, nbytes) in enumerate(regions):
+        if offset < pos:
+            raise ValueError(f"read_hashing: region {i} at {offset} overlaps or is out of order")
         skip_to(offset)
-        for i in range(0, len(view), CHUNK):
-            piece = view[i:i + CHUNK]
+        view = into(i)
+        if len(view) != nbytes:
+            raise ValueError(f"read_hashing: region {i} wants {nbytes} bytes, its buffer holds {len(view)}")
+        for j in range(0, nbytes, CHUNK):
+            piece = view[j:j + CHUNK]
             readinto_exact(f, piece, uri)
             h.update(piece)
-        pos += len(view)
+        pos += nbytes
         if on_bytes is not None:
-            on_bytes(len(view))
+            on_bytes(nbytes)
     skip_to(size)
     return f"{CHECKSUM_ALGO}:{h.hexdigest()}"

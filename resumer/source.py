@@ -14,6 +14,7 @@ from resumer import rng
 from resumer.errors import CheckpointError, ResumerError
 from resumer.jsonvalue import decode
 from resumer.manifest import Manifest, state_key
+from resumer.prefault import FreshTensors
 from resumer.safetensors_io import TensorLocation, read_hashing, readinto_exact, tensor_bytes
 from resumer.signature import Signature
 from resumer.store import get_fs, join, verify
@@ -29,12 +30,14 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 class CheckpointSource(Protocol):
-    """What apply reads from. ``verify`` runs before anything touches the model."""
+    """What apply reads from. ``verify`` runs before anything touches the model; ``reserve`` (optional
+    work ahead, e.g. memory for the optimizer state) may run before ``verify`` and reads nothing."""
 
     uri: str
     signature: Signature
     bytes_read: int
 
+    def reserve(self, params: set[str]) -> None: ...
     def verify(self) -> None: ...
     def prepare(self) -> None: ...
     def load_optimizer_state(self, params: set[str]) -> None: ...
@@ -65,6 +68,8 @@ class NativeSource:
         self._state_specs = self.signature.optimizer.state_by_param() if self.signature.optimizer else {}
         self._preloaded: dict[str, torch.Tensor] = {}
         self._verified = verified  # selection already checked it this way: do not read it all twice
+        self._reserved: tuple[frozenset[str], list[tuple[str, list[tuple[str, TensorLocation]]]], FreshTensors] | None
+        self._reserved = None
 
 
     def verify(self) -> None:
@@ -78,24 +83,63 @@ class NativeSource:
             verify(self.manifest, self.storage_options, checksums=self.checksums, progress=self.progress,
                    checksum_files=model_files)
 
-    def load_optimizer_state(self, params: set[str]) -> None:
-        """Read the optimizer file once, in order, into fresh tensors for ``params`` (saved names), hashing
-        every byte; a checksum mismatch raises CheckpointError before anything is attached."""
-        wanted = {state_key(p, e.key): p for p in params for e in self._state_entries(p)}
+    def _layout(self, params: set[str]) -> list[tuple[str, list[tuple[str, TensorLocation]]]]:
+        """The optimizer tensors of ``params`` (saved names), per file, in file order."""
+        wanted = {state_key(p, e.key) for p in params for e in self._state_entries(p)}
         by_file: dict[str, list[tuple[str, TensorLocation]]] = {}
         for key, loc in self.manifest.optimizer_tensors.items():
-            by_file.setdefault(loc.file, []).append((key, loc))
-        for name, locs in by_file.items():
-            tensors = {k: torch.empty(loc.shape, dtype=torch_dtype(loc.dtype)) for k, loc in locs if k in wanted}
-            regions = [(loc.offset, tensor_bytes(tensors[k])) for k, loc in locs if k in tensors]
-            entry = self.manifest.file(name)
-            furi = join(self.uri, name)
-            got = read_hashing(self._file(name), entry.size, regions, furi, self.progress)
-            self.bytes_read += entry.size
-            if self.checksums and not self._verified and got != entry.checksum:
-                raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed "
-                                      "after the checkpoint was written. Nothing was loaded.", uri=self.uri)
-            self._preloaded.update(tensors)
+            if key in wanted:
+                by_file.setdefault(loc.file, []).append((key, loc))
+        return [(name, sorted(locs, key=lambda kl: kl[1].offset)) for name, locs in sorted(by_file.items())]
+
+    def reserve(self, params: set[str]) -> None:
+        """Start faulting in fresh memory for the optimizer state of ``params`` on a helper thread (see
+        resumer.prefault), so it overlaps verification instead of following it. Reads nothing."""
+        if self._reserved is None:
+            layout = self._layout(params)
+            specs = [(loc.shape, torch_dtype(loc.dtype)) for _, locs in layout for _, loc in locs]
+            self._reserved = (frozenset(params), layout, FreshTensors(specs))
+
+    def load_optimizer_state(self, params: set[str]) -> None:
+        """Read each optimizer file once, in order, into fresh tensors for ``params`` (saved names), hashing
+        every byte; a checksum mismatch raises CheckpointError before anything is attached."""
+        if self._reserved is None or self._reserved[0] != frozenset(params):
+            self._release()
+            self.reserve(params)
+        assert self._reserved is not None
+        _, layout, fresh = self._reserved
+        try:
+            taken = 0
+            for name, chosen in layout:
+                self._preloaded.update(self._read_fresh(name, chosen, fresh, taken))
+                taken += len(chosen)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._reserved is not None:
+            self._reserved[2].close()
+            self._reserved = None
+
+    def _read_fresh(self, name: str, chosen: list[tuple[str, TensorLocation]], fresh: FreshTensors,
+                    first: int) -> dict[str, torch.Tensor]:
+        """One hashing pass over file ``name``: the ``chosen`` tensors (in file order) land in tensors
+        ``first``, ``first + 1``, ... of ``fresh``; returned only when the checksum matches."""
+        entry = self.manifest.file(name)
+        furi = join(self.uri, name)
+        tensors: dict[str, torch.Tensor] = {}
+
+        def into(i: int) -> memoryview:
+            t = tensors[chosen[i][0]] = fresh.get(first + i)
+            return tensor_bytes(t)
+
+        got = read_hashing(self._file(name), entry.size, [(loc.offset, loc.nbytes) for _, loc in chosen], into,
+                           furi, self.progress)
+        self.bytes_read += entry.size
+        if self.checksums and not self._verified and got != entry.checksum:
+            raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed "
+                                  "after the checkpoint was written. Nothing was loaded.", uri=self.uri)
+        return tensors
 
     def _state_entries(self, param: str) -> tuple[Any, ...]:
         spec = self._state_specs.get(param)
@@ -186,6 +230,7 @@ class NativeSource:
         return self._decoded("extra")
 
     def close(self) -> None:
+        self._release()
         for f in self._files.values():
             f.close()
         self._files.clear()

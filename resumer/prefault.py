@@ -1,0 +1,95 @@
+"""Fresh tensors whose memory is faulted in on a helper thread, ahead of the reader that fills them.
+
+A restarted job's optimizer state lands in memory no process has touched yet. Faulting it in page by
+page from inside ``read()`` is the slowest way to get it (measured here: 768 MiB read into fresh memory
+took 0.38 s, into touched memory 0.07 s, and touching it beforehand 0.19 s). A helper thread touches
+each tensor's pages while the reader is busy with the previous one (I/O or hashing), so the two costs
+overlap instead of adding up. The tensors are ordinary ``torch.empty`` tensors: nothing is shared,
+aliased or mapped from the file.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+# Below this, faulting costs less than handing the tensor across threads.
+MIN_BYTES = 1 << 20
+
+
+def touch(t: torch.Tensor) -> None:
+    """Fault in every page of a tensor. A plain ``zero_()``: measured faster here than writing one byte
+    per page (0.16 s vs 0.27 s for 704 MiB), and the reader overwrites every byte anyway."""
+    t.zero_()
+
+
+class FreshTensors:
+    """``torch.empty`` tensors for ``specs`` (shape, dtype), in order, each with its pages already touched
+    when :meth:`get` hands it out. The helper runs as far ahead as it can: all of them are needed, and
+    while the reader waits on storage the helper has a core to itself."""
+
+    def __init__(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> None:
+        self._specs = list(specs)
+        self._tensors: list[torch.Tensor | None] = [None] * len(self._specs)
+        self._ready = [threading.Event() for _ in self._specs]
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._next = 0
+        big = any(_nbytes(s, d) >= MIN_BYTES for s, d in self._specs)
+        self._thread = threading.Thread(target=self._run, name="resumer-prefault", daemon=True) if big else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for i, (shape, dtype) in enumerate(self._specs):
+                if self._stop.is_set():
+                    return
+                t = torch.empty(shape, dtype=dtype)
+                if t.numel() * t.element_size() >= MIN_BYTES:
+                    touch(t)
+                self._tensors[i] = t
+                self._ready[i].set()
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            self._error = exc
+            for e in self._ready:
+                e.set()
+
+    def get(self, i: int) -> torch.Tensor:
+        """Tensor ``i`` (each index once, in order)."""
+        if i != self._next:
+            raise ValueError(f"FreshTensors.get({i}) out of order: expected {self._next}")
+        self._next += 1
+        if self._thread is None:
+            shape, dtype = self._specs[i]
+            return torch.empty(shape, dtype=dtype)
+        self._ready[i].wait()
+        if self._error is not None:
+            raise self._error
+        t = self._tensors[i]
+        self._tensors[i] = None
+        assert t is not None
+        return t
+
+    def close(self) -> None:
+        """Stop the helper and drop what it made but nobody took."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._tensors = [None] * len(self._specs)
+
+    def __enter__(self) -> FreshTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,61 @@
+"""FreshTensors: fresh tensors, faulted in on a helper thread, handed out in order."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from resumer.prefault import MIN_BYTES, FreshTensors
+
+BIG = (MIN_BYTES // 4 + 1,)  # float32 elements: just over the threshold, so the helper thread runs
+
+
+def test_hands_out_each_spec_in_order_with_its_shape_and_dtype():
+    specs = [(BIG, torch.float32), ((3, 5), torch.bfloat16), ((), torch.int64), ((2, 0), torch.float16),
+             ((MIN_BYTES,), torch.uint8)]
+    with FreshTensors(specs) as fresh:
+        got = [fresh.get(i) for i in range(len(specs))]
+    assert [(tuple(t.shape), t.dtype) for t in got] == [(s, d) for s, d in specs]
+    assert len({t.data_ptr() for t in got if t.numel()}) == 4  # distinct memory: nothing aliased
+    for t in got:
+        t.fill_(1)  # writable, and independent
+    assert all(bool((t == 1).all()) for t in got)
+
+
+def test_the_helper_thread_touches_big_tensors_ahead_of_the_reader():
+    with FreshTensors([(BIG, torch.float32)] * 3) as fresh:
+        fresh._ready[2].wait(timeout=30)  # the helper got to the last one before anyone asked
+        assert fresh._tensors[2] is not None
+        assert bool((fresh._tensors[2] == 0).all())  # touched (zeroed), not just reserved
+        assert [tuple(fresh.get(i).shape) for i in range(3)] == [BIG] * 3
+
+
+def test_small_tensors_need_no_thread():
+    before = {t.name for t in threading.enumerate()}
+    fresh = FreshTensors([((4,), torch.float32)] * 3)
+    assert "resumer-prefault" not in {t.name for t in threading.enumerate()} - before
+    assert [tuple(fresh.get(i).shape) for i in range(3)] == [(4,)] * 3
+    fresh.close()
+
+
+def test_out_of_order_is_refused():
+    with FreshTensors([(BIG, torch.float32)] * 2) as fresh, pytest.raises(ValueError, match="out of order"):
+        fresh.get(1)
+
+
+def test_a_failure_on_the_helper_reaches_the_reader():
+    bad = [(BIG, torch.float32), ((-1,), torch.float32)]  # torch.empty refuses a negative size
+    with FreshTensors(bad) as fresh:
+        assert tuple(fresh.get(0).shape) == BIG
+        with pytest.raises(RuntimeError, match="negative"):
+            fresh.get(1)
+
+
+def test_close_stops_the_helper_and_drops_what_nobody_took():
+    fresh = FreshTensors([(BIG, torch.float32)] * 50)
+    fresh.get(0)
+    fresh.close()
+    assert fresh._thread is not None and not fresh._thread.is_alive()
+    assert all(t is None for t in fresh._tensors)
