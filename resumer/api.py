@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from resumer import lease
-from resumer.apply import ResumeResult, apply_plan
+from resumer.apply import ResumeResult, commit, stage
 from resumer.capture import signature
-from resumer.catalog import latest_checkpoint, list_checkpoints
+from resumer.catalog import list_checkpoints, quarantine, select
 from resumer.errors import CheckpointError
 from resumer.manifest import MANIFEST
 from resumer.plan import Plan, Policy
@@ -27,23 +28,35 @@ logger = logging.getLogger(__name__)
 def open_source(checkpoint: str, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
                 select_verified: bool = True, progress: Any = None) -> CheckpointSource:
     """A checkpoint URI, a root (its newest valid checkpoint), or a plain torch.save file."""
+    return _open(checkpoint, storage_options, checksums=checksums, select_verified=select_verified,
+                 progress=progress)[0]
+
+
+def _open(checkpoint: str, storage_options: dict[str, Any] | None, *, checksums: bool, select_verified: bool = True,
+          progress: Any = None, defer: bool = False,
+          passed_over: Mapping[str, str] | None = None) -> tuple[CheckpointSource, bool]:
+    """``open_source``, and whether the source was chosen from a root.
+
+    ``defer``: choose a root's checkpoint by its manifest and file sizes only; its checksums are then
+    checked as it is read (one pass instead of two), and a caller that finds it bad passes it over
+    (``passed_over``: URI -> why) and asks again.
+    """
     checkpoint = str(checkpoint)
     fs, path = get_fs(checkpoint, storage_options)
     if fs.isfile(path):
         if path.endswith(f"/{MANIFEST}") or path == MANIFEST:
-            return open_source(checkpoint.rsplit("/", 1)[0], storage_options, checksums=checksums,
-                               progress=progress)
+            return _open(checkpoint.rsplit("/", 1)[0], storage_options, checksums=checksums, progress=progress)
         from resumer.foreign import ForeignSource
 
-        return ForeignSource.open(checkpoint, storage_options)
+        return ForeignSource.open(checkpoint, storage_options), False
     if fs.exists(join(path, MANIFEST)):
         return NativeSource(read_manifest(checkpoint, storage_options), storage_options, checksums=checksums,
-                            progress=progress)
+                            progress=progress), False
     if not fs.exists(path):
         raise CheckpointError(f"No checkpoint at {checkpoint}: the path does not exist.", uri=checkpoint)
     if select_verified:
-        info = latest_checkpoint(checkpoint, storage_options=storage_options, checksums=checksums,
-                                 progress=progress)
+        info = select(checkpoint, storage_options=storage_options, checksums=checksums and not defer,
+                      progress=progress, exclude=passed_over).chosen
     else:
         infos = list_checkpoints(checkpoint, storage_options=storage_options)
         info = infos[0] if infos else None
@@ -51,10 +64,12 @@ def open_source(checkpoint: str, storage_options: dict[str, Any] | None = None, 
         has_data = any(str(p).endswith(".safetensors") for p in fs.ls(path, detail=False))
         why = ("it holds data files but no manifest.json: a torn checkpoint (the writer stopped before committing)"
                if has_data else "no committed, valid checkpoint lies under it")
+        if passed_over:
+            why = f"every committed checkpoint failed verification ({len(passed_over)} passed over; see the log)"
         raise CheckpointError(f"Cannot resume from {checkpoint}: {why}. Nothing was loaded or deleted.",
                               uri=checkpoint)
     return NativeSource(info.manifest, storage_options, checksums=checksums, progress=progress,
-                        verified=select_verified)
+                        verified=select_verified and not defer), True
 
 
 def plan(checkpoint: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
@@ -90,16 +105,31 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
            storage_options: dict[str, Any] | None = None, verify: bool = True, progress: Any = None) -> ResumeResult:
     """Plan, verify, and apply: the model, optimizer, scheduler and RNG continue from the checkpoint.
 
+    From a root, the newest committed checkpoint is read once, its checksums checked on the way; one found
+    corrupt is quarantined and passed over for the next newest, before anything live was touched.
     Raises PlanRefused (with ``.plan``) when the plan is not ok under ``policy``, and CheckpointError
     when the checkpoint is torn, corrupt or unsafe; in both cases nothing was changed.
     """
-    source = open_source(checkpoint_or_root, storage_options, checksums=verify, progress=progress)
-    try:
-        # Leased for the whole read, so retention cannot delete it under us (see resumer.lease.reading).
-        guard = (lease.reading(source.uri, storage_options) if isinstance(source, NativeSource)
-                 else contextlib.nullcontext())
-        with guard:
-            the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
-            return apply_plan(the_plan, source, model, optimizer, scheduler, verify=verify)
-    finally:
-        source.close()
+    passed_over: dict[str, str] = {}
+    while True:
+        source, from_root = _open(checkpoint_or_root, storage_options, checksums=verify, progress=progress,
+                                  defer=True, passed_over=passed_over)
+        try:
+            # Leased for the whole read, so retention cannot delete it under us (see resumer.lease.reading).
+            guard = (lease.reading(source.uri, storage_options) if isinstance(source, NativeSource)
+                     else contextlib.nullcontext())
+            with guard:
+                the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
+                try:
+                    staged = stage(the_plan, source, optimizer, verify=verify)
+                except CheckpointError as exc:
+                    if not from_root:
+                        raise
+                    # Nothing live was touched yet: mark it (never delete) and take the next newest.
+                    logger.warning("[select] passed over %s: %s", source.uri, exc)
+                    quarantine(source.uri, str(exc), storage_options)
+                    passed_over[source.uri] = str(exc)
+                    continue
+                return commit(staged, model, optimizer, scheduler)
+        finally:
+            source.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,26 +40,45 @@ class ResumeResult:
 def apply_plan(plan: Plan, source: CheckpointSource, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                scheduler: Any = None, *, verify: bool = True) -> ResumeResult:
     """Apply ``plan`` (made for these objects) from ``source``; raises PlanRefused when it is not ok."""
+    return commit(stage(plan, source, optimizer, verify=verify), model, optimizer, scheduler)
+
+
+@dataclass(slots=True, kw_only=True)
+class Staged:
+    """A plan whose checkpoint has been verified and whose optimizer state is in memory; nothing applied yet."""
+
+    plan: Plan
+    source: CheckpointSource
+    carry: bool
+    started: float
+
+
+def stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer | None = None, *,
+          verify: bool = True) -> Staged:
+    """Everything that can find the checkpoint bad, before anything live is touched: PlanRefused when the plan
+    is not ok, CheckpointError when the checkpoint is corrupt (then nothing changed, and a caller may try
+    another checkpoint)."""
     if not plan.ok:
         raise PlanRefused(plan)
     started = time.perf_counter()
     carry = optimizer is not None and plan.optimizer_action() is Action.CARRY
     carried = {e.source for e in plan.section(Section.OPTIMIZER_STATE)
                if e.action is Action.CARRY and e.source is not None} if carry else set()
-    if carried:
-        source.reserve(carried)  # memory for the state is faulted in while the model files verify
-    # All before the model is touched: a corrupt checkpoint changes nothing.
-    if verify:
-        source.verify()
     source.prepare()
-    if carry:
-        source.load_optimizer_state(carried)
+    _stage(source, carried, verify=verify)
+    return Staged(plan=plan, source=source, carry=carry, started=started)
+
+
+def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+           scheduler: Any = None) -> ResumeResult:
+    """Apply a staged plan to the live objects: model tensors in place, optimizer, scheduler, RNG."""
+    plan, source = staged.plan, staged.source
     tensors = live_tensors(model)
     by_name = {lt.name: lt.tensor for lt in tensors}
     for e in plan.section(Section.MODEL):
         if e.copies:
             source.copy_into(e.source or e.name, by_name[e.name])
-    if carry:
+    if staged.carry:
         assert optimizer is not None
         _apply_optimizer(plan, source, optimizer, {id(lt.tensor): lt.name for lt in tensors})
     if scheduler is not None and any(e.action is Action.RESTORE for e in plan.section(Section.SCHEDULER)):
@@ -67,10 +87,35 @@ def apply_plan(plan: Plan, source: CheckpointSource, model: nn.Module, optimizer
         state = source.rng_state()
         if state:
             rng.restore(state)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - staged.started
     logger.info("%s", plan.summary())
     return ResumeResult(step=plan.step or 0, plan=plan, checkpoint=source.uri, bytes_read=source.bytes_read,
                         load_seconds=seconds, extra=source.extra())
+
+
+def _stage(source: CheckpointSource, carried: set[str], *, verify: bool) -> None:
+    """Verify the model files and read the carried optimizer state into fresh memory, side by side.
+
+    Neither touches the model, and the two read different files, so they overlap: storage stays busy
+    while the other side hashes or copies, and the state's memory is faulted in meanwhile (``reserve``).
+    Both must succeed; the model files' error is raised first when both fail.
+    """
+    if carried:
+        source.reserve(carried)
+    if not verify or not carried:
+        if verify:
+            source.verify()
+        if carried:
+            source.load_optimizer_state(carried)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumer-verify") as pool:
+        checked = pool.submit(source.verify)
+        try:
+            source.load_optimizer_state(carried)
+        except BaseException:
+            checked.result()  # the model files' verdict first: it names the file at fault when both are bad
+            raise
+        checked.result()
 
 
 def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,11 +159,18 @@ def quarantine(uri: str, reason: str, storage_options: dict[str, Any] | None = N
 
 
 def select(root: str, *, storage_options: dict[str, Any] | None = None, checksums: bool = True,
-           healthy: bool = False, mark: bool = True, progress: Any = None) -> Selection:
-    """The newest committed, verified (and, if asked, healthy) checkpoint, with everything passed over."""
+           healthy: bool = False, mark: bool = True, progress: Any = None,
+           exclude: Mapping[str, str] | None = None) -> Selection:
+    """The newest committed, verified (and, if asked, healthy) checkpoint, with everything passed over.
+
+    ``exclude`` maps URIs the caller already found bad to why; they are passed over with that reason.
+    """
     rejected: list[Rejected] = []
     reads = 0
     for c in scan(root, storage_options):
+        if exclude and c.uri in exclude:
+            rejected.append(Rejected(uri=c.uri, step=c.step, reason=exclude[c.uri]))
+            continue
         if not c.committed:
             rejected.append(Rejected(uri=c.uri, step=c.step, reason="torn: no manifest.json (never committed)"))
             continue

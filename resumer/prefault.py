@@ -66,11 +66,11 @@ class FreshTensors:
             shape, dtype = self._specs[i]
             return torch.empty(shape, dtype=dtype)
         self._ready[i].wait()
-        if self._error is not None:
-            raise self._error
         t = self._tensors[i]
+        if t is None:  # the helper failed before it made this one
+            assert self._error is not None
+            raise self._error
         self._tensors[i] = None
-        assert t is not None
         return t
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ resumer format, ``resumer.foreign.ForeignSource`` for plain ``torch.save`` files
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 import torch
@@ -50,6 +51,16 @@ class CheckpointSource(Protocol):
     def close(self) -> None: ...
 
 
+def _locked(progress: Any) -> Any:
+    lock = threading.Lock()
+
+    def call(n: int) -> None:
+        with lock:
+            progress(n)
+
+    return call
+
+
 class NativeSource:
     """A resumer checkpoint: tensors are read one at a time, by byte range, straight into place."""
 
@@ -60,7 +71,7 @@ class NativeSource:
         self.signature = manifest.signature
         self.storage_options = storage_options
         self.checksums = checksums
-        self.progress = progress
+        self.progress = _locked(progress) if progress is not None else None  # verify and loads run side by side
         self.bytes_read = 0
         self._fs, self._path = get_fs(manifest.uri, storage_options)
         self._files: dict[str, Any] = {}
@@ -231,6 +242,7 @@ class NativeSource:
 
     def close(self) -> None:
         self._release()
+        self._preloaded.clear()
         for f in self._files.values():
             f.close()
         self._files.clear()

@@ -268,21 +268,33 @@ def _garble_manifest(s: Saved) -> None:
     s.write(MANIFEST, s.read(MANIFEST)[:-20])
 
 
-@pytest.mark.parametrize("damage", [_tear, _truncate, _flip, _garble_manifest],
-                         ids=["torn", "truncated", "flipped-byte", "malformed-manifest"])
+def _flip_optimizer(s: Saved) -> None:
+    data = bytearray(s.read(s.optimizer_file))
+    data[len(data) // 2] ^= 0x01
+    s.write(s.optimizer_file, bytes(data))
+
+
+@pytest.mark.parametrize("select_first", [True, False], ids=["selected-first", "resume-alone"])
+@pytest.mark.parametrize("damage", [_tear, _truncate, _flip, _flip_optimizer, _garble_manifest],
+                         ids=["torn", "truncated", "flipped-byte", "flipped-optimizer-byte", "malformed-manifest"])
 def test_root_falls_back_to_the_older_valid_checkpoint(saved, trained, make_trainee, snapshot, assert_same_tree,
-                                                       damage):
+                                                       damage, select_first):
     older = trained(seed=11, steps=2)
     old_uri = resumer.save_checkpoint(saved.root, 1, older.model, older.optimizer, older.scheduler)
     files = saved.files()
     damage(saved)
-    latest = resumer.latest_checkpoint(saved.root)
-    assert latest is not None
-    assert (latest.step, latest.uri) == (1, old_uri)
+    if select_first:  # selection verifies every byte, and marks what it passes over
+        latest = resumer.latest_checkpoint(saved.root)
+        assert latest is not None
+        assert (latest.step, latest.uri) == (1, old_uri)
 
     dst = make_trainee(seed=7)
+    # Alone, resume checks the checksums as it reads the newest, and falls back before touching dst.
     res = resumer.resume(saved.root, dst.model, dst.optimizer, dst.scheduler)
     assert (res.step, res.checkpoint) == (1, old_uri)
+    if damage is not _tear:
+        assert saved.fs.exists(f"{saved.path}/{QUARANTINE}")  # marked, with the reason, for the next reader
+        assert resumer.latest_checkpoint(saved.root).uri == old_uri
     assert_same_tree(snapshot(older).model, snapshot(dst).model, "model")
     assert_same_tree(snapshot(older).optimizer, snapshot(dst).optimizer, "optimizer")
     # The bad checkpoint was skipped, not deleted (only the manifest we removed ourselves is gone).

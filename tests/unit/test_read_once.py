@@ -34,15 +34,23 @@ def saved(tmp_path: pytest.TempPathFactory) -> tuple[str, torch.nn.Module, torch
     return resumer.save_checkpoint(str(tmp_path), 1, model, opt), model, opt
 
 
-def test_resume_from_root_verifies_once(tmp_path: pytest.TempPathFactory, checksummed: list[int]) -> None:
+def test_resume_from_root_reads_each_byte_once(tmp_path: pytest.TempPathFactory, checksummed: list[int]) -> None:
     uri, _, _ = saved(tmp_path)
     manifest = resumer.read_manifest(uri)
+    model_file = manifest.file(manifest.data_file("model")).size
     seen: list[int] = []
     res = resumer.resume(str(tmp_path), ex.mlp_v1(), progress=seen.append)
-    assert sum(checksummed) == manifest.total_bytes  # selection verified it; apply did not read it all again
+    # Selection checked manifest and sizes only; the model file got one checksum pass, then its load.
+    assert checksummed == [model_file]
     model_bytes = sum(t.numel * 4 for t in manifest.signature.tensors)
     assert res.bytes_read == model_bytes  # no optimizer given: its state is not read
-    assert sum(seen) == manifest.total_bytes + res.bytes_read  # progress saw the verification and the load
+    assert sum(seen) == model_file + res.bytes_read  # progress saw the verification and the load
+
+    checksummed.clear()
+    fresh = ex.mlp_v1()
+    res = resumer.resume(str(tmp_path), fresh, ex.adam(fresh))
+    assert checksummed == [model_file]  # the optimizer file is checksummed in the pass that loads it
+    assert res.bytes_read == model_bytes + manifest.file(manifest.data_file("optimizer")).size
 
 
 def test_optimizer_file_is_checksummed_while_it_loads(tmp_path: pytest.TempPathFactory,
