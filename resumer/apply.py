@@ -1,8 +1,10 @@
-"""apply: execute a Plan on live objects. Verification runs first, so a bad checkpoint changes nothing.
+"""apply: execute a Plan on live objects, in two steps, so a bad checkpoint changes nothing.
 
-Model tensors are copied in place one at a time (peak extra memory: one tensor, and none when the
-layout already matches); optimizer state is re-keyed from saved names to the current optimizer's
-positions; scheduler, RNG and step follow.
+``stage`` does everything that can find the checkpoint bad: the model files' checksums, and the carried
+optimizer state read (and checksummed) into fresh memory, the two side by side. ``commit`` then copies
+model tensors in place one at a time (peak extra memory: one tensor, and none when the layout already
+matches), re-keys the optimizer state from saved names to the current optimizer's positions, and
+restores scheduler and RNG.
 """
 
 from __future__ import annotations

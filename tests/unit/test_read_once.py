@@ -82,3 +82,35 @@ def test_flipped_byte_in_optimizer_file_changes_nothing(tmp_path: pytest.TempPat
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
     after_opt = fresh_opt.state_dict()
     assert all(torch.equal(after_opt["state"][i][k], v) for i, st in before_opt["state"].items() for k, v in st.items())
+
+
+def _flip(path: str, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("bad", [("model",), ("optimizer",), ("model", "optimizer")])
+def test_side_by_side_verification_names_the_bad_file_and_changes_nothing(tmp_path: pytest.TempPathFactory,
+                                                                         bad: tuple[str, ...]) -> None:
+    """The model files' checksum pass and the optimizer file's load run at once; either failing stops the
+    resume before anything is touched, and when both fail the model file is named."""
+    uri, _, _ = saved(tmp_path)
+    manifest = resumer.read_manifest(uri)
+    for kind in bad:
+        name = manifest.data_file(kind)
+        _flip(f"{uri}/{name}", manifest.file(name).size - 5)
+    fresh = ex.mlp_v1()
+    fresh_opt = ex.adam(fresh)
+    ex.train_step(fresh, fresh_opt, 7)
+    before = copy.deepcopy(fresh.state_dict())
+    before_opt = copy.deepcopy(fresh_opt.state_dict())
+    with pytest.raises(resumer.CheckpointError, match="fails its checksum") as err:
+        resumer.resume(uri, fresh, fresh_opt)
+    assert manifest.data_file(bad[0]) in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    after_opt = fresh_opt.state_dict()
+    assert after_opt["state"].keys() == before_opt["state"].keys()
+    assert all(torch.equal(after_opt["state"][i][k], v) for i, st in before_opt["state"].items() for k, v in st.items())
