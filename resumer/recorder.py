@@ -13,15 +13,8 @@ Artifacts of an attempt: ``decision.json``, ``plan.json`` (``Plan.to_dict``), ``
 ``resumer.message`` tag): what to change before resubmitting. ``record_decision`` returns once the record
 is on the server or safely in the local spool: record before launch.
 
-Training curves. ``log_training(step, metrics)`` sends every point to the *attempt's* run: the raw curve
-of each attempt, steps a later attempt redoes included. The *parent's* curve is one line: a point goes to
-the parent only once a checkpoint at or after its step is committed (``checkpoint_committed(step=C)``).
-When attempt N resumes from step S, the dead attempt's points after S are superseded (the resumed run
-recomputes those steps) and never reach the parent; a ``resume_marker`` metric (value N) at step S marks
-the resume on the parent's chart. The parent never gets two points at one step: if an attempt restarts
-below the parent's last point (a fallback to an older checkpoint, or a fresh start), the parent keeps its
-earlier values up to that last point and continues with the new attempt after it; the attempt's own run
-has the whole raw curve.
+Training curves: each attempt's run gets its raw curve, the parent one line of committed points; see
+``resumer.lineage`` for the rules.
 
 Robustness. Nothing here waits on the server: MLflow calls run on one background thread (training points
 are batched, one log-batch request per run every ``flush_interval_s``, see ``resumer.mlflow_fast``); while
@@ -36,83 +29,35 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
+from resumer.attempt_record import attempt_files, attempt_tags
 from resumer.decision import Decision, FailureClass, Outcome
 from resumer.errors import UsageError
+from resumer.lineage import AttemptState, Batched, JobState, chunks, commit_points, parent_ops
 from resumer.mlflow_fast import PointEncoder
-from resumer.mlflow_ops import KIND_TAG, MAX_METRICS_PER_OP, MAX_TAG_LEN, MlflowApplier, classify
-from resumer.render import plan_markdown
-from resumer.render_html import plan_html
+from resumer.mlflow_ops import KIND_TAG, MlflowApplier, classify
 from resumer.spool import Op, Shipper, Spool, SpoolLocked, Ticket, new_op
 from resumer.tracking import (
     RunStatus,
     configure_mlflow_env,
     default_artifact_location,
     default_tracking_uri,
+    guarded,
     resumer_home,
     sqlite_path,
     validate_job,
 )
 
 logger = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _guarded(fn: F) -> F:
-    """A recording call never breaks training: anything unexpected is logged, not raised (bad input is)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UsageError:
-            raise
-        except Exception:  # noqa: BLE001 - logged with its traceback; recording is never worth a crash
-            logger.exception("recorder: %s failed; training goes on", fn.__name__)
-            return None
-
-    return wrapper  # type: ignore[return-value]
-
-
-Point = tuple[int, Mapping[str, Any], int]  # step, metrics, timestamp (ms)
-Batched = list[Any]  # [step, JSON of its metrics, metric count] (resumer.mlflow_fast.Encoded)
-
-
-@dataclass(eq=False)
-class _Attempt:
-    number: int
-    key: str
-    start_step: int
-    points: deque[Point] = field(default_factory=deque)  # logged, not yet batched (training thread appends)
-    commits: deque[int] = field(default_factory=deque)  # committed checkpoint steps, not yet applied
-    uncommitted: list[Batched] = field(default_factory=list)  # batched, not yet on the parent
-    tags_due: dict[str, str] = field(default_factory=dict)  # sent with the attempt's next batch
-    ended: bool = False
-
-
-@dataclass(eq=False)
-class _Job:
-    name: str
-    key: str
-    submission: str
-    attempts: dict[int, _Attempt] = field(default_factory=dict)
-    current: _Attempt | None = None
-    parent_points: list[Batched] = field(default_factory=list)  # committed, for the parent's curve
-
 
 def _status_after(failure: FailureClass) -> RunStatus:
     return RunStatus.FAILED if failure is FailureClass.CRASHED else RunStatus.KILLED
@@ -152,8 +97,8 @@ class MlflowRecorder:
                                           self.tracking_uri))
         self._durable_timeout_s = durable_timeout_s
         self._lock = threading.RLock()
-        self._jobs: dict[str, _Job] = {}
-        self._active: _Job | None = None
+        self._jobs: dict[str, JobState] = {}
+        self._active: JobState | None = None
         self._warned: set[str] = set()
         self._encoder = PointEncoder()
         self._shipper = Shipper(self.spool, self._applier.apply, classify=classify, tick=self._drain_points,
@@ -186,7 +131,7 @@ class MlflowRecorder:
         """Records not yet on the server (in memory or in the spool)."""
         return self._shipper.pending() + sum(len(a.points) for j in self._jobs.values() for a in j.attempts.values())
 
-    def _job(self, job: str | None) -> _Job | None:
+    def _job(self, job: str | None) -> JobState | None:
         return self._active if job is None else self._jobs.get(job)
 
     def _warn_once(self, what: str, message: str, *args: Any) -> None:
@@ -196,19 +141,19 @@ class MlflowRecorder:
 
     # -- the Recorder protocol ----------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def start_job(self, job: str, params: Mapping[str, Any] | None = None) -> None:
         validate_job(job)
         self._record(lambda: self._job_ops(job, params))
 
-    @_guarded
+    @guarded
     def record_decision(self, decision: Decision) -> None:
         validate_job(decision.job)
         logger.info("%s", decision.summary())
         # Record before launch: return only once the record is on the server or in the spool.
         self._record(lambda: self._decision(decision))
 
-    @_guarded
+    @guarded
     def log_attempt_metrics(self, metrics: Mapping[str, float], *, job: str | None = None) -> None:
         def build() -> list[Op]:
             state = self._job(job)
@@ -237,7 +182,7 @@ class MlflowRecorder:
         except (AttributeError, KeyError, TypeError, ValueError):
             self._warn_once("no-attempt-commit", "checkpoint_committed before record_decision: ignored")
 
-    @_guarded
+    @guarded
     def end_attempt(self, attempt: int, status: RunStatus | str, *, job: str | None = None) -> None:
         parsed = RunStatus.parse(status)
 
@@ -252,7 +197,7 @@ class MlflowRecorder:
 
         self._record(build)
 
-    @_guarded
+    @guarded
     def close_stale_attempts(self, job: str) -> None:
         validate_job(job)
 
@@ -267,7 +212,7 @@ class MlflowRecorder:
 
         self._record(build)
 
-    @_guarded
+    @guarded
     def end_job(self, status: RunStatus | str, *, job: str | None = None) -> None:
         parsed = RunStatus.parse(status)
 
@@ -326,14 +271,14 @@ class MlflowRecorder:
                 for att in state.attempts.values():
                     if att.points or att.commits or att.tags_due:
                         self._submit(self._attempt_ops(state, att))
-                self._submit(self._parent_ops(state))
+                self._submit(parent_ops(state))
         finally:
             self._lock.release()
 
     def _job_ops(self, job: str, params: Mapping[str, Any] | None) -> list[Op]:
         state = self._jobs.get(job)
         if state is None:
-            state = self._jobs[job] = _Job(name=job, key=f"job:{job}", submission="")
+            state = self._jobs[job] = JobState(name=job, key=f"job:{job}", submission="")
         # Each (re)submission numbers its own attempt runs: attempt 1 of a resubmission is a new run.
         state.submission = uuid.uuid4().hex[:8]
         self._active = state
@@ -350,7 +295,7 @@ class MlflowRecorder:
         key = f"{state.key}#{state.submission}#{d.attempt}"
         prev, att = state.current, state.attempts.get(d.attempt)
         if att is None or att.ended or att.key != key:
-            att = state.attempts[d.attempt] = _Attempt(number=d.attempt, key=key, start_step=resume_step or 0)
+            att = state.attempts[d.attempt] = AttemptState(number=d.attempt, key=key, start_step=resume_step or 0)
         if prev is not None and prev is not att:
             ops += self._settle(state, prev, resume_step)
             if not prev.ended:  # the orchestrator did not end it: its failure class says how it ended
@@ -367,13 +312,13 @@ class MlflowRecorder:
             att.ended = True
         return ops
 
-    def _end_ops(self, state: _Job, att: _Attempt, status: RunStatus) -> list[Op]:
+    def _end_ops(self, state: JobState, att: AttemptState, status: RunStatus) -> list[Op]:
         if status is RunStatus.FINISHED:  # a finished attempt's last points are final; a dead one's wait
-            self._commit(state, att, None)  # for the next decision, which knows the resume step
+            commit_points(state, att, None)  # for the next decision, which knows the resume step
         att.ended = True
-        return [*self._parent_ops(state), new_op("terminate", key=att.key, status=status.value, end_ms=_now_ms())]
+        return [*parent_ops(state), new_op("terminate", key=att.key, status=status.value, end_ms=_now_ms())]
 
-    def _attempt_ops(self, state: _Job, att: _Attempt) -> list[Op]:
+    def _attempt_ops(self, state: JobState, att: AttemptState) -> list[Op]:
         commits = [att.commits.popleft() for _ in range(len(att.commits))]  # before the points: those it covers
         batch: list[Batched] = []
         while att.points:
@@ -384,23 +329,12 @@ class MlflowRecorder:
             batch.append([int(step), frag, n])
         att.uncommitted += batch
         if commits:
-            self._commit(state, att, max(commits))
+            commit_points(state, att, max(commits))
             att.tags_due["resumer.committed_step"] = str(max(commits))
-        ops = [new_op("log", key=att.key, points=chunk, bulk=True) for chunk in _chunks(batch)]
+        ops = [new_op("log", key=att.key, points=chunk, bulk=True) for chunk in chunks(batch)]
         ops = ops or [new_op("log", key=att.key)]
         ops[-1]["tags"], att.tags_due = att.tags_due, {}
         return ops
-
-    @staticmethod
-    def _commit(state: _Job, att: _Attempt, step: int | None) -> None:
-        """Points up to ``step`` (all when None) are final: they join the parent's pending points."""
-        state.parent_points += [p for p in att.uncommitted if step is None or p[0] <= step]
-        att.uncommitted = [p for p in att.uncommitted if step is not None and p[0] > step]
-
-    @staticmethod
-    def _parent_ops(state: _Job) -> list[Op]:
-        points, state.parent_points = state.parent_points, []
-        return [new_op("parent_points", key=state.key, points=chunk, bulk=True) for chunk in _chunks(points)]
 
     @staticmethod
     def _resume_step(d: Decision) -> int | None:
@@ -408,38 +342,23 @@ class MlflowRecorder:
             return d.step or 0
         return 0 if d.outcome is Outcome.FRESH_START else None
 
-    def _settle(self, state: _Job, prev: _Attempt, resume_step: int | None) -> list[Op]:
+    def _settle(self, state: JobState, prev: AttemptState, resume_step: int | None) -> list[Op]:
         """The dead attempt's buffered points: up to the resume step they stand; after it they are superseded."""
         superseded = sum(1 for p in prev.uncommitted if resume_step is None or p[0] > resume_step)
         if resume_step is not None:
-            self._commit(state, prev, resume_step)
+            commit_points(state, prev, resume_step)
         if superseded:
             logger.info("attempt %d: %d training points after step %s superseded (kept on the attempt's run)",
                         prev.number, superseded, resume_step)
         prev.uncommitted = []
-        return self._parent_ops(state)
+        return parent_ops(state)
 
-    def _decision_ops(self, state: _Job, att: _Attempt, d: Decision, resume_step: int | None) -> list[Op]:
-        tags = {**d.tags(), KIND_TAG: "attempt", "resumer.submission": state.submission,
-                "resumer.rejected_count": str(len(d.rejected))}
-        if d.plan is not None:
-            tags["resumer.plan_summary"] = d.plan.summary()
-        if d.message:
-            tags["resumer.message"] = d.message[:MAX_TAG_LEN]
-        tags["mlflow.note.content"] = _note(d)[:MAX_TAG_LEN]  # the run's description: the decision at a glance
+    def _decision_ops(self, state: JobState, att: AttemptState, d: Decision, resume_step: int | None) -> list[Op]:
         now = _now_ms()
         ops = [new_op("create_run", key=att.key, parent_key=state.key, name=f"{d.job} attempt {d.attempt}",
-                      start_ms=now, tags=tags),
+                      start_ms=now, tags=attempt_tags(d, state.submission)),
                new_op("log", key=att.key, metrics=[[k, v, now, att.start_step] for k, v in d.all_metrics().items()])]
-        summary = {**d.to_dict(), "plan": None if d.plan is None else d.plan.summary()}
-        files = {"decision.json": json.dumps(summary, indent=2), "rejected.json": json.dumps(list(d.rejected),
-                                                                                            indent=2)}
-        if d.plan is not None:
-            files |= {"plan.json": json.dumps(d.plan.to_dict(), indent=2), "plan.md": plan_markdown(d.plan),
-                      "plan.html": plan_html(d.plan)}
-        if d.message:
-            files["message.txt"] = d.message.rstrip("\n") + "\n"
-        ops += [self._artifact_op(att.key, name, text) for name, text in files.items()]
+        ops += [self._artifact_op(att.key, name, text) for name, text in attempt_files(d).items()]
         parent_tags = {"resumer.last_attempt": str(d.attempt), "resumer.last_outcome": d.outcome.value}
         marker = [["resume_marker", float(d.attempt), now, resume_step]] if resume_step is not None else []
         ops.append(new_op("log", key=state.key, metrics=marker, tags=parent_tags))
@@ -453,36 +372,8 @@ class MlflowRecorder:
         return op
 
 
-def _note(d: Decision) -> str:
-    """Markdown for the attempt run's description in the MLflow UI (long tag keys are cut off there)."""
-    where = f" from `{d.checkpoint}` (step {d.step})" if d.checkpoint else ""
-    lines = [f"**{d.outcome.value}**{where} under policy `{d.policy}`; previous attempt: {d.previous_failure.value}."]
-    if d.plan is not None:
-        lines.append(f"`{d.plan.summary()}`")
-    if d.message:
-        lines.append("```\n" + d.message.rstrip("\n") + "\n```")
-    if d.rejected:
-        lines.append(f"{len(d.rejected)} candidate checkpoint(s) passed over: see `rejected.json`.")
-    if d.plan is not None:
-        lines.append("Every tensor's action: `plan.md` / `plan.html` under Artifacts.")
-    return "\n\n".join(lines)
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _chunks(points: list[Batched]) -> list[list[Batched]]:
-    """Points in chunks of at most MAX_METRICS_PER_OP metrics (a point with more is a chunk of its own)."""
-    chunks: list[list[Batched]] = []
-    size = MAX_METRICS_PER_OP
-    for p in points:
-        if size + p[2] > MAX_METRICS_PER_OP:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(p)
-        size += p[2]
-    return chunks
 
 
 _live: weakref.WeakSet[MlflowRecorder] = weakref.WeakSet()

@@ -7,16 +7,20 @@ in-memory fake. The embedded default is a SQLite store under ``$RESUMER_HOME`` (
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 import os
 import re
-from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from resumer.decision import Decision
 from resumer.errors import UsageError
 
 # The recorder must never hold training up: one quick try per request, then the spool takes over.
 # Set only when the user has not set them (they apply to every MLflow client in this process).
+logger = logging.getLogger(__name__)
+
 MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                      "MLFLOW_DISABLE_TELEMETRY": "true",
                      "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # else each run end prints and GETs the run
@@ -101,3 +105,22 @@ def validate_job(job: str) -> str:
     if not isinstance(job, str) or not _JOB_NAME.fullmatch(job):
         raise UsageError(f"Bad job name {job!r}: use 1-200 characters without quotes, backticks or line breaks.")
     return job
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(fn: F) -> F:
+    """A recording call never breaks training: anything unexpected is logged, not raised (bad input is)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UsageError:
+            raise
+        except Exception:  # noqa: BLE001 - logged with its traceback; recording is never worth a crash
+            logger.exception("recorder: %s failed; training goes on", fn.__name__)
+            return None
+
+    return wrapper  # type: ignore[return-value]
