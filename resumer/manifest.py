@@ -113,6 +113,10 @@ def _locations(raw: Any, files: dict[str, FileEntry], what: str) -> dict[str, Te
         if loc.offset < 0 or loc.offset + loc.nbytes > entry.size:
             raise ValueError(f"{what} '{name}' lies outside {loc.file} ({entry.size} bytes)")
         out[str(name)] = loc
+    spans = sorted((loc.file, loc.offset, loc.offset + loc.nbytes, name) for name, loc in out.items() if loc.nbytes)
+    for (f1, _b1, e1, n1), (f2, b2, _e2, n2) in zip(spans, spans[1:], strict=False):
+        if f1 == f2 and b2 < e1:
+            raise ValueError(f"{what} '{n1}' and '{n2}' overlap in {f1}")
     return out
 
 

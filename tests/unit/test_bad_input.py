@@ -186,7 +186,16 @@ MALFORMED = {
     "no format tag": (_without("format"), ["not a resumer-checkpoint manifest"]),
     "newer version": (lambda raw: raw.update(version=99), ["format version 99", "upgrade resumer"]),
     "step is text": (lambda raw: raw.update(step="two"), ["malformed"]),
+    "overlapping tensors": (lambda raw: _overlap(raw["tensors"]), ["malformed", "overlap in"]),
+    "overlapping optimizer state": (lambda raw: _overlap(raw["optimizer"]["tensors"]), ["malformed", "overlap in"]),
 }
+
+
+def _overlap(locations: dict[str, Any]) -> None:
+    """Point the second-largest entry's bytes into the largest one's (same file, inside its size)."""
+    first, second = sorted(locations.values(), key=lambda loc: -loc["nbytes"])[:2]
+    second["file"] = first["file"]
+    second["offset"] = first["offset"]
 
 
 @pytest.mark.parametrize("kind", list(MALFORMED))
