@@ -79,8 +79,7 @@ class NativeSource:
         self._state_specs = self.signature.optimizer.state_by_param() if self.signature.optimizer else {}
         self._preloaded: dict[str, torch.Tensor] = {}
         self._verified = verified  # selection already checked it this way: do not read it all twice
-        self._reserved: tuple[frozenset[str], list[tuple[str, list[tuple[str, TensorLocation]]]], FreshTensors] | None
-        self._reserved = None
+        self._reserved: tuple[frozenset[str], FreshTensors] | None = None  # see reserve()
 
 
     def verify(self) -> None:
@@ -107,9 +106,8 @@ class NativeSource:
         """Start faulting in fresh memory for the optimizer state of ``params`` on a helper thread (see
         resumer.prefault), so it overlaps verification instead of following it. Reads nothing."""
         if self._reserved is None:
-            layout = self._layout(params)
-            specs = [(loc.shape, torch_dtype(loc.dtype)) for _, locs in layout for _, loc in locs]
-            self._reserved = (frozenset(params), layout, FreshTensors(specs))
+            specs = [(loc.shape, torch_dtype(loc.dtype)) for _, locs in self._layout(params) for _, loc in locs]
+            self._reserved = (frozenset(params), FreshTensors(specs))
 
     def load_optimizer_state(self, params: set[str]) -> None:
         """Read each optimizer file once, in order, into fresh tensors for ``params`` (saved names), hashing
@@ -118,10 +116,10 @@ class NativeSource:
             self._release()
             self.reserve(params)
         assert self._reserved is not None
-        _, layout, fresh = self._reserved
+        fresh = self._reserved[1]
         try:
             taken = 0
-            for name, chosen in layout:
+            for name, chosen in self._layout(params):  # the order reserve() made the tensors in
                 self._preloaded.update(self._read_fresh(name, chosen, fresh, taken))
                 taken += len(chosen)
         finally:
@@ -129,7 +127,7 @@ class NativeSource:
 
     def _release(self) -> None:
         if self._reserved is not None:
-            self._reserved[2].close()
+            self._reserved[1].close()
             self._reserved = None
 
     def _read_fresh(self, name: str, chosen: list[tuple[str, TensorLocation]], fresh: FreshTensors,
