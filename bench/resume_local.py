@@ -8,8 +8,9 @@ and once with ``torch.save({"model": ..., "optimizer": ...})``. Then, each in a 
   moment after the eviction as they do;
 * the floor for any loader that copies: the same files read into the same kind of memory without parsing
   (model bytes into memory touched beforehand, optimizer bytes into fresh memory);
-* ``resumer.resume(uri, model, opt)``: the default, which verifies every file's checksum in a full pass
-  before loading anything; ``verify=False``; and resuming from the ROOT (``resumer.resume(root, ...)``);
+* ``resumer.resume(uri, model, opt)``: the default, which checksums every file it loads before anything
+  live is touched (the model file in its own pass, the optimizer file in the pass that loads it into fresh
+  tensors, the two side by side); ``verify=False``; and resuming from the ROOT (``resumer.resume(root, ...)``);
 * ``torch.load(path)`` + ``load_state_dict`` for model and optimizer: the usual path.
 
 Each is run with a warm page cache (files read beforehand) and a cold one (every file evicted with
@@ -183,6 +184,15 @@ def floor_loader(files: list[str]) -> Callable[[], int]:
     return load
 
 
+def cat_loader(paths: list[str]) -> Callable[[], int]:
+    """``cat PATHS > /dev/null``; returns the bytes it read."""
+    def load() -> int:
+        subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True)
+        return sum(os.path.getsize(p) for p in paths)
+
+    return load
+
+
 def checkpoint_loader(spec: dict[str, Any]) -> tuple[Callable[[], int], Callable[[], bool]]:
     """(load, check) for ``spec['method']``: load into a freshly built model and optimizer, check the state."""
     import torch
@@ -220,9 +230,7 @@ def child_load(spec: dict[str, Any]) -> dict[str, Any]:
         # Same setup as a loader (a fresh process that built the model), so cat reads at the same moment
         # after the eviction: on this VM the delay alone changes cold read speed 3x (see the docstring).
         build(spec["width"], spec["layers"], random_init=False)
-        paths = spec["files"] if spec["method"] == "cat" else [spec["torch_file"]]
-        load, check = (lambda: (subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True),
-                                sum(os.path.getsize(p) for p in paths))[1]), lambda: None
+        load, check = cat_loader(spec["files"] if spec["method"] == "cat" else [spec["torch_file"]]), lambda: None
     elif spec["method"] == "read_floor":
         load, check = floor_loader(spec["files"]), lambda: None
     else:
