@@ -39,12 +39,6 @@ class ResumeResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def apply_plan(plan: Plan, source: CheckpointSource, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-               scheduler: Any = None, *, verify: bool = True) -> ResumeResult:
-    """Apply ``plan`` (made for these objects) from ``source``; raises PlanRefused when it is not ok."""
-    return commit(stage(plan, source, optimizer, verify=verify), model, optimizer, scheduler)
-
-
 @dataclass(slots=True, kw_only=True)
 class Staged:
     """A plan whose checkpoint has been verified and whose optimizer state is in memory; nothing applied yet."""
