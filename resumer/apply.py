@@ -133,7 +133,7 @@ def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.opti
     state = {}
     for e in plan.section(Section.OPTIMIZER_STATE):
         if e.action is Action.CARRY and e.source is not None:
-            state[position[e.name]] = source.state(e.source)
+            state[position[e.name]] = source.state(plan.state_key(e.source))
     # load_state_dict matches this structure exactly (we built it from the live optimizer) and casts
     # state to each parameter's dtype and device, as torch does for any resume.
     optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -2,8 +2,9 @@
 
 Either a bare model ``state_dict`` or a dict with ``model_state_dict`` / ``optimizer_state_dict`` (and
 commonly ``epoch``, ``loss``). Loaded with ``weights_only=True`` only: a file that needs arbitrary
-unpickling is refused, never executed. The optimizer state in such files is keyed by POSITION; it is
-mapped to names through the saved model's parameter order and verified against the state's shapes.
+unpickling is refused, never executed. The optimizer state in such files is keyed by POSITION; reconcile
+ties positions to names through the CURRENT optimizer's parameter order (as ``load_state_dict`` does) and
+checks every tied state against the saved tensor's shape.
 """
 
 from __future__ import annotations
@@ -87,11 +88,10 @@ def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return dict(zip(keys, sd.values(), strict=True)), notes
 
 
-def _tensor_specs(sd: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], list[str]]:
-    """Specs with tied tensors (same storage, offset, shape) folded into aliases; returns (specs, params)."""
+def _tensor_specs(sd: dict[str, torch.Tensor]) -> list[TensorSpec]:
+    """Specs with tied tensors (same storage, offset, shape) folded into aliases, in the file's order."""
     canon: dict[tuple, int] = {}
     specs: list[dict[str, Any]] = []
-    params = []
     for name, t in sd.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and key in canon:
@@ -101,9 +101,7 @@ def _tensor_specs(sd: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], list[s
         kind = BUFFER if name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES else PARAMETER
         specs.append({"name": name, "shape": tuple(t.shape), "dtype": dtype_name(t.dtype), "kind": kind,
                       "aliases": []})
-        if kind == PARAMETER:
-            params.append(name)
-    return [TensorSpec(**{**s, "aliases": tuple(s["aliases"])}) for s in specs], params
+    return [TensorSpec(**{**s, "aliases": tuple(s["aliases"])}) for s in specs]
 
 
 _CLASSES = [
@@ -132,30 +130,33 @@ def infer_optimizer_class(groups: list[dict[str, Any]]) -> tuple[str, str]:
     return "unknown", f"could not be inferred from the hyperparameter keys {sorted(keys - {'params'})}"
 
 
-def _map_positions(opt_sd: Mapping[str, Any], params: list[str], shapes: dict[str, tuple[int, ...]]
-                   ) -> tuple[dict[int, str] | None, str]:
-    """Position -> parameter name by the saved model's parameter order, checked against state shapes."""
-    indices = [i for g in opt_sd["param_groups"] for i in g["params"]]
-    if len(indices) != len(params):
-        return None, (f"optimizer state is keyed by position for {len(indices)} parameters but the saved model has "
-                      f"{len(params)} (parameters and custom buffers cannot be told apart in a plain state_dict), "
-                      "so it cannot be tied to names")
-    mapping = {int(i): params[k] for k, i in enumerate(indices)}
-    checked = 0
-    for i, st in opt_sd["state"].items():
-        name = mapping.get(int(i))
-        if name is None:
-            return None, f"optimizer state names position {i}, which no param group holds"
-        for key, v in st.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                if tuple(v.shape) != shapes[name]:
-                    return None, (f"optimizer state at position {i} ('{key}' {list(v.shape)}) does not match "
-                                  f"parameter '{name}' {list(shapes[name])} at that position of the model's "
-                                  "parameter order, so it cannot be tied to names")
-                checked += 1
-                break
-    return mapping, (f"optimizer state mapped from positions to names by the saved model's parameter order, "
-                     f"verified by shape for {checked} of {len(indices)} parameters")
+def position_key(index: int) -> str:
+    """How a position-keyed optimizer entry is named until reconcile ties it to a parameter."""
+    return f"#{index}"
+
+
+def _positions(opt_sd: Mapping[str, Any], uri: str) -> list[list[int]]:
+    """Each group's saved positions, checked: integers, each used once, state only for held positions."""
+    groups: list[list[int]] = []
+    seen: set[int] = set()
+    for g in opt_sd["param_groups"]:
+        members = g.get("params") if isinstance(g, Mapping) else None
+        if not isinstance(members, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in members):
+            raise CheckpointError(f"{uri}: an optimizer param group's 'params' is not a list of positions.", uri=uri)
+        dup = seen.intersection(members) or (len(set(members)) != len(members))
+        if dup:
+            raise CheckpointError(f"{uri}: the optimizer's param groups list one position twice.", uri=uri)
+        seen.update(members)
+        groups.append([int(i) for i in members])
+    state = opt_sd["state"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{uri}: the optimizer's 'state' is not a mapping.", uri=uri)
+    stray = [k for k in state if not isinstance(k, int) or k not in seen]
+    if stray:
+        raise CheckpointError(f"{uri}: the optimizer holds state for position {stray[0]!r}, which no param group "
+                              "lists.", uri=uri)
+    return groups
 
 
 def _scheduler_class(state: Mapping[str, Any]) -> str:
@@ -178,13 +179,12 @@ class ForeignSource:
         self._model = model
         self._scheduler = scheduler
         self._extra = extra
-        specs, params = _tensor_specs(model)
-        shapes = {s.name: s.shape for s in specs}
+        specs = _tensor_specs(model)
         opt_spec = None
         self._by_name: dict[str, dict[str, Any]] = {}
         self._groups: list[dict[str, Any]] = []
         if optimizer is not None:
-            opt_spec = self._optimizer_spec(optimizer, params, shapes, notes)
+            opt_spec = self._optimizer_spec(optimizer, notes)
         sched_spec = None
         if scheduler is not None:
             sched_spec = SchedulerSpec(cls=_scheduler_class(scheduler),
@@ -192,32 +192,32 @@ class ForeignSource:
         self.signature = Signature(tensors=tuple(specs), optimizer=opt_spec, scheduler=sched_spec, step=step,
                                    notes=tuple(notes))
 
-    def _optimizer_spec(self, opt_sd: Any, params: list[str], shapes: dict[str, tuple[int, ...]],
-                        notes: list[str]) -> OptimizerSpec:
+    def _optimizer_spec(self, opt_sd: Any, notes: list[str]) -> OptimizerSpec:
         try:
             groups = [dict(g) for g in opt_sd["param_groups"]]
             opt_sd["state"]  # noqa: B018 - presence check
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{self.uri}: the optimizer entry is not an optimizer state_dict "
                                   "(no 'state' and 'param_groups').", uri=self.uri) from None
         cls, how = infer_optimizer_class(groups)
-        mapping, mapped_how = _map_positions(opt_sd, params, shapes)
+        positions = _positions(opt_sd, self.uri)
         self._groups = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-        if mapping is None:
-            return OptimizerSpec(cls=cls, groups=(), inferred=how, unmapped=mapped_how)
-        notes.append(mapped_how)
-        self._by_name = {mapping[int(i)]: dict(st) for i, st in opt_sd["state"].items()}
+        # Positions stay positions here: which parameter each one is can only be told against the CURRENT
+        # optimizer's order (what torch's load_state_dict does), so reconcile ties them to names.
+        notes.append("optimizer state is keyed by position (torch.save): tied to parameters through the current "
+                     "optimizer's parameter order and checked against the saved shapes")
+        self._by_name = {position_key(int(i)): dict(st) for i, st in opt_sd["state"].items()}
         specs = []
-        for g in groups:
+        for g, members in zip(groups, positions, strict=True):
             hyper = {k: encode(v, f"optimizer hyperparameter {k!r}") for k, v in g.items() if k != "params"}
-            specs.append(ParamGroupSpec(params=tuple(mapping[int(i)] for i in g["params"]),
+            specs.append(ParamGroupSpec(params=tuple(position_key(i) for i in members),
                                         hyperparams=tuple(sorted(hyper.items()))))
         state = tuple(
-            ParamState(param=name, entries=tuple(
+            ParamState(param=key, entries=tuple(
                 StateEntry(key=str(k), shape=tuple(v.shape), dtype=dtype_name(v.dtype))
                 if isinstance(v, torch.Tensor) else StateEntry(key=str(k), shape=None) for k, v in st.items()))
-            for name, st in self._by_name.items())
-        return OptimizerSpec(cls=cls, groups=tuple(specs), state=state, inferred=how)
+            for key, st in self._by_name.items())
+        return OptimizerSpec(cls=cls, groups=tuple(specs), state=state, inferred=how, positional=True)
 
     @classmethod
     def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> ForeignSource:

@@ -153,6 +153,12 @@ class Plan:
     refusals: tuple[Refusal, ...] = ()
     notes: tuple[str, ...] = ()
     suggestion: str | None = None  # the options that would resume, when refused
+    # Position-keyed optimizer state (plain torch.save): saved name -> the position key its state is under.
+    positions: tuple[tuple[str, str], ...] = ()
+
+    def state_key(self, saved_name: str) -> str:
+        """Where the checkpoint keeps ``saved_name``'s optimizer state (its name, or its saved position)."""
+        return dict(self.positions).get(saved_name, saved_name)
 
     @property
     def ok(self) -> bool:
@@ -227,6 +233,7 @@ class Plan:
             "suggestion": self.suggestion,
             "renames": [r.to_dict() for r in self.renames],
             "notes": list(self.notes),
+            "optimizer_positions": dict(self.positions),
             "entries": [e.to_dict() for e in self.entries],
         }
 
@@ -238,4 +245,5 @@ class Plan:
                    entries=tuple(PlanEntry.from_dict(e) for e in d["entries"]),
                    renames=tuple(Rename.from_dict(r) for r in d.get("renames", ())),
                    refusals=tuple(Refusal.from_dict(r) for r in d.get("refusals", ())),
-                   notes=tuple(d.get("notes", ())), suggestion=d.get("suggestion"))
+                   notes=tuple(d.get("notes", ())), suggestion=d.get("suggestion"),
+                   positions=tuple(sorted(dict(d.get("optimizer_positions", {})).items())))

@@ -11,10 +11,11 @@ Policies (DESIGN.md):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
+from resumer.positions import bind_positions
 from resumer.renames import RenameRules, parse_renames, resolve
 from resumer.signature import OptimizerSpec, Signature, TensorSpec
 
@@ -48,8 +49,9 @@ def reconcile(saved: Signature, current: Signature, policy: Policy | str = Polic
     mapping, applied, problems = resolve(saved.tensors, current.tensors, rules)
     acc = _Acc(policy=policy)
     acc.refusals += [Refusal(subject="renames", problem=p) for p in problems]
-    sources = _model(saved, current, mapping, {r.source: r for r in applied}, acc)
-    opt_reset = _optimizer(saved.optimizer, current.optimizer, sources, acc)
+    sources, named = _model(saved, current, mapping, {r.source: r for r in applied}, acc)
+    saved_opt, positions = _bind(saved, current, named, acc)
+    opt_reset = _optimizer(saved_opt, current.optimizer, sources, named, acc)
     _scheduler(saved, current, opt_reset, acc)
     _rng_and_step(saved, acc)
     if policy is Policy.PARTIAL and not sources and saved.tensors:
@@ -61,7 +63,20 @@ def reconcile(saved: Signature, current: Signature, policy: Policy | str = Polic
     suggestion = _suggest(saved, current, policy, rules) if acc.refusals and suggest else None
     return Plan(policy=policy, checkpoint=checkpoint, step=saved.step, entries=tuple(acc.entries),
                 renames=tuple(applied), refusals=tuple(acc.refusals), notes=tuple(acc.notes),
-                suggestion=suggestion)
+                suggestion=suggestion, positions=tuple(sorted(positions.items())))
+
+
+def _bind(saved: Signature, current: Signature, named: Mapping[str, str],
+          acc: _Acc) -> tuple[OptimizerSpec | None, dict[str, str]]:
+    """The saved optimizer keyed by saved names; a position-keyed one is tied through the current order."""
+    so, co = saved.optimizer, current.optimizer
+    if so is None or not so.positional or co is None or acc.policy is Policy.RESET_OPTIMIZER:
+        return so, {}
+    binding = bind_positions(so, co, saved.by_name(), named)
+    if binding.spec is None:
+        return replace(so, unmapped=binding.problem, positional=False), {}
+    acc.notes.append(binding.note)
+    return binding.spec, binding.positions
 
 
 def _hint(spec: TensorSpec, others: list[TensorSpec]) -> str:
@@ -73,12 +88,14 @@ def _hint(spec: TensorSpec, others: list[TensorSpec]) -> str:
 
 
 def _model(saved: Signature, current: Signature, mapping: Mapping[str, str],
-           renamed: Mapping[str, Rename], acc: _Acc) -> dict[str, str]:
-    """Model entries; returns current name -> saved name for every tensor copied from the checkpoint."""
+           renamed: Mapping[str, Rename], acc: _Acc) -> tuple[dict[str, str], dict[str, str]]:
+    """Model entries; returns current name -> saved name for every tensor copied from the checkpoint, and
+    for every current tensor a saved one maps to by name (copied or not: a resized head is still the head)."""
     lenient = acc.policy is Policy.PARTIAL
     cur = current.by_name()
     cur_alias = current.alias_map()
     sources: dict[str, str] = {}
+    named: dict[str, str] = {}
     handled: set[str] = set()
     unmatched_saved: list[TensorSpec] = []
     for s in saved.tensors:
@@ -89,6 +106,7 @@ def _model(saved: Signature, current: Signature, mapping: Mapping[str, str],
             unmatched_saved.append(s)
             continue
         handled.add(target)
+        named[target] = s.name
         if _compare(s, cur[target], renamed.get(s.name), acc):
             sources[target] = s.name
     unmatched_current = [c for c in current.tensors if c.name not in handled]
@@ -115,7 +133,7 @@ def _model(saved: Signature, current: Signature, mapping: Mapping[str, str],
         why = "missing in checkpoint" + _hint(c, unmatched_saved)
         acc.add(section=Section.MODEL, name=c.name, action=Action.INIT_FRESH, current=fmt(c),
                 reason=why + ("; keeps the code's init" if lenient else ""), refuse=None if lenient else why)
-    return sources
+    return sources, named
 
 
 def _compare(s: TensorSpec, c: TensorSpec, rn: Rename | None, acc: _Acc) -> bool:
@@ -143,7 +161,7 @@ def _same_class(so: OptimizerSpec, co: OptimizerSpec) -> bool:
 
 
 def _optimizer(so: OptimizerSpec | None, co: OptimizerSpec | None, sources: Mapping[str, str],
-               acc: _Acc) -> bool:
+               named: Mapping[str, str], acc: _Acc) -> bool:
     """Optimizer entries; returns True when the optimizer starts fresh as a whole."""
     strict = acc.policy is Policy.STRICT
     if co is None:
@@ -178,7 +196,7 @@ def _optimizer(so: OptimizerSpec | None, co: OptimizerSpec | None, sources: Mapp
             reason=f"{co.short_name} state carried by name for {carried}/{total} parameters")
     acc.entries += state.entries
     acc.refusals += state.refusals
-    _optimizer_groups(so, co, sources, acc)
+    _optimizer_groups(so, co, sources, named, acc)
     return False
 
 
@@ -226,12 +244,15 @@ def _hyper_diff(saved: dict[str, Any], code: dict[str, Any]) -> str:
     return ("saved hyperparameters restored (" + "; ".join(diffs) + ")") if diffs else "hyperparameters restored"
 
 
-def _optimizer_groups(so: OptimizerSpec, co: OptimizerSpec, sources: Mapping[str, str], acc: _Acc) -> None:
+def _optimizer_groups(so: OptimizerSpec, co: OptimizerSpec, sources: Mapping[str, str], named: Mapping[str, str],
+                      acc: _Acc) -> None:
+    """Group hyperparameters. Groups correspond by their members' NAMES, loaded or not: a group whose head was
+    resized under ``partial`` is still that group, and keeps its saved learning rate (the scheduler's too)."""
     strict = acc.policy is Policy.STRICT
     saved_sets = [frozenset(g.params) for g in so.groups]
     matched: set[int] = set()
     for gi, g in enumerate(co.groups):
-        mapped = frozenset(sources[p] for p in g.params if p in sources)
+        mapped = frozenset(named[p] for p in g.params if p in named)
         # The same group, possibly grown by parameters new to the model (those are reported on their own).
         gj = next((j for j, s in enumerate(saved_sets) if s == mapped and j not in matched), None)
         if gj is None:
@@ -275,8 +296,27 @@ def _scheduler(saved: Signature, current: Signature, opt_reset: bool, acc: _Acc)
     elif ss.num_groups is not None and n_groups is not None and ss.num_groups != n_groups:
         why = f"drives {ss.num_groups} param groups saved, {n_groups} now"
         acc.add(action=Action.FRESH, reason=why + ": fresh from the code", refuse=why if strict else None, **kw)
+    elif (unaligned := _unaligned_group(acc)) is not None:
+        why = (f"optimizer {unaligned}, so a restored scheduler would step from another learning rate than the "
+               "uninterrupted run's")
+        acc.add(action=Action.FRESH, reason=why + ": the scheduler starts fresh from the code too",
+                refuse=why if strict else None, **kw)
     else:
         acc.add(action=Action.RESTORE, reason=f"{cs.short_name} state restored", **kw)
+
+
+def _unaligned_group(acc: _Acc) -> str | None:
+    """How the first param group out of line says so (None: every group carries from its own index)."""
+    for e in acc.entries:
+        if e.section is not Section.OPTIMIZER_GROUP:
+            continue
+        if e.action is Action.DROP:
+            return f"param {e.name} has no counterpart now"
+        if e.action is not Action.CARRY:
+            return f"param {e.name} starts from the code's hyperparameters"
+        if e.source != e.name:
+            return f"param {e.name} takes the hyperparameters of saved {e.source}"
+    return None
 
 
 def _rng_and_step(saved: Signature, acc: _Acc) -> None:

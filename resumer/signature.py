@@ -113,6 +113,9 @@ class OptimizerSpec:
     inferred: str | None = None
     # Set when saved state cannot be tied to parameter names (foreign, position-keyed, ambiguous).
     unmapped: str | None = None
+    # A plain torch.save optimizer keys its state by POSITION: group members and state are then named
+    # "#<index>", and reconcile ties them to names through the current optimizer's order (as torch does).
+    positional: bool = False
 
     @property
     def short_name(self) -> str:
@@ -128,13 +131,16 @@ class OptimizerSpec:
             d["inferred"] = self.inferred
         if self.unmapped:
             d["unmapped"] = self.unmapped
+        if self.positional:
+            d["positional"] = True
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizerSpec:
         return cls(cls=str(d["cls"]), groups=tuple(ParamGroupSpec.from_dict(g) for g in d["groups"]),
                    state=tuple(ParamState.from_dict(s) for s in d.get("state", ())),
-                   inferred=d.get("inferred"), unmapped=d.get("unmapped"))
+                   inferred=d.get("inferred"), unmapped=d.get("unmapped"),
+                   positional=bool(d.get("positional", False)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
