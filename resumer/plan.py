@@ -53,6 +53,7 @@ class Action(str, enum.Enum):
     INIT_FRESH = "init-fresh"
     DROP = "drop"
     SHAPE_MISMATCH = "shape-mismatch"
+    TIED = "tied"  # another name of a tensor listed on its own: shares its storage, so shares its fate
     # optimizer / scheduler
     CARRY = "carry"
     FRESH = "fresh"
@@ -182,6 +183,7 @@ class Plan:
             "cast": model[Action.CAST],
             "fresh": model[Action.INIT_FRESH] + model[Action.SHAPE_MISMATCH],
             "dropped": model[Action.DROP],
+            "tied": model[Action.TIED],
             "optimizer_carried": opt[Action.CARRY],
             "optimizer_fresh": opt[Action.FRESH],
             "optimizer_dropped": opt[Action.DROP],

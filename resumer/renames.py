@@ -8,7 +8,8 @@ Two sources, applied in this order:
   - the ``nn.Sequential`` index shift after a parameterless layer is inserted or removed: the
     parameterised children under one container keep the same order, names, shapes and dtypes;
   - a module wrapped under a new attribute (``fc.weight`` -> ``fc.inner.weight``), a whole-model
-    wrapper prefix (``x`` -> ``model.x``), or the reverse (unwrapping): exactly one candidate each way.
+    wrapper prefix (``x`` -> ``model.x``), both at once (peft LoRA: ``base_model.model.`` in front and
+    ``.base_layer`` inside), or the reverse (unwrapping): exactly one candidate each way.
 """
 
 from __future__ import annotations
@@ -154,35 +155,59 @@ def infer_index_shift(saved: Mapping[str, TensorSpec], current: Mapping[str, Ten
             for name, src in origin.items() if name != src]
 
 
-def _splits(segs: list[str]) -> Iterable[tuple[int, int]]:
-    for i in range(len(segs)):
-        for j in range(i + 1, len(segs)):  # leave at least the leaf segment
-            yield i, j
+def _inserted(short: list[str], long: list[str]) -> list[tuple[int, int]] | None:
+    """Spans of ``long`` to remove to get ``short`` (leftmost alignment), or None when ``short`` is not a
+    subsequence of ``long`` that keeps the leaf."""
+    if len(short) >= len(long) or short[-1] != long[-1]:
+        return None
+    spans: list[tuple[int, int]] = []
+    i = 0
+    for j, seg in enumerate(long):
+        if i < len(short) and seg == short[i] and (i < len(short) - 1 or j == len(long) - 1):
+            i += 1
+        elif spans and spans[-1][1] == j:
+            spans[-1] = (spans[-1][0], j + 1)
+        else:
+            spans.append((j, j + 1))
+    return spans if i == len(short) else None
+
+
+def _wrap_rule(long: list[str], spans: list[tuple[int, int]], unwrap: bool) -> str:
+    """E.g. ``auto: wrapped 'fc.*' under 'inner'``; nested wrapping names every inserted part."""
+    verb = "unwrapped" if unwrap else "wrapped"
+    if len(spans) == 1 and not unwrap:
+        i, j = spans[0]
+        pre = ".".join(long[:i])
+        return f"auto: wrapped '{pre + '.' if pre else ''}*' under '{'.'.join(long[i:j])}'"
+    if len(spans) == 1:
+        return f"auto: unwrapped '{'.'.join(long[spans[0][0]:spans[0][1]])}'"
+    parts = [f"'{'.'.join(long[i:j])}'" + (" at the front" if i == 0 else f" after '{long[i - 1]}'")
+             for i, j in spans]
+    return f"auto: {verb} " + ", then ".join(parts)
 
 
 def infer_wrapping(saved: Mapping[str, TensorSpec], current: Mapping[str, TensorSpec]) -> list[Rename]:
-    """Renames for a module wrapped under (or unwrapped from) new path segments; unambiguous pairs only."""
+    """Renames for a module wrapped under (or unwrapped from) new path segments, one level or nested (peft's
+    LoRA adds ``base_model.model.`` in front and ``.base_layer`` inside at once); unambiguous pairs only."""
+    by_leaf: dict[tuple[str, tuple[int, ...], str], list[str]] = defaultdict(list)
+    for s, sspec in saved.items():
+        by_leaf[(s.rsplit(".", 1)[-1], *_layout(sspec))].append(s)
     candidates: dict[str, set[str]] = defaultdict(set)
     sources: dict[str, set[str]] = defaultdict(set)
     rule_of: dict[tuple[str, str], str] = {}
-    for c, cspec in current.items():  # inserted segments: saved pre.rest -> current pre.ins.rest
-        segs = c.split(".")
-        for i, j in _splits(segs):
-            s = ".".join(segs[:i] + segs[j:])
-            if s in saved and _layout(saved[s]) == _layout(cspec):
-                candidates[s].add(c)
-                sources[c].add(s)
-                pre = ".".join(segs[:i])
-                rule_of.setdefault((s, c), f"auto: wrapped '{pre + '.' if pre else ''}*' under "
-                                           f"'{'.'.join(segs[i:j])}'")
-    for s, sspec in saved.items():  # removed segments: saved pre.rem.rest -> current pre.rest
-        segs = s.split(".")
-        for i, j in _splits(segs):
-            c = ".".join(segs[:i] + segs[j:])
-            if c in current and _layout(current[c]) == _layout(sspec):
-                candidates[s].add(c)
-                sources[c].add(s)
-                rule_of.setdefault((s, c), f"auto: unwrapped '{'.'.join(segs[i:j])}'")
+    for c, cspec in current.items():
+        csegs = c.split(".")
+        for s in by_leaf.get((csegs[-1], *_layout(cspec)), ()):
+            ssegs = s.split(".")
+            spans = _inserted(ssegs, csegs)  # saved pre.rest -> current pre.ins.rest
+            unwrap = spans is None
+            if unwrap:
+                spans = _inserted(csegs, ssegs)  # saved pre.rem.rest -> current pre.rest
+            if spans is None:
+                continue
+            candidates[s].add(c)
+            sources[c].add(s)
+            rule_of[(s, c)] = _wrap_rule(ssegs if unwrap else csegs, spans, unwrap)
     out = []
     for s, targets in sorted(candidates.items()):
         if len(targets) != 1:

@@ -207,3 +207,33 @@ def test_world_size_change_is_noted() -> None:
     saved = Signature(tensors=tuple(BASE), step=1, world_size=4)
     cur = Signature(tensors=tuple(BASE), world_size=2)
     assert "world size 4 saved, 2 now" in reconcile(saved, cur).notes
+
+
+def test_suggestion_never_drops_what_a_rename_would_keep() -> None:
+    """``partial`` would resume, but would drop 'enc.weight' while 'backbone.weight' (same shape) starts fresh."""
+    saved = sig([t("enc.weight", 4, 4), t("head.weight", 2, 4)], opt=None)
+    current = sig([t("backbone.weight", 4, 4), t("head.weight", 2, 4)], opt=None)
+    plan = reconcile(saved, current, "strict")
+    assert plan.suggestion == ("--rename OLD=NEW for what was renamed: 1 saved tensor(s) would be dropped while "
+                               "current ones of the same shape start fresh (e.g. saved 'enc.weight', current "
+                               "'backbone.weight')")
+    partial = reconcile(saved, current, "partial")
+    assert partial.ok and any("renamed? Try --rename auto, or --rename OLD=NEW" in n for n in partial.notes)
+    renamed = reconcile(saved, current, "strict", {"^enc\\.": "backbone."})
+    assert renamed.ok
+
+
+def test_auto_infers_nested_wrapping_only_when_unambiguous() -> None:
+    saved = sig([t("h.0.attn.weight", 4, 4), t("h.1.attn.weight", 4, 4)], opt=None)
+    nested = sig([t("base.model.h.0.attn.base_layer.weight", 4, 4),
+                  t("base.model.h.1.attn.base_layer.weight", 4, 4)], opt=None)
+    plan = reconcile(saved, nested, "strict", "auto")
+    assert plan.ok
+    assert {r.source: r.target for r in plan.renames} == {
+        "h.0.attn.weight": "base.model.h.0.attn.base_layer.weight",
+        "h.1.attn.weight": "base.model.h.1.attn.base_layer.weight"}
+    ambiguous = sig([t("base.h.0.attn.a.weight", 4, 4), t("base.h.0.attn.b.weight", 4, 4),
+                     t("base.h.1.attn.base_layer.weight", 4, 4)], opt=None)
+    plan = reconcile(saved, ambiguous, "partial", "auto")
+    assert [(r.source, r.target) for r in plan.renames] == [
+        ("h.1.attn.weight", "base.h.1.attn.base_layer.weight")]

@@ -141,6 +141,9 @@ def test_tied_weights_stored_once_and_resumed(tmp_path: pytest.TempPathFactory) 
     again_opt = torch.optim.Adam(again.parameters(), lr=1e-2)
     plan = resumer.plan(root, again, again_opt)
     assert plan.ok and plan.counts()["loaded"] == 3
+    tied = plan.entry(Section.MODEL, "head.weight")  # every alias is in the plan, with what happens to it
+    assert tied.action is Action.TIED and tied.source == "embed.weight"
+    assert tied.reason == "tied to 'embed.weight' (the same tensor): loaded with it from 'embed.weight'"
     resumer.resume(root, again, again_opt)
     assert again.head.weight is again.embed.weight
     assert torch.equal(again.embed.weight, model.embed.weight)
@@ -152,6 +155,22 @@ def test_tied_weights_stored_once_and_resumed(tmp_path: pytest.TempPathFactory) 
     resumer.resume(root, untied, untied_opt, policy="partial")
     assert torch.equal(untied.head.weight, model.embed.weight)
     assert torch.equal(untied.embed.weight, model.embed.weight)
+
+
+class HeadlessLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.body = nn.Linear(6, 6)
+
+
+def test_a_saved_alias_whose_name_is_gone_is_listed(tmp_path: pytest.TempPathFactory) -> None:
+    root = str(tmp_path)
+    resumer.save_checkpoint(root, 1, TiedLM())
+    plan = resumer.plan(root, HeadlessLM(), policy="partial")
+    gone = plan.entry(Section.MODEL, "head.weight")
+    assert gone.action is Action.DROP and not gone.refused
+    assert "tied to 'embed.weight' in the checkpoint (the same values)" in gone.reason
 
 
 def test_planning_on_meta_device_reads_no_tensor_bytes(tmp_path: pytest.TempPathFactory) -> None:
