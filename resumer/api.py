@@ -121,7 +121,7 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
             with guard:
                 the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
                 try:
-                    staged = stage(the_plan, source, optimizer, verify=verify)
+                    staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler)
                 except CheckpointError as exc:
                     if not from_root:
                         raise

@@ -1,10 +1,12 @@
-"""apply: execute a Plan on live objects, in two steps, so a bad checkpoint changes nothing.
+"""apply: execute a Plan on live objects, in two steps, so a failed resume changes nothing.
 
-``stage`` does everything that can find the checkpoint bad: the model files' checksums, and the carried
-optimizer state read (and checksummed) into fresh memory, the two side by side. ``commit`` then copies
-model tensors in place one at a time (peak extra memory: one tensor, and none when the layout already
-matches), re-keys the optimizer state from saved names to the current optimizer's positions, and
-restores scheduler and RNG.
+``stage`` does everything that can fail: the manifest's own consistency, file sizes, the saved values
+against the live objects (resumer.preflight), and the model tensors and carried optimizer state read
+into fresh memory, each file once, header checked and checksummed as it is read (model and optimizer
+side by side). ``commit`` then only copies memory: model tensors in place, the optimizer state re-keyed
+from saved names to the current optimizer's positions, scheduler and RNG. Storage that fails mid-read
+(a killed server) fails ``stage``, before anything live changed. The cost: fresh memory for the model
+tensors (the model's size) until ``commit`` has copied them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resumer import rng
+from resumer import preflight, rng
 from resumer.capture import live_tensors, optimizer_param_names
 from resumer.errors import PlanRefused
 from resumer.plan import Action, Plan, Section
@@ -50,18 +52,32 @@ class Staged:
 
 
 def stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer | None = None, *,
-          verify: bool = True) -> Staged:
-    """Everything that can find the checkpoint bad, before anything live is touched: PlanRefused when the plan
-    is not ok, CheckpointError when the checkpoint is corrupt (then nothing changed, and a caller may try
-    another checkpoint)."""
+          verify: bool = True, model: nn.Module | None = None, scheduler: Any = None) -> Staged:
+    """Everything that can fail, before anything live is touched: PlanRefused when the plan is not ok,
+    CheckpointError when the checkpoint is corrupt or holds values the live objects cannot take, a
+    ResumerError when storage fails (then nothing changed, and a caller may try another checkpoint).
+
+    ``verify``: kept for callers; whether bytes are checksummed is the source's own setting (``resume``
+    opens it with ``checksums=verify``). ``model`` and ``scheduler``: the live objects the saved values are
+    checked against (shapes, scheduler state); without them those checks are skipped.
+    """
     if not plan.ok:
         raise PlanRefused(plan)
     started = time.perf_counter()
     carry = optimizer is not None and plan.optimizer_action() is Action.CARRY
     carried = {e.source for e in plan.section(Section.OPTIMIZER_STATE)
                if e.action is Action.CARRY and e.source is not None} if carry else set()
+    copies = {e.source or e.name for e in plan.section(Section.MODEL) if e.copies}
     source.prepare()
-    _stage(source, carried, verify=verify)
+    if model is not None:
+        preflight.check_model(plan, source, model)
+        if carry:
+            preflight.check_state(plan, source, model)
+    if carry:
+        assert optimizer is not None
+        preflight.check_groups(plan, source, optimizer)
+    preflight.check_scheduler(plan, source, scheduler)
+    _stage(source, copies, carried)
     return Staged(plan=plan, source=source, carry=carry, started=started)
 
 
@@ -89,8 +105,8 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
                         load_seconds=seconds, extra=source.extra())
 
 
-def _stage(source: CheckpointSource, carried: set[str], *, verify: bool) -> None:
-    """Verify the model files and read the carried optimizer state into fresh memory, side by side.
+def _stage(source: CheckpointSource, copies: set[str], carried: set[str]) -> None:
+    """Read the model tensors and the carried optimizer state into fresh memory, side by side.
 
     Neither touches the model, and the two read different files, so they overlap: storage stays busy
     while the other side hashes or copies, and the state's memory is faulted in meanwhile (``reserve``).
@@ -98,20 +114,17 @@ def _stage(source: CheckpointSource, carried: set[str], *, verify: bool) -> None
     """
     if carried:
         source.reserve(carried)
-    if not verify or not carried:
-        if verify:
-            source.verify()
-        if carried:
-            source.load_optimizer_state(carried)
+    if not carried:
+        source.load_model(copies)
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumer-verify") as pool:
-        checked = pool.submit(source.verify)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumer-load") as pool:
+        loaded = pool.submit(source.load_model, copies)
         try:
             source.load_optimizer_state(carried)
         except BaseException:
-            checked.result()  # the model files' verdict first: it names the file at fault when both are bad
+            loaded.result()  # the model files' verdict first: it names the file at fault when both are bad
             raise
-        checked.result()
+        loaded.result()
 
 
 def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,

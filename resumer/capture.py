@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resumer import dtypes
 from resumer.errors import UsageError
 from resumer.jsonvalue import encode
 from resumer.signature import (
@@ -46,7 +47,17 @@ def canonical_name(name: str) -> str:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a torch dtype in resumer.dtypes' table (and in manifests): ``float32``, ``complex128``."""
     return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a name in resumer.dtypes' table; ValueError for a name the table or this torch lacks."""
+    dtypes.lookup(name)
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not available in torch {torch.__version__}")
+    return dtype
 
 
 @dataclass(slots=True)

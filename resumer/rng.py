@@ -47,20 +47,26 @@ def parse(state: dict[str, Any], uri: str = "checkpoint") -> dict[str, Any]:
             t = _unb64(state["torch"])
             if t.numel() != torch.get_rng_state().numel():
                 raise ValueError(f"torch state has {t.numel()} bytes")
+            torch.Generator().set_state(t)  # validates without touching the global generator
             out["torch"] = t
         if "numpy" in state:
             n = state["numpy"]
             keys = np.asarray(n["keys"], dtype=np.uint32)
-            if n["kind"] != "MT19937" or keys.shape != (624,):
+            if n["kind"] != "MT19937" or keys.shape != (624,) or not 0 <= int(n["pos"]) <= 624:
                 raise ValueError("numpy state is not an MT19937 state")
             out["numpy"] = (n["kind"], keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"]))
+            np.random.RandomState().set_state(out["numpy"])  # validates without touching the global generator
         if "python" in state:
             py = decode(state["python"])
             random.Random().setstate(py)  # validates without touching the global generator
             out["python"] = py
         if "cuda" in state:
             out["cuda"] = [_unb64(s) for s in state["cuda"]]
-    except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error, ResumerError) as exc:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                want = torch.cuda.get_rng_state().numel()
+                if any(s.numel() != want for s in out["cuda"]):
+                    raise ValueError(f"a CUDA state is not {want} bytes")
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, binascii.Error, ResumerError) as exc:
         raise CheckpointError(f"{uri}: the saved RNG state is malformed ({exc}). Nothing was loaded.",
                               uri=uri) from None
     return out

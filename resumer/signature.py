@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from resumer import dtypes
+
 PARAMETER = "parameter"
 BUFFER = "buffer"
 
@@ -214,20 +216,10 @@ class Signature:
         )
 
 
-_DTYPE_SIZES = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-    "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1,
-    "float8_e5m2": 1, "uint16": 2, "uint32": 4, "uint64": 8,
-}
-
-
 def dtype_size(dtype: str) -> int:
-    """Bytes per element of a dtype named as torch names it without the ``torch.`` prefix."""
-    try:
-        return _DTYPE_SIZES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}") from None
+    """Bytes per element of a dtype named as torch names it without the ``torch.`` prefix (resumer.dtypes)."""
+    return dtypes.itemsize(dtype)
 
 
 def known_dtype(dtype: str) -> bool:
-    return dtype in _DTYPE_SIZES
+    return dtypes.known(dtype)
