@@ -6,20 +6,28 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
+from types import TracebackType
 from typing import Any
 
 import click
 from rich.console import Console
 
+from resumer import cli_output
 from resumer.cli_history import history_command  # imports resumer.cli only inside the command: no cycle
 from resumer.cli_jobs import logs, status, stop, submit  # import resumer.cli only inside the commands: no cycle
+from resumer.cli_output import emit_json, json_option
 from resumer.cli_prune import prune as prune_command  # imports resumer.cli only inside the command: no cycle
 from resumer.cli_watch import watch_command  # imports resumer.cli only inside the command: no cycle
-from resumer.errors import CheckpointError, PlanRefused, ResumerError, UsageError
+from resumer.errors import PlanRefused, ResumerError, UsageError
+from resumer.render import printable, printable_plan
 
 EXIT_OK, EXIT_CHECKPOINT, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 SECRET_WORDS = ("secret", "token", "password", "key", "credential")
+# Libraries that raise on a URI or storage options they cannot use: their errors are about what the user gave.
+STORAGE_PACKAGES = ("fsspec", "s3fs", "gcsfs", "adlfs", "aiobotocore", "botocore", "aiohttp", "urllib3", "requests")
 
 out = Console()
 err = Console(stderr=True)
@@ -29,17 +37,26 @@ def parse_storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
     """``key=value`` pairs (dotted keys nest: client_kwargs.endpoint_url=...); values may be JSON."""
     options: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise UsageError(f"Bad --storage-option {item.split('=')[0]!r}: write KEY=VALUE.")
-        key, value = item.split("=", 1)
+        key, eq, value = item.partition("=")
+        parts = key.split(".")
+        if not eq or not all(p.strip() for p in parts):
+            raise UsageError(f"Bad --storage-option {printable(item)!r}: write KEY=VALUE, where KEY is a name or "
+                             "dotted names (e.g. -S anon=true -S client_kwargs.endpoint_url=http://127.0.0.1:9000).")
         try:
             parsed: Any = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, ValueError):
             parsed = value
         node = options
-        *path, leaf = key.split(".")
-        for p in path:
+        *path, leaf = parts
+        for i, p in enumerate(path):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"Bad --storage-option {printable(item)!r}: {'.'.join(path[:i + 1])!r} is already "
+                                 f"set to a value ({node!r}), so it cannot also hold {'.'.join(parts[i + 1:])!r}. "
+                                 "Give each option once.")
+        if isinstance(node.get(leaf), dict):
+            raise UsageError(f"Bad --storage-option {printable(item)!r}: {key!r} already holds nested options "
+                             f"({', '.join(node[leaf])}). Give each option once.")
         node[leaf] = parsed
     return options or None
 
@@ -52,27 +69,65 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any] | None:
             for k, v in options.items()}
 
 
+def _say(text: str) -> None:
+    """One message on stderr, control characters escaped, never re-wrapped (a script may grep it)."""
+    err.print(printable(text, keep_newlines=True), markup=False, highlight=False, soft_wrap=True)
+
+
+def _verbose() -> int:
+    ctx = click.get_current_context(silent=True)
+    return int(ctx.find_root().params.get("verbose") or 0) if ctx is not None else 0
+
+
+def _from_storage(tb: TracebackType | None) -> bool:
+    """Whether the innermost frame of ``tb`` is in a storage library."""
+    name = ""
+    while tb is not None:
+        name = str(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    return name.partition(".")[0] in STORAGE_PACKAGES
+
+
+def _unexpected(exc: Exception) -> int:
+    """One paragraph for an error resumer did not raise on purpose (``-v`` shows the traceback)."""
+    what = f"{type(exc).__name__}: {exc}"
+    if _from_storage(exc.__traceback__):
+        _say(f"error: the storage library could not use the URI or storage options as given ({what}). Check the "
+             "URI (e.g. s3://bucket/path) and every -S KEY=VALUE option against the filesystem's documentation; "
+             "run with -v to see the traceback.")
+        return EXIT_USAGE
+    _say(f"error: unexpected {what}. Nothing was changed by this command unless it said so; run with -v to see "
+         "the traceback, and report it if the cause is not in your code or storage.")
+    return EXIT_CHECKPOINT
+
+
 def _run(fn: Callable[[], int]) -> None:
-    try:
-        code = fn()
-    except PlanRefused as exc:
-        err.print(str(exc), markup=False, highlight=False)
-        code = EXIT_REFUSED
-    except UsageError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
-        code = EXIT_USAGE
-    except CheckpointError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
-        code = EXIT_CHECKPOINT
-    except ResumerError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
-        code = EXIT_CHECKPOINT
+    """Run a command body: exit codes from errors, one paragraph each; ``--json`` keeps stdout for the JSON."""
+    with cli_output.json_stdout() if cli_output.wants_json() else nullcontext():
+        try:
+            code = fn()
+        except Exception as exc:  # noqa: BLE001 - every error becomes one paragraph and an exit code
+            if _verbose():
+                traceback.print_exception(exc, file=sys.stderr)
+            code = _report(exc)
     sys.exit(code)
+
+
+def _report(exc: Exception) -> int:
+    if isinstance(exc, PlanRefused):
+        _say(printable_plan(exc.plan).describe_refusal())
+        return EXIT_REFUSED
+    if isinstance(exc, UsageError):
+        _say(f"error: {exc}")
+        return EXIT_USAGE
+    if isinstance(exc, ResumerError):  # CheckpointError, TransientStorageError, ...: this checkpoint or storage
+        _say(f"error: {exc}")
+        return EXIT_CHECKPOINT
+    return _unexpected(exc)
 
 
 storage_option = click.option("--storage-option", "-S", "storage", multiple=True, metavar="KEY=VALUE",
                               help="fsspec storage option (repeatable; dotted keys nest).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,7 +155,7 @@ def inspect(checkpoint: str, verify: bool, as_json: bool, storage: tuple[str, ..
     def run() -> int:
         info = inspect_checkpoint(checkpoint, parse_storage_options(storage), verify=verify)
         if as_json:
-            click.echo(json.dumps(info, indent=2))
+            emit_json(info)
         else:
             out.print(describe(info), markup=False, highlight=False)
         return EXIT_OK
@@ -144,7 +199,7 @@ def plan(checkpoint: str, model_ref: str, optimizer_ref: str | None, scheduler_r
         p = resumer.plan(checkpoint, model, optimizer, scheduler, policy=pol, renames=rules,
                          storage_options=parse_storage_options(storage))
         if as_json:
-            click.echo(json.dumps(p.to_dict(), indent=2))
+            emit_json(p.to_dict())
         elif markdown:
             click.echo(plan_markdown(p, show_all=show_all))
         else:
@@ -181,15 +236,15 @@ def resume(checkpoint: str, model_ref: str, optimizer_ref: str | None, scheduler
                                             extra={**res.extra, "resumed_from": res.checkpoint},
                                             storage_options=options)
         if as_json:
-            click.echo(json.dumps({"ok": True, "step": res.step, "checkpoint": res.checkpoint, "saved": saved,
-                                   "bytes_read": res.bytes_read, "load_seconds": round(res.load_seconds, 4),
-                                   "plan": res.plan.to_dict()}, indent=2))
+            emit_json({"ok": True, "step": res.step, "checkpoint": res.checkpoint, "saved": saved,
+                       "bytes_read": res.bytes_read, "load_seconds": round(res.load_seconds, 4),
+                       "plan": res.plan.to_dict()})
         else:
-            out.print(res.plan.summary(), markup=False, highlight=False)
-            out.print(f"resumed step {res.step} from {res.checkpoint}: {res.bytes_read} bytes in "
+            out.print(printable_plan(res.plan).summary(), markup=False, highlight=False)
+            out.print(f"resumed step {res.step} from {printable(res.checkpoint)}: {res.bytes_read} bytes in "
                       f"{res.load_seconds:.2f}s", markup=False, highlight=False)
             if saved:
-                out.print(f"saved {saved}", markup=False, highlight=False)
+                out.print(f"saved {printable(saved)}", markup=False, highlight=False)
         return EXIT_OK
 
     _run(run)
@@ -210,12 +265,12 @@ def list_(root: str, show_all: bool, as_json: bool, storage: tuple[str, ...]) ->
         rows = [{"uri": i.uri, "step": i.step, "time": i.time, "bytes": i.total_bytes, "quarantine": i.quarantine}
                 for i in infos]
         if as_json:
-            click.echo(json.dumps(rows, indent=2))
+            emit_json(rows)
         elif not rows:
-            out.print(f"no committed checkpoints under {root}", markup=False)
+            out.print(f"no committed checkpoints under {printable(root)}", markup=False, highlight=False)
         for r in rows if not as_json else ():
             mark = f"  QUARANTINED: {r['quarantine']}" if r["quarantine"] else ""
-            out.print(f"{r['step']:>10}  {r['time']}  {r['bytes']:>12}  {r['uri']}{mark}", markup=False,
+            out.print(printable(f"{r['step']:>10}  {r['time']}  {r['bytes']:>12}  {r['uri']}{mark}"), markup=False,
                       highlight=False, soft_wrap=True)
         return EXIT_OK
 
@@ -240,6 +295,8 @@ for _command in (submit, status, stop, logs):
 
 
 def main() -> None:
+    """The ``resumer`` entry point: this process is the command."""
+    cli_output.keep_redirected_at_exit = True  # late prints (Ray threads, exit handlers) never follow the JSON
     cli(prog_name="resumer")
 
 

@@ -8,13 +8,13 @@ Exit codes: 0 printed; 1 the tracking server did not answer; 2 no such job, expe
 
 from __future__ import annotations
 
-import json
-
 import click
 from rich.table import Table
 from rich.text import Text
 
+from resumer.cli_output import emit_json, json_option
 from resumer.history import JobHistory
+from resumer.render import printable
 
 _OUTCOME_STYLE = {"started": "green", "resumed": "cyan", "refused": "bold red", "fresh-start": "yellow"}
 _STATUS_STYLE = {"RUNNING": "cyan", "FINISHED": "green", "FAILED": "red", "KILLED": "yellow"}
@@ -28,19 +28,24 @@ def _counts(counts: dict[str, int]) -> str:
     return f"{model}  {opt}"
 
 
+def _cell(text: str | None, style: str = "") -> Text:
+    return Text(printable(text), style=style)
+
+
 def history_table(history: JobHistory) -> Table:
     """One row per attempt, oldest first."""
-    table = Table(title=f"job {history.job} ({history.status}): {len(history.attempts)} attempt(s)",
+    # Cells are escaped Text: what MLflow holds is not trusted to be free of markup or terminal escapes.
+    table = Table(title=Text(printable(f"job {history.job} ({history.status}): {len(history.attempts)} attempt(s)")),
                   header_style="bold", show_edge=False, title_justify="left")
     for col in ("attempt", "started (UTC)", "outcome", "previous failure", "policy", "from step", "committed",
                 "status", "tensors l/r/f/d  opt c/f"):
         table.add_column(col, overflow="fold")
     for a in history.attempts:
-        table.add_row(str(a.attempt), (a.start_time or "").replace("T", " ").rstrip("Z"),
-                      Text(a.outcome, style=_OUTCOME_STYLE.get(a.outcome, "")), a.previous_failure, a.policy,
-                      "" if a.step is None else str(a.step),
+        table.add_row(str(a.attempt), _cell((a.start_time or "").replace("T", " ").rstrip("Z")),
+                      _cell(a.outcome, _OUTCOME_STYLE.get(a.outcome, "")), _cell(a.previous_failure),
+                      _cell(a.policy), "" if a.step is None else str(a.step),
                       "" if a.committed_step is None else str(a.committed_step),
-                      Text(a.status, style=_STATUS_STYLE.get(a.status, "")), _counts(a.counts))
+                      _cell(a.status, _STATUS_STYLE.get(a.status, "")), _counts(a.counts))
     return table
 
 
@@ -49,7 +54,7 @@ def history_table(history: JobHistory) -> Table:
 @click.option("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the "
               "embedded store $RESUMER_HOME/mlflow.db).")
 @click.option("--experiment", default="resumer", show_default=True, help="MLflow experiment the job recorded to.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 def history_command(job: str, tracking_uri: str | None, experiment: str, as_json: bool) -> None:
     """Print the attempts of JOB and the decision behind each (outcome, failure, policy, checkpoint, plan counts)."""
     from resumer.cli import EXIT_OK, _run, out
@@ -58,12 +63,13 @@ def history_command(job: str, tracking_uri: str | None, experiment: str, as_json
     def run() -> int:
         history = read_history(job, tracking_uri=tracking_uri, experiment=experiment)
         if as_json:
-            click.echo(json.dumps(history.to_dict(), indent=2))
+            emit_json(history.to_dict())
             return EXIT_OK
         out.print(history_table(history))
         for a in history.attempts:
             if a.message:
-                out.print(Text(f"attempt {a.attempt} {a.outcome}: {a.message}", style="red"), highlight=False)
+                out.print(Text(printable(f"attempt {a.attempt} {a.outcome}: {a.message}"), style="red"),
+                          highlight=False)
         return EXIT_OK
 
     _run(run)

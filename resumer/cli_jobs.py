@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import uuid
 from typing import Any
 
 import click
+
+from resumer.cli_output import emit_json, json_option
+from resumer.render import printable
 
 ADDRESS_HELP = "Ray cluster address (http://HOST:8265 for the Jobs API); default: $RAY_ADDRESS, else embedded Ray."
 EXIT_FAILED = 1
@@ -25,7 +27,7 @@ def _cli() -> Any:
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Stop the job after this many seconds.")
 @click.option("--no-mlflow", is_flag=True, help="Do not record in MLflow (decisions are only logged).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def submit(spec_path: str, address: str | None, timeout_s: float | None, no_mlflow: bool, as_json: bool) -> None:
     """Run JOB.yaml: train on Ray Train workers, recover from failures, record every decision.
 
@@ -48,12 +50,13 @@ def submit(spec_path: str, address: str | None, timeout_s: float | None, no_mlfl
 
         result = run_job(spec, address=address, timeout_s=timeout_s, recorder=LogRecorder() if no_mlflow else None)
         if as_json:
-            click.echo(json.dumps(result.to_dict(), indent=2))
+            emit_json(result.to_dict())
         else:
             for d in result.decisions:
-                cli.out.print(d.summary(), markup=False, highlight=False)
-            cli.out.print(f"job {spec.name}: {result.state.value} after {result.attempts} attempt(s)"
-                          + (f"\n{result.message}" if result.message else ""), markup=False, highlight=False)
+                cli.out.print(printable(d.summary(), keep_newlines=True), markup=False, highlight=False)
+            cli.out.print(printable(f"job {spec.name}: {result.state.value} after {result.attempts} attempt(s)"
+                                    + (f"\n{result.message}" if result.message else ""), keep_newlines=True),
+                          markup=False, highlight=False)
             if result.tracking_uri:
                 where = _redact_uri(result.tracking_uri)
                 hint = "" if spec.tracking_uri is None else f" --tracking-uri {where}"
@@ -88,7 +91,7 @@ def _submit_remote(spec_path: str, name: str, address: str, as_json: bool, no_ml
     client.submit_job(entrypoint=f"python -m resumer submit {shlex.quote(os.path.abspath(spec_path))}{flags}",
                       submission_id=job_id)
     if as_json:
-        click.echo(json.dumps({"submission_id": job_id, "address": address}))
+        emit_json({"submission_id": job_id, "address": address}, indent=None)
     else:
         _cli().out.print(f"submitted {job_id} to {address}\n  resumer status {job_id} --address {address}",
                          markup=False, highlight=False)
@@ -108,7 +111,7 @@ def _client(address: str | None) -> Any:
 @click.command()
 @click.argument("job_id")
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def status(job_id: str, address: str | None, as_json: bool) -> None:
     """Show the state of a submitted job."""
     cli = _cli()
@@ -116,7 +119,10 @@ def status(job_id: str, address: str | None, as_json: bool) -> None:
     def run() -> int:
         info = _client(address).get_job_info(job_id)
         row = {"submission_id": job_id, "status": str(info.status), "message": info.message}
-        click.echo(json.dumps(row) if as_json else f"{job_id}: {row['status']} {row['message'] or ''}")
+        if as_json:
+            emit_json(row, indent=None)
+        else:
+            click.echo(printable(f"{job_id}: {row['status']} {row['message'] or ''}"))
         return cli.EXIT_OK
 
     cli._run(run)

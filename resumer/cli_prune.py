@@ -6,11 +6,11 @@ the command, so either module may be imported first without an import cycle.
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from resumer.cli_output import emit_json, json_option
 from resumer.errors import UsageError
+from resumer.render import printable
 
 
 @click.command()
@@ -22,7 +22,7 @@ from resumer.errors import UsageError
 @click.option("--dry-run", is_flag=True, help="Show what would be deleted; delete (and mark) nothing.")
 @click.option("--no-verify", is_flag=True,
               help="Find the newest valid checkpoint by sizes only, without reading its bytes for checksums.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 @click.option("--storage-option", "-S", "storage", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option (repeatable; dotted keys nest).")
 def prune(root: str, keep_last: int | None, keep_every: int | None, dry_run: bool, no_verify: bool, as_json: bool,
@@ -45,15 +45,15 @@ def prune(root: str, keep_last: int | None, keep_every: int | None, dry_run: boo
         result = prune_root(root, policy, storage_options=parse_storage_options(storage), dry_run=dry_run,
                             checksums=not no_verify)
         if as_json:
-            click.echo(json.dumps(result.to_dict(), indent=2))
+            emit_json(result.to_dict())
         else:
             for d in result.decisions:
                 verb = "would delete" if d.delete and dry_run else "deleted" if d.delete else d.verdict.value
-                out.print(f"{verb:>12}  {d.step:>10}  {d.uri}  ({d.reason})", markup=False, highlight=False,
-                          soft_wrap=True)
+                out.print(printable(f"{verb:>12}  {d.step:>10}  {d.uri}  ({d.reason})"), markup=False,
+                          highlight=False, soft_wrap=True)
             if result.note:
-                out.print(result.note, markup=False, highlight=False, soft_wrap=True)
-            out.print(result.summary(), markup=False, highlight=False, soft_wrap=True)
+                out.print(printable(result.note), markup=False, highlight=False, soft_wrap=True)
+            out.print(printable(result.summary()), markup=False, highlight=False, soft_wrap=True)
         return EXIT_CHECKPOINT if result.failed else EXIT_OK
 
     _run(run)

@@ -7,6 +7,7 @@ from typing import Any
 from resumer.api import open_source
 from resumer.catalog import list_checkpoints
 from resumer.manifest import MANIFEST
+from resumer.render import printable
 from resumer.signature import Signature
 from resumer.source import NativeSource
 from resumer.store import get_fs, join
@@ -92,4 +93,5 @@ def describe(info: dict[str, Any]) -> str:
         lines.append(f"note        {n}")
     if info.get("verified"):
         lines.append("verified    sizes, headers and checksums ok")
-    return "\n".join(lines)
+    # Each line is ours; a newline or escape inside one came from the checkpoint and is shown escaped.
+    return "\n".join(printable(line) for line in lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from html import escape
 
 from resumer.plan import Plan
+from resumer.render import printable_plan
 
 _CSS = ("body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}.refused{color:#b00;font-weight:bold}"
@@ -13,6 +14,7 @@ _CSS = ("body{font-family:sans-serif;font-size:14px}table{border-collapse:collap
 
 def plan_html(plan: Plan) -> str:
     """Summary, refusals with the fix, renames with their evidence, and one row per entry."""
+    plan = printable_plan(plan)  # escaped for the terminal first, then for HTML
     verdict = "ok" if plan.ok else "REFUSED"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Resume plan: {verdict}</title>",
              f"<style>{_CSS}</style></head><body>", f"<h1>Resume plan: {verdict}</h1>",

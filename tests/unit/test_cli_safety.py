@@ -1,0 +1,233 @@
+"""The command line against hostile input and noisy code, through the real ``resumer`` entry point.
+
+Bad factories, URIs and storage options are one paragraph and exit 2; names read from a checkpoint reach the
+terminal escaped; ``--json`` stdout is one JSON document whatever prints underneath; a file in the working
+directory cannot shadow a module the CLI imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import torch
+
+import resumer
+from resumer import examples as ex
+from resumer.render import plan_markdown, printable
+from resumer.render_html import plan_html
+
+ENTRY_POINT = str(Path(sys.executable).parent / "resumer")
+MLP = "resumer.examples:mlp_v1"
+EVIL = "w\x1b]0;pwned\x07\x1b[2J\r[red]x[/red]<b>\u202e"
+RAW = ("\x1b", "\x07", "\r", "\u202e")
+
+
+def resumer_cli(*args: str, cwd: str | Path | None = None, module: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``resumer`` script (or ``python -m resumer``) in a fresh process."""
+    env = {**os.environ, "COLUMNS": "400"}
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, "-m", "resumer"] if module else [ENTRY_POINT]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=180, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = str(tmp_path_factory.mktemp("safety"))
+    resumer.save_checkpoint(path, 1, ex.mlp_v1())
+    return path
+
+
+@pytest.fixture(scope="module")
+def evil_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A checkpoint whose tensor name carries terminal escapes, a carriage return, markup and HTML."""
+    model = torch.nn.Module()
+    model.register_parameter(EVIL, torch.nn.Parameter(torch.zeros(2)))
+    path = str(tmp_path_factory.mktemp("evil"))
+    resumer.save_checkpoint(path, 1, model)
+    return path
+
+
+def _one_paragraph(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    assert stderr.strip() and "\n" not in stderr.strip(), stderr
+
+
+@pytest.fixture
+def factories(tmp_path: Path) -> Path:
+    (tmp_path / "boom_import.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "bad_syntax.py").write_text("def build(:\n")
+    (tmp_path / "boom_factory.py").write_text("def build():\n    raise ValueError('factory failed')\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--model", "boom_import:build"),
+     "Bad --model 'boom_import:build': importing module 'boom_import' raised RuntimeError: boom at import. "
+     "Fix the module (run with -v to see the traceback)."),
+    (("--model", "bad_syntax:build"), "importing module 'bad_syntax' raised SyntaxError"),
+    (("--model", "boom_factory:build"),
+     "--model 'boom_factory:build' raised ValueError: factory failed. Fix the factory"),
+    (("--model", MLP, "--optimizer", "boom_factory:build"), "--optimizer 'boom_factory:build' raised TypeError"),
+    (("--model", MLP, "-S", "a=1", "-S", "a.b=2"),
+     "Bad --storage-option 'a.b=2': 'a' is already set to a value (1), so it cannot also hold 'b'."),
+    (("--model", MLP, "-S", "=1"), "Bad --storage-option '=1': write KEY=VALUE"),
+    (("--model", MLP, "-S", "a..b=1"), "Bad --storage-option 'a..b=1': write KEY=VALUE"),
+])
+def test_bad_factory_or_option_is_one_paragraph_exit_2(root: str, factories: Path, args: tuple[str, ...],
+                                                       message: str) -> None:
+    r = resumer_cli("plan", root, *args, cwd=factories)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    _one_paragraph(r.stderr)
+
+
+@pytest.mark.parametrize(("uri", "options", "message"), [
+    ("nosuchproto://bucket/x", (), "Cannot open nosuchproto://bucket/x"),
+    ("s3://", ("-S", "anon=true"), "(ValueError: Cannot traverse all of S3). Check the URI"),
+    ("s3://bucket/x", ("-S", "bogus=1"), "unexpected keyword argument 'bogus'). Check the URI"),
+])
+def test_bad_uri_or_storage_option_is_one_paragraph_exit_2(uri: str, options: tuple[str, ...],
+                                                           message: str) -> None:
+    r = resumer_cli("plan", uri, "--model", MLP, *options)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    _one_paragraph(r.stderr)
+
+
+def test_verbose_shows_the_traceback(root: str, factories: Path) -> None:
+    r = resumer_cli("-v", "plan", root, "--model", "boom_factory:build", cwd=factories)
+    assert r.returncode == 2
+    assert "Traceback" in r.stderr and "ValueError: factory failed" in r.stderr
+
+
+def test_printable_escapes_controls_only() -> None:
+    assert printable("a\x1b]0;t\x07b\rc\u202ed") == "a\\x1b]0;t\\x07b\\x0dc\\u202ed"
+    assert printable("two\nlines\r", keep_newlines=True) == "two\nlines\\x0d"
+    assert printable("blocks.0.attn/ünïcode") == "blocks.0.attn/ünïcode"
+
+
+def _no_raw_controls(text: str) -> None:
+    for ch in RAW:
+        assert ch not in text, f"{ch!r} reached the output raw"
+
+
+def test_checkpoint_names_are_escaped_in_table_refusals_and_markdown(evil_root: str) -> None:
+    table = resumer_cli("plan", evil_root, "--model", MLP)
+    assert table.returncode == 3
+    _no_raw_controls(table.stdout + table.stderr)
+    shown = table.stdout.replace("\n", "").replace(" ", "")
+    assert "w\\x1b]0;pwned\\x07\\x1b[2J\\x0d[red]x[/red]<b>\\u202e" in shown  # escaped, markup left as text
+    markdown = resumer_cli("plan", evil_root, "--model", MLP, "--markdown")
+    _no_raw_controls(markdown.stdout)
+    assert "## Refusals" in markdown.stdout and "w\\x1b]0;pwned\\x07" in markdown.stdout
+
+
+def test_refusal_raised_by_resume_is_escaped(evil_root: str) -> None:
+    r = resumer_cli("resume", evil_root, "--model", MLP)
+    assert r.returncode == 3 and "Cannot resume" in r.stderr
+    _no_raw_controls(r.stdout + r.stderr)
+    assert "w\\x1b]0;pwned\\x07" in r.stderr.replace("\n", "")
+
+
+def test_json_keeps_the_name_exactly(evil_root: str) -> None:
+    r = resumer_cli("plan", evil_root, "--model", MLP, "--json")
+    assert r.returncode == 3
+    names = {e["name"] for e in json.loads(r.stdout)["entries"]}
+    assert EVIL in names  # lossless: json.dumps escapes, json.loads gives the bytes back
+
+
+def test_html_escapes_controls_and_markup(evil_root: str) -> None:
+    plan = resumer.plan(evil_root, ex.mlp_v1())
+    html = plan_html(plan)
+    _no_raw_controls(html)
+    assert "w\\x1b]0;pwned\\x07\\x1b[2J\\x0d[red]x[/red]&lt;b&gt;" in html
+    _no_raw_controls(plan_markdown(plan))
+    assert any(e.name == EVIL for e in plan.entries)  # the plan itself is untouched
+
+
+def test_inspect_and_list_escape_what_the_storage_says(tmp_path: Path) -> None:
+    evil_dir = tmp_path / "evil\x1b[2J"
+    uri = resumer.save_checkpoint(str(evil_dir), 2, ex.mlp_v1())
+    r = resumer_cli("inspect", uri)
+    assert r.returncode == 0, r.stderr
+    _no_raw_controls(r.stdout)
+    assert "evil\\x1b[2J" in r.stdout
+    listed = resumer_cli("list", str(evil_dir))
+    _no_raw_controls(listed.stdout)
+    assert "evil\\x1b[2J" in listed.stdout
+
+
+NOISY = """
+import os
+import resumer.examples
+
+
+def build():
+    print("noise from print")
+    os.write(1, b"noise on fd 1\\n")
+    return resumer.examples.mlp_v1()
+"""
+
+
+@pytest.mark.parametrize("command", ["plan", "resume"])
+def test_json_stdout_is_one_document_whatever_prints(root: str, tmp_path: Path, command: str) -> None:
+    (tmp_path / "noisy.py").write_text(NOISY)
+    r = resumer_cli(command, root, "--model", "noisy:build", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # raises on anything but exactly one JSON document
+    assert isinstance(doc, dict) and doc["ok"] is True
+    assert "noise from print" in r.stderr and "noise on fd 1" in r.stderr
+
+
+def test_json_error_leaves_stdout_empty(tmp_path: Path) -> None:
+    (tmp_path / "noisy.py").write_text(NOISY)
+    r = resumer_cli("plan", str(tmp_path / "absent"), "--model", "noisy:build", "--json", cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "does not exist" in r.stderr
+
+
+SHADOW = """
+open({marker!r}, "w").write("the working directory shadowed an import")
+raise ImportError("shadow")
+"""
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["entry-point", "python-m"])
+def test_working_directory_cannot_shadow_later_imports(tmp_path: Path, module: bool) -> None:
+    """s3fs imports ``netrc`` (through aiohttp) only once an s3:// URI is opened, after the factory ran."""
+    marker = tmp_path / "marker"
+    (tmp_path / "netrc.py").write_text(SHADOW.format(marker=str(marker)))
+    (tmp_path / "mylayers.py").write_text("import torch\n\ndef head():\n    return torch.nn.Linear(2, 2)\n")
+    (tmp_path / "mymodel.py").write_text("import mylayers\n\ndef build():\n    return mylayers.head()\n")
+    r = resumer_cli("plan", "s3://bucket/x", "--model", "mymodel:build", "-S", "bogus=1", cwd=tmp_path,
+                    module=module)
+    # The factory's module and its sibling came from the working directory; the storage layer was reached.
+    assert r.returncode == 2 and "unexpected keyword argument 'bogus'" in r.stderr, r.stderr
+    assert not marker.exists(), "a netrc.py in the working directory ran"
+
+
+def _defined_commands() -> set[str]:
+    names: set[str] = set()
+    for mod in ("resumer.cli", "resumer.cli_history", "resumer.cli_jobs", "resumer.cli_prune",
+                "resumer.cli_watch"):
+        for value in vars(importlib.import_module(mod)).values():
+            if isinstance(value, click.Command) and not isinstance(value, click.Group):
+                names.add(value.name or "")
+    return names
+
+
+def test_every_command_is_registered_on_the_entry_point() -> None:
+    r = resumer_cli("--help")
+    assert r.returncode == 0
+    listed = {line.split()[0] for line in r.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    expected = {"inspect", "plan", "resume", "list", "demo", "watch", "history", "prune", "submit", "status",
+                "stop", "logs"}
+    assert expected <= _defined_commands()
+    assert _defined_commands() <= listed
