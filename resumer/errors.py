@@ -5,6 +5,7 @@
     ├── CheckpointError           a checkpoint that is missing, torn, corrupt or unsafe (has .uri)
     ├── PlanRefused               resume() was asked to apply a plan that is not ok (has .plan)
     ├── TransientStorageError     storage failed in a way that may succeed on retry (has .uri)
+    ├── StorageFullError          a save ran out of space (disk full, quota); nothing was committed (has .uri)
     └── Preempted                 a worker got a preemption notice and stopped at a step boundary (.step, .uri)
 
 Errors keep their data as attributes and survive pickling (Ray moves them between processes).
@@ -45,6 +46,17 @@ class TransientStorageError(ResumerError):
         return (_rebuild_transient_error, (str(self), self.uri))
 
 
+class StorageFullError(ResumerError):
+    """A save ran out of space (ENOSPC, EDQUOT). Nothing was committed and its partial files were removed."""
+
+    def __init__(self, message: str, *, uri: str | None = None) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_storage_full_error, (str(self), self.uri))
+
+
 class PlanRefused(ResumerError):
     """resume() refused to apply a plan that is not ok; ``.plan`` says every difference."""
 
@@ -74,3 +86,7 @@ def _rebuild_checkpoint_error(message: str, uri: str | None) -> CheckpointError:
 
 def _rebuild_transient_error(message: str, uri: str | None) -> TransientStorageError:
     return TransientStorageError(message, uri=uri)
+
+
+def _rebuild_storage_full_error(message: str, uri: str | None) -> StorageFullError:
+    return StorageFullError(message, uri=uri)

@@ -3,39 +3,45 @@
 ``decide`` is pure (a listing, a policy, the newest valid step and the leases in; a decision with its
 reason per step directory out). It deletes only committed, non-quarantined checkpoints OLDER than the
 newest checkpoint that is committed AND verified, never that one, never a leased one, never a
-directory without a manifest (a save may be in progress) and never a quarantined one (kept for
-inspection). What it keeps beyond that is the policy: the newest ``keep_last`` valid checkpoints
-(the newest valid one counts as the first) and every step divisible by ``keep_every``.
+directory without a manifest (a save may be in progress), never a quarantined one (kept for
+inspection) and never a suspicious one (its manifest names another step than its directory: a copy
+or a rename; such a directory is never taken as the newest either, so a copy of an old checkpoint
+under a new name cannot make the real newest look old). What it keeps beyond that is the policy: the
+newest ``keep_last`` valid checkpoints (the newest valid one counts as the first) and every step
+divisible by ``keep_every``.
 
-``prune`` acts on the decisions. Per checkpoint, in this order, and why:
+Before anything is deleted, ``prune`` takes a second look at each doomed checkpoint: its manifest must
+parse and name the step of its directory, and (on a local disk) no symlink in a kept checkpoint may
+lead into it. Then, per checkpoint, in this order, and why:
 
 1. look at the leases again: a reader may have arrived since the decision;
-2. write ``retiring.json`` (a tombstone): if we crash from here on, the next prune recognises the
-   directory as an unfinished deletion rather than a save in progress, and finishes it;
-3. remove ``manifest.json`` FIRST: the checkpoint is un-committed, so no new reader can pick it;
-4. look at the leases once more: a reader that leased it before step 3 may hold the manifest already.
-   If one is there, the same manifest bytes are written back (re-commit) and nothing is deleted.
+2. rename ``manifest.json`` to ``retiring.json`` (the tombstone): the checkpoint is un-committed, so
+   no new reader can pick it, and if we crash from here on the next prune recognises the directory
+   as an unfinished deletion rather than a save in progress, and finishes it. A rename writes no
+   bytes, so a prune on a FULL disk can still free it;
+3. look at the leases once more: a reader that leased it before step 2 may hold the manifest already.
+   If one is there, the tombstone is renamed back (re-commit, the same bytes) and nothing is deleted.
    A reader that leases after this look finds no manifest, so it never reads vanishing data;
-5. remove the data files, then the tombstone, then the empty directory.
+4. remove the data files (a symlink is removed, never what it points to), then the tombstone, then
+   the empty directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import enum
-import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from resumer import retry
-from resumer.catalog import Candidate, scan, select
-from resumer.errors import TransientStorageError, UsageError
-from resumer.lease import Lease, active_leases, default_holder, sweep_expired
-from resumer.manifest import MANIFEST, QUARANTINE
-from resumer.store import get_fs, join, read_bytes, write_bytes_atomic
+from resumer.catalog import Candidate, CheckpointInfo, scan, select
+from resumer.errors import CheckpointError, TransientStorageError, UsageError
+from resumer.lease import Lease, active_leases, sweep_expired
+from resumer.manifest import MANIFEST, QUARANTINE, parse
+from resumer.store import STEP_DIR, get_fs, is_local, join, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -135,22 +141,31 @@ def describe_leases(leases: Sequence[Lease]) -> str:
 
 
 def decide(candidates: Sequence[Candidate], policy: RetentionPolicy, newest_valid_step: int | None,
-           leased_dirs: Mapping[str, Sequence[Lease]]) -> list[Decision]:
+           leased_dirs: Mapping[str, Sequence[Lease]], suspicious: Mapping[str, str] | None = None
+           ) -> list[Decision]:
     """Keep or delete each step directory, newest first. Pure: no IO, no clock.
 
     Args:
         candidates: the step directories as listed (``catalog.scan``).
         policy: what to keep beyond what is always kept.
         newest_valid_step: the step (of its directory name) of the newest committed AND verified
-            checkpoint, or None when there is none (then nothing is deleted).
+            checkpoint whose manifest names that same step, or None when there is none (then nothing
+            is deleted).
         leased_dirs: step-dir name -> its ACTIVE leases (``lease.active_leases``).
+        suspicious: URI -> why, for committed directories whose manifest names another step (a copy
+            or a rename): kept, and not counted among the valid ones.
     """
+    suspicious = suspicious or {}
     ordered = sorted(candidates, key=lambda c: c.step, reverse=True)
-    valid = [c for c in ordered if c.committed and not c.quarantined
+    valid = [c for c in ordered if c.committed and not c.quarantined and c.uri not in suspicious
              and newest_valid_step is not None and c.step <= newest_valid_step]
     rank = {c.uri: i for i, c in enumerate(valid, start=1)}
     out = []
     for c in ordered:
+        if c.committed and c.uri in suspicious:
+            out.append(Decision(step=c.step, uri=c.uri, verdict=Verdict.KEEP, reason=suspicious[c.uri],
+                                bytes=sum(c.sizes.values())))
+            continue
         verdict, reason = _judge(c, policy, newest_valid_step, leased_dirs.get(dir_name(c.uri)) or (), rank)
         out.append(Decision(step=c.step, uri=c.uri, verdict=verdict, reason=reason, bytes=sum(c.sizes.values())))
     return out
@@ -199,7 +214,7 @@ def prune(root: str, policy: RetentionPolicy, *, storage_options: dict[str, Any]
         raise UsageError(f"policy must be a RetentionPolicy, got {type(policy).__name__}.")
     root = str(root)
     # Select first: checkpoints it finds corrupt are quarantined, and the listing below shows them so.
-    chosen = select(root, storage_options=storage_options, checksums=checksums, mark=not dry_run).chosen
+    chosen, suspicious = _newest_valid(root, storage_options, checksums=checksums, mark=not dry_run)
     fs, root_path = get_fs(root, storage_options)
     fs.invalidate_cache(root_path)
     candidates = scan(root, storage_options)
@@ -208,8 +223,10 @@ def prune(root: str, policy: RetentionPolicy, *, storage_options: dict[str, Any]
     if newest is None:
         note = f"no committed, verified checkpoint under {root}: nothing was deleted"
         logger.warning("[retention] %s", note)
-    decisions = decide(candidates, policy, newest.step if newest else None, active_leases(root, storage_options))
     by_uri = {c.uri: c for c in candidates}
+    decisions = decide(candidates, policy, newest.step if newest else None, active_leases(root, storage_options),
+                       suspicious)
+    decisions = _second_look(decisions, by_uri, storage_options)
     final, deleted, failed = [], [], []
     for d in decisions:
         if d.delete and not dry_run:
@@ -235,6 +252,94 @@ def prune(root: str, policy: RetentionPolicy, *, storage_options: dict[str, Any]
     return result
 
 
+def _newest_valid(root: str, storage_options: dict[str, Any] | None, *, checksums: bool, mark: bool
+                  ) -> tuple[CheckpointInfo | None, dict[str, str]]:
+    """The newest committed, verified checkpoint whose manifest names the step of its directory, and the
+    suspicious ones passed over on the way (URI -> why). A copy of step 10 named step-99 is not newer."""
+    suspicious: dict[str, str] = {}
+    while True:  # ends: each round excludes one more directory of a finite listing
+        chosen = select(root, storage_options=storage_options, checksums=checksums, mark=mark,
+                        exclude=suspicious).chosen
+        if chosen is None or _dir_step(chosen.uri) == chosen.step:
+            return chosen, suspicious
+        suspicious[chosen.uri] = _mismatch(chosen.uri, chosen.step)
+        logger.warning("[retention] %s: %s", chosen.uri, suspicious[chosen.uri])
+
+
+def _dir_step(uri: str) -> int | None:
+    m = STEP_DIR.match(dir_name(uri))
+    return int(m.group(1)) if m else None
+
+
+def _mismatch(uri: str, manifest_step: int) -> str:
+    return (f"suspicious: its manifest says step {manifest_step} but the directory is {dir_name(uri)} (copied or "
+            "renamed?); never deleted by prune and never taken as the newest")
+
+
+def _second_look(decisions: list[Decision], by_uri: Mapping[str, Candidate],
+                 storage_options: dict[str, Any] | None) -> list[Decision]:
+    """Keep a doomed checkpoint whose manifest cannot be read or names another step, or (local disks) into
+    which a symlink of a kept checkpoint leads. Repeated until stable: a newly kept one may hold links too."""
+    out = [_check_manifest(d, by_uri[d.uri], storage_options) if d.delete and by_uri[d.uri].committed else d
+           for d in decisions]
+    if not out or not is_local(get_fs(out[0].uri, storage_options)[0]):
+        return out  # symlinks exist on local disks only
+    changed = True
+    while changed:
+        changed = False
+        targets = _link_targets([by_uri[d.uri] for d in out if not d.delete], storage_options)
+        for i, d in enumerate(out):
+            hit = _linked_into(by_uri[d.uri], targets, storage_options) if d.delete else None
+            if hit:
+                out[i] = replace(d, verdict=Verdict.KEEP,
+                                 reason=f"the kept {hit[0]} is a symlink leading to its {hit[1]}: deleting it would "
+                                        "break that checkpoint")
+                changed = True
+    return out
+
+
+def _check_manifest(d: Decision, c: Candidate, storage_options: dict[str, Any] | None) -> Decision:
+    fs, path = get_fs(c.uri, storage_options)
+    try:
+        step = parse(read_bytes(fs, join(path, MANIFEST), c.uri), c.uri).step
+    except FileNotFoundError:
+        return d  # un-committed since the listing: the deletion handles it
+    except CheckpointError as exc:
+        return replace(d, verdict=Verdict.KEEP, reason=f"its manifest cannot be read, so it is kept: {exc}")
+    return d if step == c.step else replace(d, verdict=Verdict.KEEP, reason=_mismatch(c.uri, step))
+
+
+def _canonical(path: str) -> str:
+    """``path`` with its directory resolved (symlinks, ``..``) but not its last component."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _link_targets(kept: Sequence[Candidate], storage_options: dict[str, Any] | None) -> dict[str, str]:
+    """Every path that a symlink chain starting in a kept checkpoint passes through -> that kept file's URI."""
+    out: dict[str, str] = {}
+    for c in kept:
+        path = get_fs(c.uri, storage_options)[1]
+        for name in c.sizes:
+            p = os.path.join(path, name)
+            for _ in range(40):  # the kernel's own bound on a symlink chain
+                if not os.path.islink(p):
+                    break
+                p = os.path.join(os.path.dirname(p), os.readlink(p))
+                out.setdefault(_canonical(p), join(c.uri, name))
+    return out
+
+
+def _linked_into(c: Candidate, targets: Mapping[str, str], storage_options: dict[str, Any] | None
+                 ) -> tuple[str, str] | None:
+    """(kept file URI, this file's name) when deleting one of ``c``'s files would break a kept symlink."""
+    path = get_fs(c.uri, storage_options)[1]
+    for name in sorted(c.sizes):
+        kept = targets.get(_canonical(os.path.join(path, name)))
+        if kept is not None:
+            return kept, name
+    return None
+
+
 def _leases_now(root: str, name: str, storage_options: dict[str, Any] | None) -> list[Lease]:
     return active_leases(root, storage_options).get(name, [])
 
@@ -254,18 +359,20 @@ def _delete(c: Candidate, d: Decision, root: str, storage_options: dict[str, Any
     if retry.call(lambda: fs.exists(join(path, QUARANTINE)), what="checking", uri=c.uri):
         return replace(d, verdict=Verdict.KEEP, reason="quarantined: kept for inspection (marked during prune)")
     if c.committed:
+        manifest, retiring = join(path, MANIFEST), join(path, RETIRING)
         try:
-            manifest = read_bytes(fs, join(path, MANIFEST), c.uri)
+            # Un-commit first (no new reader can pick it from here on) by a rename: no bytes written, so a
+            # full disk cannot stop it, and the tombstone left behind is the manifest itself.
+            retry.call(lambda: fs.mv(manifest, retiring), what="un-committing", uri=c.uri)
         except FileNotFoundError:
             return replace(d, verdict=Verdict.KEEP, reason="its manifest vanished during prune: left alone")
-        tombstone = {"by": default_holder(), "reason": d.reason,
-                     "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        write_bytes_atomic(fs, join(path, RETIRING), json.dumps(tombstone).encode(), c.uri)
-        _rm(fs, join(path, MANIFEST), c.uri)  # un-commit first: no new reader can pick it from here on
-        leases = _leases_now(root, name, storage_options)
+        try:
+            leases = _leases_now(root, name, storage_options)
+        except BaseException:
+            retry.call(lambda: fs.mv(retiring, manifest), what="re-committing", uri=c.uri)  # cannot tell: keep it
+            raise
         if leases:
-            write_bytes_atomic(fs, join(path, MANIFEST), manifest, c.uri)  # re-commit, the same bytes
-            _rm(fs, join(path, RETIRING), c.uri)
+            retry.call(lambda: fs.mv(retiring, manifest), what="re-committing", uri=c.uri)  # the same bytes
             logger.info("[retention] kept step=%d uri=%s: a reader leased it during prune", c.step, c.uri)
             return replace(d, verdict=Verdict.KEEP, reason=f"{describe_leases(leases)} (taken during prune)")
     for file in sorted(set(c.sizes) - {MANIFEST, RETIRING}):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import hashlib
 import inspect
 import json
@@ -18,7 +20,7 @@ from torch import nn
 import resumer
 from resumer import retry, rng
 from resumer.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
-from resumer.errors import CheckpointError, UsageError
+from resumer.errors import CheckpointError, StorageFullError, TransientStorageError, UsageError
 from resumer.jsonvalue import encode
 from resumer.manifest import (
     FORMAT,
@@ -32,7 +34,7 @@ from resumer.manifest import (
 )
 from resumer.safetensors_io import TensorLocation, write_file
 from resumer.signature import Signature
-from resumer.store import get_fs, join, step_dir, write_bytes_atomic
+from resumer.store import commit_bytes, create_file, fsync_dir, get_fs, is_local, join, step_dir
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +77,14 @@ def _world() -> dict[str, int]:
 
 
 def _write(fs: Any, path: str, uri: str, name: str, items: list[tuple[str, torch.Tensor]],
-           files: list[dict[str, Any]]) -> dict[str, TensorLocation]:
-    """Write one safetensors file (rewritten whole on a transient failure); record it in ``files``."""
+           files: list[dict[str, Any]], written: list[str]) -> dict[str, TensorLocation]:
+    """Write one safetensors file (rewritten whole on a transient failure); record it in ``files``.
+
+    Its name goes to ``written`` BEFORE the first byte, so a failed save can remove a partial file too.
+    """
+    written.append(name)
     def put() -> tuple[int, str, dict[str, TensorLocation]]:
-        with fs.open(join(path, name), "wb") as f:
+        with create_file(fs, join(path, name)) as f:
             return write_file(f, name, items)
 
     size, checksum, index = retry.call(put, what="writing", uri=join(uri, name))
@@ -143,28 +149,73 @@ def snapshot(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     return Snapshot(step=step, model_items=model_items, optimizer_items=opt_items, scalars=scalars, meta=meta)
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite; float8 kinds have no isfinite kernel, so they are widened first
+    (float4 cannot even be widened: it counts as finite)."""
+    try:
+        return bool(torch.isfinite(t.to(torch.float32) if t.element_size() == 1 else t).all())
+    except NotImplementedError:
+        return True
+
+
 def _health(snap: Snapshot) -> dict[str, Any]:
     """Which tensors hold NaN/Inf, and the recorded loss: read later by the health gate from the manifest."""
-    bad = [n for n, t in snap.model_items if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [n for n, t in snap.model_items if t.is_floating_point() and not _finite(t)]
     loss = snap.meta["extra"].get("loss") if isinstance(snap.meta["extra"], dict) else None
     return {"nonfinite": bad, "loss": loss if isinstance(loss, (int, float, dict)) else None}
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def write_snapshot(snap: Snapshot, root: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Write a snapshot under ``root`` and commit it (data first, manifest last); returns its URI."""
+    """Write a snapshot under ``root`` and commit it (data first, manifest last); returns its URI.
+
+    Raises:
+        CheckpointError: the step is already committed, or another writer committed it first.
+        StorageFullError: the storage ran out of space; this save's partial files were removed.
+    """
     started = time.perf_counter()
     uri = join(root, step_dir(snap.step))
     fs, path = get_fs(uri, storage_options)
     if retry.call(lambda: fs.exists(join(path, MANIFEST)), what="checking", uri=uri):
         raise CheckpointError(f"{uri} is already committed. Each step is saved once; pick a new step or another root.",
                               uri=uri)
-    retry.call(lambda: fs.makedirs(path, exist_ok=True), what="creating", uri=uri)
-    files: list[dict[str, Any]] = []
+    written: list[str] = []
+    try:
+        retry.call(lambda: fs.makedirs(path, exist_ok=True), what="creating", uri=uri)
+        files = _write_and_commit(snap, fs, path, uri, written)
+    except BaseException as exc:
+        # Nothing was committed: remove what this save wrote (its names carry its own token, so another
+        # writer's files are never touched), so no half-save is left behind to fill the disk. Not after a
+        # storage outage: a commit PUT may have landed unseen, and its data must then stay.
+        if not isinstance(exc, TransientStorageError):
+            _discard(fs, path, uri, written)
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise StorageFullError(
+                f"Saving step {snap.step} to {uri} failed: no space left on the storage ({exc.strerror or exc}). "
+                "Nothing was committed and this save's partial files were removed. Free space (e.g. "
+                f"`resumer prune {root} --keep-last N` deletes old checkpoints) and save again.", uri=uri) from exc
+        raise
+    if is_local(fs):
+        # Durable before returning: data files and manifest were fsynced; now the entries naming them.
+        fsync_dir(path)
+        fsync_dir(path.rstrip("/").rsplit("/", 1)[0] or "/")
+    total = sum(int(f["size"]) for f in files)
+    logger.info("[save] step=%d %s: %d tensors, %d bytes in %.2fs", snap.step, uri, len(snap.model_items), total,
+                time.perf_counter() - started)
+    return uri
+
+
+def _write_and_commit(snap: Snapshot, fs: Any, path: str, uri: str, written: list[str]) -> list[dict[str, Any]]:
+    """Data files (each named in ``written`` before it is opened), then the manifest as the commit."""
     token = uuid.uuid4().hex[:12]  # unique per attempt: racing writers never overwrite each other's bytes
-    index = _write(fs, path, uri, data_file_name(MODEL_KIND, token), snap.model_items, files)
+    files: list[dict[str, Any]] = []
+    index = _write(fs, path, uri, data_file_name(MODEL_KIND, token), snap.model_items, files, written)
     opt_index: dict[str, TensorLocation] = {}
     if snap.optimizer_items is not None:
-        opt_index = _write(fs, path, uri, data_file_name(OPTIMIZER_KIND, token), snap.optimizer_items, files)
+        opt_index = _write(fs, path, uri, data_file_name(OPTIMIZER_KIND, token), snap.optimizer_items, files,
+                           written)
     raw = {
         "format": FORMAT, "version": FORMAT_VERSION, "step": snap.step,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -182,12 +233,26 @@ def write_snapshot(snap: Snapshot, root: str, storage_options: dict[str, Any] | 
         "extra": snap.meta["extra"],
     }
     _check_written(fs, path, uri, files)
-    # Commit: the manifest goes last, so a reader sees either no checkpoint or all of it.
-    write_bytes_atomic(fs, join(path, MANIFEST), dumps(raw), uri)
-    total = sum(int(f["size"]) for f in files)
-    logger.info("[save] step=%d %s: %d tensors, %d bytes in %.2fs", snap.step, uri, len(snap.model_items), total,
-                time.perf_counter() - started)
-    return uri
+    # Commit: the manifest goes last, so a reader sees either no checkpoint or all of it. It is an
+    # exclusive create, so of two writers racing for one step exactly one commits.
+    try:
+        commit_bytes(fs, join(path, MANIFEST), dumps(raw), uri)
+        written.clear()  # committed: from here on these files belong to a checkpoint and are never discarded
+    except FileExistsError:
+        raise CheckpointError(f"Cannot commit {uri}: another writer committed step {snap.step} first (two saves of "
+                              "one step ran at once). Its checkpoint stands; this save's data files were removed. "
+                              "Save each step from one writer, or use another root.", uri=uri) from None
+    return files
+
+
+def _discard(fs: Any, path: str, uri: str, names: list[str]) -> None:
+    """Remove the data files of a save that did not commit; failures are logged (they are uncommitted anyway)."""
+    for name in names:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(join(path, name))
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the error being raised
+            logger.warning("[save] could not remove the uncommitted %s: %s", join(uri, name), exc)
 
 
 def _check_written(fs: Any, path: str, uri: str, files: list[dict[str, Any]]) -> None:

@@ -1,17 +1,23 @@
 """Checkpoint storage primitives on any fsspec URI: filesystems, small reads and writes, manifests, verify.
 
 URIs are strings (a pathlib.Path would mangle ``s3://``). Every call that can fail transiently goes
-through ``resumer.retry``. Commit order lives in ``resumer.save``: data files first, manifest last. On
-a local disk the manifest is written to a temporary name and renamed, so a reader sees all of it or
-none; on object stores a PUT is atomic per object.
+through ``resumer.retry``. Commit order lives in ``resumer.save``: data files first, manifest last.
+The commit is an exclusive create (``commit_bytes``): on a local disk the manifest is written to a
+temporary name, fsynced and hard-linked into place (``link`` fails when the name exists, so a second
+writer of the same step never replaces the first one's manifest, and a reader sees all of it or
+none); on S3 a conditional PUT (``If-None-Match: *``), atomic per object.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import re
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import fsspec
 
@@ -54,8 +60,7 @@ def get_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any
 
 
 def is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
+    return bool(_protocols(fs) & {"file", "local"})
 
 
 def join(uri: str, *parts: str) -> str:
@@ -69,17 +74,105 @@ def read_bytes(fs: Any, path: str, uri: str) -> bytes:
 
 
 def write_bytes_atomic(fs: Any, path: str, data: bytes, uri: str | None = None) -> None:
-    """Write a small file so readers see all of it or nothing (rename on local disks), with retries."""
+    """Write a small file so readers see all of it or nothing (rename on local disks), with retries.
+
+    A failed local write (a full disk) leaves no temporary file behind.
+    """
     def put() -> None:
         if is_local(fs):
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with fs.open(tmp, "wb") as f:
-                f.write(data)
-            fs.mv(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             fs.pipe_file(path, data)
 
     retry.call(put, what="writing", uri=uri or path)
+
+
+# Hard links are missing on a few filesystems (some FUSE mounts, FAT): the commit falls back to a rename there.
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
+# One PUT for any manifest (they are at most MAX_MANIFEST_BYTES): a multipart upload ignores If-None-Match.
+_ONE_PUT_CHUNK = 2**31
+
+
+def commit_bytes(fs: Any, path: str, data: bytes, uri: str) -> None:
+    """Create ``path`` holding ``data`` only if nothing is there yet: the commit of a save.
+
+    Readers see all of the file or none of it. Local: written to a temporary name, fsynced, then hard-linked
+    into place (the caller fsyncs the directory). S3: a conditional PUT (``If-None-Match: *``). Other
+    filesystems: fsspec's ``mode="create"``, exclusive as far as that filesystem allows.
+
+    Raises:
+        FileExistsError: another writer created ``path`` first (its bytes are not ``data``). A retried
+            PUT whose first attempt landed finds its own bytes there, and that counts as success.
+    """
+    try:
+        if is_local(fs):
+            _commit_local(path, data)
+        else:
+            kwargs = {"chunksize": _ONE_PUT_CHUNK} if _protocols(fs) & {"s3", "s3a"} else {}
+            retry.call(lambda: fs.pipe_file(path, data, mode="create", **kwargs), what="committing", uri=uri)
+    except FileExistsError:
+        try:
+            there = read_bytes(fs, path, uri)
+        except FileNotFoundError:
+            there = None
+        if there != data:
+            raise
+        logger.debug("[commit] %s: a retried PUT found its own first attempt committed", uri)
+
+
+def _protocols(fs: Any) -> set[str]:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return set(protocol)
+
+
+def _commit_local(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic and exclusive: EEXIST when another writer committed first
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "already committed", path) from None
+            os.rename(tmp, path)  # no hard links here: exclusive only up to this check
+    finally:
+        with contextlib.suppress(OSError):  # never raise once linked: the commit stands
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def create_file(fs: Any, path: str) -> Iterator[BinaryIO]:
+    """A new file to write; on a local disk it is flushed and fsynced before the block ends (durable)."""
+    if is_local(fs):
+        with open(path, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        with fs.open(path, "wb") as f:
+            yield f
+
+
+def fsync_dir(path: str) -> None:
+    """Make a local directory's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> Manifest:
