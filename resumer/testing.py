@@ -158,3 +158,20 @@ class FakeLauncher:
 
     def stop(self, reason: str) -> None:
         self.stops.append(reason)
+
+
+def connections_by_thread(monkeypatch: Any) -> list[int]:
+    """Thread idents of every socket connect from now on (pytest's ``monkeypatch`` undoes it): a test asserts
+    that a call never waits on the network by finding its thread absent, instead of timing it."""
+    import socket
+    import threading
+
+    seen: list[int] = []
+    real = socket.socket.connect
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        seen.append(threading.get_ident())
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return seen

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from resumer.mlflow_fast import PointEncoder
 from resumer.plan import Plan
 from resumer.recorder import MlflowRecorder
 from resumer.spool import new_op
-from resumer.testing import free_port
+from resumer.testing import connections_by_thread, free_port
 from resumer.testing_mlflow import LocalMlflow, MemoryRecorder
 from resumer.tracking import Recorder
 
@@ -325,7 +326,7 @@ def test_ops_are_idempotent_when_replayed(
 
 def test_server_down_mid_run_then_back_nothing_lost_nothing_duplicated(
         server: LocalMlflow, make_recorder: Callable[..., MlflowRecorder], experiment: str,
-        plans: tuple[Plan, Plan]) -> None:
+        plans: tuple[Plan, Plan], monkeypatch: pytest.MonkeyPatch) -> None:
     rec = make_recorder(experiment)
     rec.start_job("outage", {"lr": 0.01})
     rec.record_decision(Decision(job="outage", attempt=1, outcome=Outcome.STARTED))
@@ -333,23 +334,18 @@ def test_server_down_mid_run_then_back_nothing_lost_nothing_duplicated(
     assert rec.flush(30)
     server.stop()
     try:
-        slowest = 0.0
+        connects = connections_by_thread(monkeypatch)
         for step in range(51, 306):  # training goes on while the server is away; 301-305 are never committed
-            t = time.perf_counter()
             rec.log_training(step, {"loss": _loss(1, step), "lr": 0.01})
             if step % 10 == 0:
                 rec.checkpoint_committed(step)
-            slowest = max(slowest, time.perf_counter() - t)
             if step % 50 == 0:
                 time.sleep(0.3)  # let the shipper try (and fail) in between
-        t = time.perf_counter()
+        assert threading.get_ident() not in connects  # training-side calls never waited on the network
         rec.record_decision(Decision(job="outage", attempt=2, outcome=Outcome.RESUMED, step=300, plan=plans[0],
                                      previous_failure=FailureClass.PREEMPTED, checkpoint="/ckpt/step-00000300"))
-        decision_s = time.perf_counter() - t
         _train(rec, 2, range(301, 321))
         rec.end_job("FINISHED")
-        assert slowest < 0.25, f"a training-side call took {slowest:.3f}s while the server was down"
-        assert decision_s < 8, f"record_decision took {decision_s:.1f}s while the server was down"
         assert not rec.online and not rec.flush(0.5)
         journal = Path(rec.spool.journal_path).read_text().splitlines()
         assert len(journal) >= 5 and [json.loads(x)["seq"] for x in journal] == sorted(
@@ -434,9 +430,8 @@ def test_history_cli_table_json_and_errors(
     unknown = runner.invoke(history_command, ["nope", *args])
     assert unknown.exit_code == 2
     assert "No job 'nope' recorded" in unknown.output and "Jobs recorded there: hist." in unknown.output
-    t = time.perf_counter()
     down = runner.invoke(history_command, ["hist", "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
-    assert down.exit_code == 1 and time.perf_counter() - t < 15
+    assert down.exit_code == 1
     assert "did not answer" in down.output and "--tracking-uri" in down.output
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from resumer.errors import UsageError
 from resumer.mlflow_ops import classify
 from resumer.recorder import MlflowRecorder
 from resumer.spool import Op, Shipper, Spool, SpoolLocked, new_op
+from resumer.testing import connections_by_thread
 
 
 class FakeServer:
@@ -105,7 +105,10 @@ def test_one_owner_per_spool(tmp_path: Path) -> None:
         spool.close()
 
 
-def test_training_calls_cost_microseconds_and_never_raise(tmp_path: Path) -> None:
+def test_training_calls_never_touch_the_network_and_never_raise(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behaviour, not time (time is in bench/recorder_overhead.py): a training-side call only queues; the
+    shipper thread alone talks to the tracking server."""
     rec = MlflowRecorder("http://127.0.0.1:9", "x", spool_dir=str(tmp_path / "spool"), durable_timeout_s=2)
     try:
         rec.log_training(1, {"loss": 1.0})  # before any decision: ignored with a warning, no exception
@@ -113,14 +116,15 @@ def test_training_calls_cost_microseconds_and_never_raise(tmp_path: Path) -> Non
         from resumer.decision import Decision, Outcome
 
         rec.record_decision(Decision(job="j", attempt=1, outcome=Outcome.STARTED))  # nothing listens: spooled
-        t = time.perf_counter()
+        connects = connections_by_thread(monkeypatch)
         for step in range(10000):
             rec.log_training(step, {"loss": 0.5, "lr": 0.1})
-        per_call = (time.perf_counter() - t) / 10000
-        assert per_call < 50e-6, f"log_training took {per_call * 1e6:.1f} us per call"
+            if step % 1000 == 0:
+                rec.checkpoint_committed(step)
+        assert threading.get_ident() not in connects
         metrics: Any = {"loss": "not a number"}
         rec.log_training(10001, metrics)  # dropped at batching with a warning
-        assert rec.flush(0.3) is False and not rec.online
+        assert rec.flush(0.3) is False  # nothing listens: it cannot be flushed, however long it is given
     finally:
         rec.close(0.2)
 
