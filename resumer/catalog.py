@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resumer.errors import CheckpointError, TransientStorageError
+from resumer.jsonvalue import strict_loads
 from resumer.manifest import MANIFEST, QUARANTINE, Manifest
 from resumer.store import STEP_DIR, get_fs, join, read_bytes, read_manifest, retry, verify, write_bytes_atomic
 
@@ -99,12 +100,20 @@ def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Candi
     return sorted(out, key=lambda c: c.step, reverse=True)
 
 
+MAX_QUARANTINE_BYTES = 64 * 1024
+
+
 def quarantine_reason(candidate: Candidate, storage_options: dict[str, Any] | None = None) -> str:
+    """The reason recorded in a checkpoint's quarantine mark; "unknown" when it cannot be read or makes no sense
+    (the mark lies in storage like everything else: read a bounded amount, parse it strictly)."""
     fs, path = get_fs(candidate.uri, storage_options)
     try:
-        return str(json.loads(read_bytes(fs, join(path, QUARANTINE), candidate.uri)).get("reason", "unknown"))
+        data = read_bytes(fs, join(path, QUARANTINE), candidate.uri, limit=MAX_QUARANTINE_BYTES)
+        record = strict_loads(data, max_cost=64 * MAX_QUARANTINE_BYTES)
     except (FileNotFoundError, ValueError):
         return "unknown"
+    reason = record.get("reason") if isinstance(record, dict) else None
+    return reason if isinstance(reason, str) else "unknown"
 
 
 def list_checkpoints(root: str, *, storage_options: dict[str, Any] | None = None,
@@ -119,10 +128,10 @@ def list_checkpoints(root: str, *, storage_options: dict[str, Any] | None = None
     def load(c: Candidate) -> CheckpointInfo | None:
         reason = quarantine_reason(c, storage_options) if c.quarantined else None
         try:
-            m = read_manifest(c.uri, storage_options)
+            m = read_manifest(c.uri, storage_options, size=c.sizes[MANIFEST])
         except CheckpointError as exc:
             if reason is None:
-                logger.debug("skipping %s: %s", c.uri, exc)
+                logger.warning("[list] skipping %s: %s", c.uri, exc)
                 return None
             # Quarantined for its manifest: still listed (with the reason), so people can find it.
             return CheckpointInfo(uri=c.uri, step=c.step, manifest=None, quarantine=reason)  # type: ignore[arg-type]
@@ -179,11 +188,11 @@ def select(root: str, *, storage_options: dict[str, Any] | None = None, checksum
             continue
         try:
             reads += 1
-            m = read_manifest(c.uri, storage_options)
+            m = read_manifest(c.uri, storage_options, size=c.sizes[MANIFEST])
             verify(m, storage_options, checksums=checksums, progress=progress, sizes=c.sizes)
         except CheckpointError as exc:
             rejected.append(Rejected(uri=c.uri, step=c.step, reason=str(exc)))
-            if mark:
+            if mark and exc.quarantine:  # a newer format is fine for a newer resumer: never marked corrupt
                 quarantine(c.uri, str(exc), storage_options)
             continue
         problem = health_problem(m) if healthy else None

@@ -25,14 +25,19 @@ class UsageError(ResumerError):
 
 
 class CheckpointError(ResumerError):
-    """A checkpoint is missing, torn, corrupt or unsafe. Nothing was loaded from it."""
+    """A checkpoint is missing, torn, corrupt or unsafe. Nothing was loaded from it.
 
-    def __init__(self, message: str, *, uri: str | None = None) -> None:
+    ``quarantine`` is False when the checkpoint is fine for someone else (written in a newer format than this
+    version reads): selection passes it over but must not mark it corrupt for every reader.
+    """
+
+    def __init__(self, message: str, *, uri: str | None = None, quarantine: bool = True) -> None:
         super().__init__(message)
         self.uri = uri
+        self.quarantine = quarantine
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_checkpoint_error, (str(self), self.uri))
+        return (_rebuild_checkpoint_error, (str(self), self.uri, self.quarantine))
 
 
 class TransientStorageError(ResumerError):
@@ -80,8 +85,8 @@ class Preempted(ResumerError):
         return (Preempted, (self.step, self.uri))
 
 
-def _rebuild_checkpoint_error(message: str, uri: str | None) -> CheckpointError:
-    return CheckpointError(message, uri=uri)
+def _rebuild_checkpoint_error(message: str, uri: str | None, quarantine: bool = True) -> CheckpointError:
+    return CheckpointError(message, uri=uri, quarantine=quarantine)
 
 
 def _rebuild_transient_error(message: str, uri: str | None) -> TransientStorageError:

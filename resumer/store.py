@@ -22,8 +22,9 @@ from typing import Any, BinaryIO
 import fsspec
 
 from resumer import retry
+from resumer.dtypes import stored_as
 from resumer.errors import CheckpointError, UsageError
-from resumer.manifest import MANIFEST, Manifest, parse
+from resumer.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, oversized, parse
 from resumer.safetensors_io import header_and_checksum
 
 logger = logging.getLogger(__name__)
@@ -67,10 +68,10 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-def read_bytes(fs: Any, path: str, uri: str) -> bytes:
-    """A whole small object, with retries. FileNotFoundError passes through."""
+def read_bytes(fs: Any, path: str, uri: str, *, limit: int | None = None) -> bytes:
+    """A whole small object (or its first ``limit`` bytes), with retries. FileNotFoundError passes through."""
     # start=0 makes it one ranged GET: without it s3fs first asks for the size (a HEAD per read).
-    return retry.call(lambda: fs.cat_file(path, start=0), what="reading", uri=uri)
+    return retry.call(lambda: fs.cat_file(path, start=0, end=limit), what="reading", uri=uri)
 
 
 def write_bytes_atomic(fs: Any, path: str, data: bytes, uri: str | None = None) -> None:
@@ -175,11 +176,22 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``uri`` (reads no tensor bytes)."""
+def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, *, size: int | None = None) -> Manifest:
+    """Read and validate the manifest of the checkpoint at ``uri`` (reads no tensor bytes).
+
+    The size limit holds before anything is read: ``size`` (the manifest's size as listed, when the caller
+    has a listing) or a stat on a local disk is checked first; elsewhere at most one byte more than the limit
+    is read.
+    """
     fs, path = get_fs(uri, storage_options)
+    mpath = join(path, MANIFEST)
     try:
-        data = read_bytes(fs, join(path, MANIFEST), uri)
+        if size is None and is_local(fs):
+            size = int(fs.size(mpath))
+        if size is not None and size > MAX_MANIFEST_BYTES:
+            raise oversized(uri, size)
+        # One byte more than expected: a file that grew since it was listed is seen to be longer, and refused.
+        data = read_bytes(fs, mpath, uri, limit=(MAX_MANIFEST_BYTES if size is None else size) + 1)
     except FileNotFoundError:
         if fs.exists(path) and fs.isdir(path):
             raise CheckpointError(f"{uri} has no {MANIFEST}: it is a torn checkpoint (the writer stopped before "
@@ -239,7 +251,7 @@ def _check_header(manifest: Manifest, file: str, header: dict[str, Any], furi: s
     want.update({n: loc for n, loc in manifest.optimizer_tensors.items() if loc.file == file})
     for name, loc in want.items():
         got = header.get(name)
-        if got is None or (got.offset, got.nbytes, got.dtype, got.shape) != (loc.offset, loc.nbytes, loc.dtype,
-                                                                               loc.shape):
+        if got is None or (got.offset, got.nbytes, got.dtype, got.shape) != (loc.offset, loc.nbytes,
+                                                                               *stored_as(loc.dtype, loc.shape)):
             raise CheckpointError(f"{furi}: tensor {name!r} in the file does not match the manifest. The checkpoint "
                                   "is corrupt; nothing was loaded.", uri=manifest.uri)

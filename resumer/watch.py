@@ -27,6 +27,7 @@ from typing import Any
 
 from resumer.catalog import Candidate, quarantine_reason, scan
 from resumer.errors import CheckpointError, TransientStorageError, UsageError
+from resumer.manifest import MANIFEST
 from resumer.store import read_manifest, verify
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class Watcher:
         if c.uri in self._judged:
             return []
         try:
-            m = read_manifest(c.uri, self.storage_options)
+            m = read_manifest(c.uri, self.storage_options, size=c.sizes[MANIFEST])
             verify(m, self.storage_options, checksums=self.checksums, sizes=c.sizes)
         except CheckpointError as exc:
             self._judged.add(c.uri)

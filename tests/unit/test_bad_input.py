@@ -184,7 +184,6 @@ MALFORMED = {
     "no tensors": (_without("tensors"), ["missing or wrong field", "'tensors'"]),
     "wrong format tag": (lambda raw: raw.update(format="torch-checkpoint"), ["not a resumer-checkpoint manifest"]),
     "no format tag": (_without("format"), ["not a resumer-checkpoint manifest"]),
-    "newer version": (lambda raw: raw.update(version=99), ["format version 99", "upgrade resumer"]),
     "step is text": (lambda raw: raw.update(step="two"), ["malformed"]),
     "overlapping tensors": (lambda raw: _overlap(raw["tensors"]), ["malformed", "overlap in"]),
     "overlapping optimizer state": (lambda raw: _overlap(raw["optimizer"]["tensors"]), ["malformed", "overlap in"]),

@@ -195,11 +195,11 @@ def test_transient_error_reading_a_manifest_is_retried_next_poll(root: str, mode
     real = watch_mod.read_manifest
     calls: list[str] = []
 
-    def flaky(uri: str, storage_options: Any = None) -> Any:
+    def flaky(uri: str, storage_options: Any = None, **kwargs: Any) -> Any:
         calls.append(uri)
         if len(calls) == 1:
             raise TransientStorageError("reading failed 6 times", uri=uri)
-        return real(uri, storage_options)
+        return real(uri, storage_options, **kwargs)
 
     monkeypatch.setattr(watch_mod, "read_manifest", flaky)
     w = Watcher(root, clock=FakeClock())
