@@ -19,7 +19,7 @@ import torch
 
 from resumer.capture import dtype_name
 from resumer.errors import CheckpointError
-from resumer.jsonvalue import encode
+from resumer.jsonvalue import encode, walk_refused
 from resumer.signature import (
     BUFFER,
     PARAMETER,
@@ -41,12 +41,30 @@ SCHEDULER_KEYS = ("scheduler_state_dict", "lr_scheduler", "scheduler")
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 MAX_FOREIGN_BYTES = 64 * 1024**3
+# Plain values (every reference counted) a torch.save file may hold besides its tensors: a few more than its
+# size in bytes (each value takes at least one byte of pickle unless it is a shared reference), capped.
+MIN_FOREIGN_VALUES = 10_000
+MAX_FOREIGN_VALUES = 4_000_000
 
 
 def _load(uri: str, storage_options: dict[str, Any] | None) -> Any:
+    """The file's object, loaded with weights_only=True; refused unless its plain (non-tensor) values can be
+    walked in a number of steps about the file's size: shared references make a tiny pickle describe a huge
+    structure, and every later walk (encoding hyperparameters, copying groups) would pay for all of it."""
     fs, path = get_fs(uri, storage_options)
-    if fs.size(path) > MAX_FOREIGN_BYTES:
+    size = int(fs.size(path))
+    if size > MAX_FOREIGN_BYTES:
         raise CheckpointError(f"{uri} is larger than {MAX_FOREIGN_BYTES} bytes; refusing to load it whole.", uri=uri)
+    obj = _unpickle(fs, path, uri)
+    why = walk_refused(obj, max_values=MIN_FOREIGN_VALUES + min(size, MAX_FOREIGN_VALUES))
+    if why:
+        raise CheckpointError(f"Refused {uri}: {why}. A state_dict of this size ({size} bytes) cannot hold that "
+                              "much; nothing was loaded. Re-save it without shared or deeply nested Python objects.",
+                              uri=uri)
+    return obj
+
+
+def _unpickle(fs: Any, path: str, uri: str) -> Any:
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     try:
         if local:

@@ -9,6 +9,7 @@ Files are interoperable with the ``safetensors`` library (tested).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,9 +20,13 @@ import xxhash
 
 from resumer.capture import dtype_name
 from resumer.errors import CheckpointError
+from resumer.jsonvalue import JSONRefused, strict_loads
 from resumer.signature import dtype_size
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Memory the header's JSON may take, estimated from its bytes before parsing (resumer.jsonvalue.parse_cost).
+PARSE_BUDGET_PER_BYTE = 16
+MIN_PARSE_BUDGET = 64 * 1024 * 1024
 CHUNK = 16 * 1024 * 1024
 CHECKSUM_ALGO = "xxh3_128"
 
@@ -94,18 +99,24 @@ def _bad(uri: str, why: str) -> CheckpointError:
                            "nothing was loaded from it.", uri=uri)
 
 
+def _ints(value: Any) -> tuple[int, ...] | None:
+    """A JSON list of integers (booleans and floats are not), or None."""
+    if not isinstance(value, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in value):
+        return None
+    return tuple(value)
+
+
 def _entry(name: str, meta: Any, start: int, size: int, uri: str) -> TensorLocation:
-    try:
-        dtype = _FROM_ST[meta["dtype"]]
-        shape = tuple(int(d) for d in meta["shape"])
-        b, e = (int(x) for x in meta["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise _bad(uri, f"entry {name!r} has a bad dtype, shape or data_offsets") from None
+    meta = meta if isinstance(meta, dict) else {}
+    tag = meta.get("dtype")
+    dtype = _FROM_ST.get(tag) if isinstance(tag, str) else None
+    shape, offsets = _ints(meta.get("shape")), _ints(meta.get("data_offsets"))
+    if dtype is None or shape is None or offsets is None or len(offsets) != 2 or len(shape) > 64:
+        raise _bad(uri, f"entry {name!r} has a bad dtype, shape or data_offsets")
     if any(d < 0 for d in shape):
         raise _bad(uri, f"entry {name!r} has a negative dimension")
-    numel = 1
-    for d in shape:
-        numel *= d
+    b, e = offsets
+    numel = math.prod(shape)
     if not 0 <= b <= e or e - b != numel * dtype_size(dtype):
         raise _bad(uri, f"entry {name!r}: {e - b} bytes do not hold {dtype}{list(shape)}")
     if start + e > size:
@@ -118,12 +129,12 @@ def read_header(f: BinaryIO, size: int, uri: str) -> dict[str, TensorLocation]:
     if size < 8:
         raise _bad(uri, f"only {size} bytes")
     (n,) = struct.unpack("<Q", f.read(8))
-    if n > MAX_HEADER_BYTES or n + 8 > size:
+    if n > MAX_HEADER_BYTES or n + 8 > size:  # checked against the real size before a byte of it is read
         raise _bad(uri, f"header length {n} does not fit the file of {size} bytes")
     try:
-        header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(uri, f"header is not JSON ({exc})") from None
+        header = strict_loads(f.read(n), max_cost=max(MIN_PARSE_BUDGET, PARSE_BUDGET_PER_BYTE * n))
+    except JSONRefused as exc:
+        raise _bad(uri, f"header refused: {exc}") from None
     if not isinstance(header, dict):
         raise _bad(uri, "header is not a JSON object")
     out = {name: _entry(name, meta, 8 + n, size, uri) for name, meta in header.items() if name != "__metadata__"}
