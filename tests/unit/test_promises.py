@@ -83,3 +83,25 @@ def test_budget_is_per_class(used: int) -> None:
     preemptions = [(FailureClass.PREEMPTED, 100 + s) for s in range(5)]
     assert _decide(policy, *preemptions) == [Verdict.RETRY] * 5  # preemptions spend none of the crash budget
     assert _decide(policy, *crashes) == [Verdict.RETRY] * used + [Verdict.STOP]
+
+
+def test_resume_holds_a_reader_lease_while_it_reads(tmp_path: Any) -> None:
+    """Retention must see the checkpoint as in use for the whole read: resume() leases it, then lets go."""
+    import torch
+
+    import resumer
+    from resumer import examples as ex
+    from resumer import lease
+
+    root = str(tmp_path)
+    resumer.save_checkpoint(root, 1, ex.mlp_v1())
+    seen: list[dict[str, Any]] = []
+
+    def progress(_n: int) -> None:
+        seen.append(lease.active_leases(root))
+
+    model = ex.mlp_v1()
+    with torch.no_grad():
+        resumer.resume(root, model, progress=progress)
+    assert seen and all(list(s) == ["step-0000000001"] for s in seen)
+    assert lease.active_leases(root) == {}
