@@ -268,6 +268,9 @@ class ForeignSource:
     def prepare(self) -> None:
         """Its values are already Python objects from the weights-only unpickler."""
 
+    def load_model(self, names: set[str]) -> None:
+        """Already in memory."""
+
     def load_optimizer_state(self, params: set[str]) -> None:
         """Already in memory."""
 

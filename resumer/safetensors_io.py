@@ -18,8 +18,9 @@ from typing import Any, BinaryIO
 import torch
 import xxhash
 
+from resumer import dtypes
 from resumer.capture import dtype_name
-from resumer.errors import CheckpointError
+from resumer.errors import CheckpointError, UsageError
 from resumer.jsonvalue import JSONRefused, strict_loads
 from resumer.signature import dtype_size
 
@@ -29,13 +30,8 @@ PARSE_BUDGET_PER_BYTE = 16
 MIN_PARSE_BUDGET = 64 * 1024 * 1024
 CHUNK = 16 * 1024 * 1024
 CHECKSUM_ALGO = "xxh3_128"
-
-_TO_ST = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64", "complex64": "C64",
-}
-_FROM_ST = {v: k for k, v in _TO_ST.items()}
+# Header code -> dtype name, from the one table (resumer.dtypes).
+_FROM_ST = {d.code: d.name for d in dtypes.TABLE if d.code is not None}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,8 +64,8 @@ def write_file(f: BinaryIO, file_name: str, items: Sequence[tuple[str, torch.Ten
     pos = 0
     for name, t in items:
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _TO_ST[dtype_name(t.dtype)], "shape": list(t.shape),
-                        "data_offsets": [pos, pos + nbytes]}
+        code, shape = _header_layout(name, t)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -92,6 +88,15 @@ def write_file(f: BinaryIO, file_name: str, items: Sequence[tuple[str, torch.Ten
         index[name] = TensorLocation(file=file_name, offset=start + b, nbytes=e - b,
                                      dtype=dtype_name(t.dtype), shape=tuple(t.shape))
     return start + pos, f"{CHECKSUM_ALGO}:{h.hexdigest()}", index
+
+
+def _header_layout(name: str, t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    """The header's dtype code and shape for ``t`` (raw bytes for a dtype safetensors has no code for)."""
+    try:
+        return dtypes.header_layout(dtype_name(t.dtype), tuple(t.shape))
+    except ValueError:
+        raise UsageError(f"Cannot save tensor {name!r}: its dtype {t.dtype} is not one resumer can store "
+                         f"({', '.join(dtypes.BY_NAME)}).") from None
 
 
 def _bad(uri: str, why: str) -> CheckpointError:
