@@ -68,8 +68,8 @@ def history_command(job: str, tracking_uri: str | None, experiment: str, as_json
         out.print(history_table(history))
         for a in history.attempts:
             if a.message:
-                out.print(Text(printable(f"attempt {a.attempt} {a.outcome}: {a.message}"), style="red"),
-                          highlight=False)
+                text = printable(f"attempt {a.attempt} {a.outcome}: {a.message}", keep_newlines=True)
+                out.print(Text(text, style="red"), highlight=False)
         return EXIT_OK
 
     _run(run)
