@@ -58,9 +58,11 @@ def _parse(raw: str) -> dict[str, Any]:
 
 
 def plan_hash(plan: Any) -> str:
-    """What every rank must agree on: the entries, renames and refusals (notes may differ per rank)."""
+    """What every rank must agree on: the entries, renames, refusals and where position-keyed optimizer state
+    goes (notes may differ per rank)."""
     d = plan.to_dict()
-    core = {k: d[k] for k in ("policy", "checkpoint", "step", "entries", "renames", "refusals")}
+    core = {k: d[k] for k in ("policy", "checkpoint", "step", "entries", "renames", "refusals",
+                              "optimizer_positions")}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 

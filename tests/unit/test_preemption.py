@@ -71,3 +71,33 @@ def preemption_exit_code() -> int:
     from resumer.preemption import EXIT_CODE
 
     return EXIT_CODE
+
+
+def test_sigterm_outside_training_is_handed_to_the_previous_python_handler() -> None:
+    """Ray installs its own SIGTERM handler first: when training is not running, the signal is Ray's."""
+    code = textwrap.dedent("""
+        import os, signal, sys, threading, time
+        def rays(signum, frame):
+            print("previous handler ran", flush=True)
+            os._exit(7)
+        signal.signal(signal.SIGTERM, rays)
+        from resumer import preemption
+        preemption.install_here(30)
+        t = threading.Thread(target=preemption.install)
+        t.start(); t.join()  # training came and went
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        print("survived")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 7, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout.split("\n")[0] == "previous handler ran"
+
+
+def test_the_first_notified_rank_claims_the_emergency_step() -> None:
+    from resumer.ray_board import ProgressBoard
+
+    board = ProgressBoard()
+    assert board.claim(12, 1) is True  # rank 1 was notified first
+    assert board.claim(12, 0) is False  # rank 0, notified too, does not write a second checkpoint of step 12
+    assert board.claim(13, 0) is True  # a later step is claimed anew

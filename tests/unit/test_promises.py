@@ -105,3 +105,32 @@ def test_resume_holds_a_reader_lease_while_it_reads(tmp_path: Any) -> None:
         resumer.resume(root, model, progress=progress)
     assert seen and all(list(s) == ["step-0000000001"] for s in seen)
     assert lease.active_leases(root) == {}
+
+
+def test_a_rank_that_plans_differently_from_the_controller_refuses_before_loading(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import torch
+
+    import resumer
+    import resumer.train
+    from resumer import examples as ex
+    from resumer.errors import CheckpointError
+
+    monkeypatch.setattr(resumer.preemption, "install", lambda grace_s=30.0: True)  # no SIGTERM handler in pytest
+    uri = resumer.save_checkpoint(str(tmp_path), 4, ex.mlp_v1())
+    model = ex.mlp_v1()
+    controller_plan = resumer.plan(uri, model, policy="partial")  # the controller planned under another policy
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setenv(resumer.train.ENV, json.dumps({
+        "job": "j", "attempt": 2, "root": str(tmp_path), "storage_options": {}, "checkpoint": uri,
+        "policy": "strict", "renames": [], "plan_hash": resumer.train.plan_hash(controller_plan), "every": 5}))
+    with pytest.raises(CheckpointError, match="rank 0 planned .* differently from the controller"):
+        resumer.train.restore(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    same = resumer.plan(uri, model, policy="strict")
+    monkeypatch.setenv(resumer.train.ENV, json.dumps({
+        "job": "j", "attempt": 2, "root": str(tmp_path), "storage_options": {}, "checkpoint": uri,
+        "policy": "strict", "renames": [], "plan_hash": resumer.train.plan_hash(same), "every": 5}))
+    assert resumer.train.restore(model) == 4
