@@ -19,7 +19,14 @@ from resumer.async_save import AsyncSaver
 from resumer.capture import signature
 from resumer.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, select
 from resumer.decision import Decision, FailureClass, Outcome
-from resumer.errors import CheckpointError, PlanRefused, ResumerError, TransientStorageError, UsageError
+from resumer.errors import (
+    CheckpointError,
+    PlanRefused,
+    ResumerError,
+    StorageFullError,
+    TransientStorageError,
+    UsageError,
+)
 from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
 from resumer.reconcile import reconcile
 from resumer.recorder import MlflowRecorder
@@ -32,7 +39,8 @@ from resumer.watch import Watcher, WatchEvent
 __all__ = [
     "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "Decision", "FailureClass", "MlflowRecorder",
     "Outcome", "Plan", "PlanEntry", "PlanRefused", "Policy", "Recorder", "Refusal", "Rename", "ResumeResult",
-    "ResumerError", "RunStatus", "Section", "Signature", "TensorSpec", "TransientStorageError", "UsageError",
+    "ResumerError", "RunStatus", "Section", "Signature", "StorageFullError", "TensorSpec", "TransientStorageError",
+    "UsageError",
     "latest_checkpoint", "list_checkpoints", "open_source", "plan", "read_manifest", "reconcile", "resume",
     "save_checkpoint", "select", "signature", "verify", "WatchEvent", "Watcher",
 ]

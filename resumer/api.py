@@ -127,7 +127,8 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
                         raise
                     # Nothing live was touched yet: mark it (never delete) and take the next newest.
                     logger.warning("[select] passed over %s: %s", source.uri, exc)
-                    quarantine(source.uri, str(exc), storage_options)
+                    if exc.quarantine:  # not for what a newer resumer can read, or a copied step dir
+                        quarantine(source.uri, str(exc), storage_options)
                     passed_over[source.uri] = str(exc)
                     continue
                 return commit(staged, model, optimizer, scheduler)

@@ -69,9 +69,10 @@ class Rejected:
     uri: str
     step: int
     reason: str
+    manifest_step: int | None = None  # set when the manifest names another step than the directory (a copy)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "step": self.step, "reason": self.reason}
+        return {"uri": self.uri, "step": self.step, "reason": self.reason, "manifest_step": self.manifest_step}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +104,12 @@ def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Candi
 MAX_QUARANTINE_BYTES = 64 * 1024
 
 
+def misplaced(uri: str, dir_step: int, manifest_step: int) -> str:
+    """Why a step directory whose manifest names another step is not used (a copy or a rename: not corrupt)."""
+    return (f"{uri}: its manifest says step {manifest_step}, its directory name says step {dir_step} (copied or "
+            "renamed?). It is not used and not marked; move it back to its step's directory name to use it.")
+
+
 def quarantine_reason(candidate: Candidate, storage_options: dict[str, Any] | None = None) -> str:
     """The reason recorded in a checkpoint's quarantine mark; "unknown" when it cannot be read or makes no sense
     (the mark lies in storage like everything else: read a bounded amount, parse it strictly)."""
@@ -129,6 +136,8 @@ def list_checkpoints(root: str, *, storage_options: dict[str, Any] | None = None
         reason = quarantine_reason(c, storage_options) if c.quarantined else None
         try:
             m = read_manifest(c.uri, storage_options, size=c.sizes[MANIFEST])
+            if m.step != c.step:
+                raise CheckpointError(misplaced(c.uri, c.step, m.step), uri=c.uri, quarantine=False)
         except CheckpointError as exc:
             if reason is None:
                 logger.warning("[list] skipping %s: %s", c.uri, exc)
@@ -189,6 +198,10 @@ def select(root: str, *, storage_options: dict[str, Any] | None = None, checksum
         try:
             reads += 1
             m = read_manifest(c.uri, storage_options, size=c.sizes[MANIFEST])
+            if m.step != c.step:  # never the newest on the strength of its name alone; a copy is not corrupt
+                rejected.append(Rejected(uri=c.uri, step=c.step, reason=misplaced(c.uri, c.step, m.step),
+                                         manifest_step=m.step))
+                continue
             verify(m, storage_options, checksums=checksums, progress=progress, sizes=c.sizes)
         except CheckpointError as exc:
             rejected.append(Rejected(uri=c.uri, step=c.step, reason=str(exc)))

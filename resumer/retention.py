@@ -256,14 +256,12 @@ def _newest_valid(root: str, storage_options: dict[str, Any] | None, *, checksum
                   ) -> tuple[CheckpointInfo | None, dict[str, str]]:
     """The newest committed, verified checkpoint whose manifest names the step of its directory, and the
     suspicious ones passed over on the way (URI -> why). A copy of step 10 named step-99 is not newer."""
-    suspicious: dict[str, str] = {}
-    while True:  # ends: each round excludes one more directory of a finite listing
-        chosen = select(root, storage_options=storage_options, checksums=checksums, mark=mark,
-                        exclude=suspicious).chosen
-        if chosen is None or _dir_step(chosen.uri) == chosen.step:
-            return chosen, suspicious
-        suspicious[chosen.uri] = _mismatch(chosen.uri, chosen.step)
-        logger.warning("[retention] %s: %s", chosen.uri, suspicious[chosen.uri])
+    selection = select(root, storage_options=storage_options, checksums=checksums, mark=mark)
+    suspicious = {r.uri: _mismatch(r.uri, r.manifest_step) for r in selection.rejected
+                  if r.manifest_step is not None}  # selection passes such copies over, never marking them
+    for uri, why in suspicious.items():
+        logger.warning("[retention] %s: %s", uri, why)
+    return selection.chosen, suspicious
 
 
 def _dir_step(uri: str) -> int | None:

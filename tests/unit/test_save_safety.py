@@ -71,6 +71,22 @@ def test_a_copied_step_directory_never_makes_prune_delete_the_real_newest(tmp_pa
     resumer.verify(resumer.read_manifest(uris[50]), checksums=True)
 
 
+def test_a_copied_step_directory_is_never_selected_resumed_or_marked(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpts")
+    uris = _save(root, 10, 20)
+    shutil.copytree(uris[10], os.path.join(root, "step-0000000099"))  # looks newest by name, says step 10
+    chosen = resumer.latest_checkpoint(root)
+    assert chosen is not None and chosen.uri == uris[20]
+    assert [i.uri for i in resumer.list_checkpoints(root)] == [uris[20], uris[10]]
+    model, opt = _model()
+    assert resumer.resume(root, model, opt).step == 20
+    assert not os.path.exists(os.path.join(root, "step-0000000099", "quarantine.json"))  # a copy, not corrupt
+    rejected = resumer.select(root).rejected
+    assert rejected[0].reason.endswith("its manifest says step 10, its directory name says step 99 (copied or "
+                                       "renamed?). It is not used and not marked; move it back to its step's "
+                                       "directory name to use it.")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. symlinked data files
 
