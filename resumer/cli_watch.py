@@ -11,11 +11,12 @@ usage error.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
+from resumer.cli_output import emit_json, json_option
+from resumer.render import printable
 from resumer.watch import Watcher, WatchEvent, watch
 
 _POSITIVE = click.FloatRange(min=0, min_open=True)
@@ -25,9 +26,9 @@ def _emit(event: WatchEvent, as_json: bool) -> None:
     from resumer.cli import out
 
     if as_json:
-        click.echo(json.dumps(event.to_dict()))
+        emit_json(event.to_dict(), indent=None)  # one line per event, on the real stdout only
     else:
-        out.print(f"{event.at}  {event.describe()}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"{event.at}  {printable(event.describe())}", markup=False, highlight=False, soft_wrap=True)
     sys.stdout.flush()  # one line per event, visible at once through a pipe
 
 
@@ -38,11 +39,11 @@ def _once(watcher: Watcher, as_json: bool) -> int:
     for event in events:
         _emit(event, as_json)
     if not events and not as_json:
-        err.print(f"no checkpoints under {watcher.root}", markup=False, highlight=False)
+        err.print(f"no checkpoints under {printable(watcher.root)}", markup=False, highlight=False)
     newest = watcher.newest_committed
     if newest is None or (watcher.latest_valid is not None and watcher.latest_valid.uri == newest.uri):
         return EXIT_OK
-    err.print(f"the newest committed checkpoint {newest.uri} did not verify; a resume would fall back to an "
+    err.print(f"the newest committed checkpoint {printable(newest.uri)} did not verify; a resume would fall back to an "
               "older one", markup=False, highlight=False)
     return EXIT_CHECKPOINT
 
@@ -56,7 +57,7 @@ def _once(watcher: Watcher, as_json: bool) -> int:
 @click.option("--checksums", is_flag=True, help="Verify every byte of each new checkpoint (sizes are always checked).")
 @click.option("--once", is_flag=True, help="Poll once, report what is there, exit (1 if the newest is bad).")
 @click.option("--timeout", type=_POSITIVE, metavar="SECONDS", help="Stop watching after this long.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per event.")
+@json_option
 @click.option("--storage-option", "-S", "storage", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option (repeatable; dotted keys nest).")
 def watch_command(root: str, interval: float, stall_after: float | None, checksums: bool, once: bool,
