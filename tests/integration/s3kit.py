@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +103,75 @@ def make_bucket(endpoint: str) -> str:
 
 
 
+_REQUEST_HEAD = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.DOTALL)
+_RANGE = re.compile(rb"^range: *bytes=(\d+)-(\d*)", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class ProxiedRequest:
+    """One HTTP request seen going through the proxy: method, path, the Range it asked for (if any), and how
+    much of its answer's body went back to the client; ``cut_at``: the proxy closes the connection once that
+    many body bytes were delivered (``cut`` then says it did)."""
+
+    method: str
+    path: str
+    range_start: int | None
+    body: int = 0
+    cut_at: int | None = None
+    cut: bool = False
+    _head_done: bool = False
+    _head: bytes = b""
+
+    def answer(self, data: bytes) -> tuple[int, bool]:
+        """Account for answer bytes ``data``: how many of them to forward, and whether to cut after those."""
+        new_body = len(data)
+        if not self._head_done:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return len(data), False
+            self._head_done = True
+            new_body = len(self._head) - (end + 4)
+            self._head = b""
+        if self.cut_at is not None and self.body + new_body >= self.cut_at:
+            keep = self.cut_at - self.body
+            self.body, self.cut = self.cut_at, True
+            return len(data) - new_body + keep, True
+        self.body += new_body
+        return len(data), False
+
+
+@dataclass
+class ProxiedConnection:
+    """One client connection through the proxy and the requests sent on it (one at a time: no pipelining)."""
+
+    ident: int
+    requests: list[ProxiedRequest] = field(default_factory=list)
+    _head: bytes = b""
+
+    def feed_up(self, data: bytes) -> list[ProxiedRequest]:
+        """Parse request heads out of client -> server bytes (bodies are small here, or never match a head)."""
+        buf = self._head + data
+        end = 0
+        new = []
+        for m in _REQUEST_HEAD.finditer(buf):
+            rng = _RANGE.search(m.group(3))
+            new.append(ProxiedRequest(method=m.group(1).decode(), path=m.group(2).decode(),
+                                      range_start=int(rng.group(1)) if rng else None))
+            end = m.end()
+        self.requests += new
+        self._head = buf[end:][-8192:]  # an unfinished head (or the tail of a body) for the next chunk
+        return new
+
+
 class TcpProxy:
     """A loopback TCP proxy to ``127.0.0.1:target_port`` that can be cut and restored on the same port.
 
     ``cut()`` closes the listener and every open connection (clients see resets and refused connects,
-    as in a network outage); ``restore()`` listens again on the same port. Threads only; ``close()`` stops all.
+    as in a network outage); ``restore()`` listens again on the same port. ``cut_answer()`` closes just the
+    connection of the next matching request, after an exact number of its answer's body bytes, while the
+    listener goes on accepting. Every connection's requests (method, path, Range, body bytes delivered) are
+    recorded in ``conns``. Threads only; ``close()`` stops all.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -114,8 +180,10 @@ class TcpProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.connections = 0
         self.bytes_up = 0  # client -> server bytes forwarded so far (to cut in the middle of an upload)
+        self.conns: list[ProxiedConnection] = []
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
+        self._armed: tuple[Callable[[ProxiedRequest], bool], int] | None = None
         self._listener: socket.socket | None = None
         self._accepting = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,23 +223,41 @@ class TcpProxy:
                     return
                 self._socks.update((client, upstream))
                 self.connections += 1
+                conn = ProxiedConnection(ident=self.connections)
+                self.conns.append(conn)
             for src, dst, up in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pump, args=(src, dst, up), name="proxy-pump", daemon=True).start()
+                threading.Thread(target=self._pump, args=(conn, src, dst, up), name="proxy-pump",
+                                 daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+    def _pump(self, conn: ProxiedConnection, src: socket.socket, dst: socket.socket, up: bool) -> None:
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                dst.sendall(data)
-                if up:
-                    self.bytes_up += len(data)
+                keep, cut = len(data), False
+                with self._lock:  # on record before it is sent: a request is known before its answer comes
+                    if up:
+                        self.bytes_up += len(data)
+                        for req in conn.feed_up(data):
+                            if self._armed is not None and self._armed[0](req):
+                                req.cut_at, self._armed = self._armed[1], None
+                    elif conn.requests:
+                        keep, cut = conn.requests[-1].answer(data)
+                dst.sendall(data[:keep])
+                if cut:
+                    break  # closed below: the client has exactly the bytes its answer got before the cut
         except OSError:
             pass  # the other side (or cut()) closed the connection
         finally:
             self._drop(src)
             self._drop(dst)
+
+    def cut_answer(self, which: Callable[[ProxiedRequest], bool], body_bytes: int) -> None:
+        """Close the connection of the next request ``which`` selects once ``body_bytes`` of its answer's body
+        went to the client (who then sees its stream end early); other connections and the listener carry on."""
+        with self._lock:
+            self._armed = (which, body_bytes)
 
     def _drop(self, s: socket.socket) -> None:
         with self._lock:
