@@ -1,25 +1,25 @@
-"""The command line through its real entry point: exit codes, JSON, and one-paragraph errors."""
+"""The command line, run in-process (``resumer_cli`` in conftest.py): exit codes, JSON, one-paragraph errors.
+
+The real entry points (console script, ``python -m resumer``) are tested in
+``tests/integration/test_entry_points.py``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
 
 import resumer
 from resumer import examples as ex
 
 MLP = "resumer.examples:mlp_v1"
-
-
-def cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "resumer", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, env=env)
+RunCli = Callable[..., Result]  # the resumer_cli fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -34,35 +34,35 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
-def test_plan_ok_exit_0_with_json(root: str) -> None:
-    r = cli("plan", root, "--model", MLP, "--optimizer", "resumer.examples:adam", "--json")
-    assert r.returncode == 0, r.stderr
+def test_plan_ok_exit_0_with_json(resumer_cli: RunCli, root: str) -> None:
+    r = resumer_cli("plan", root, "--model", MLP, "--optimizer", "resumer.examples:adam", "--json")
+    assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["ok"] is True and d["step"] == 3 and d["counts"]["optimizer_carried"] == 6
 
 
-def test_plan_refused_exit_3_still_prints_json(root: str) -> None:
-    r = cli("plan", root, "--model", "resumer.examples:mlp_v2_dropout", "--optimizer", "resumer.examples:adam",
-            "--json")
-    assert r.returncode == 3
+def test_plan_refused_exit_3_still_prints_json(resumer_cli: RunCli, root: str) -> None:
+    r = resumer_cli("plan", root, "--model", "resumer.examples:mlp_v2_dropout", "--optimizer",
+                    "resumer.examples:adam", "--json")
+    assert r.exit_code == 3
     d = json.loads(r.stdout)
     assert d["ok"] is False and d["suggestion"] == "--rename auto"
     assert any(x["text"].startswith("model '3.weight': missing in checkpoint") for x in d["refusals"])
 
 
-def test_plan_table_and_rename_auto(root: str) -> None:
-    r = cli("plan", root, "--model", "resumer.examples:mlp_v2_dropout", "--rename", "auto")
-    assert r.returncode == 0, r.stderr
+def test_plan_table_and_rename_auto(resumer_cli: RunCli, root: str) -> None:
+    r = resumer_cli("plan", root, "--model", "resumer.examples:mlp_v2_dropout", "--rename", "auto")
+    assert r.exit_code == 0, r.stderr
     assert "load-renamed" in r.stdout and "index shift" in r.stdout
     assert "optimizer" in r.stdout and "unused" in r.stdout  # no --optimizer: saved state listed as not used
-    refused = cli("plan", root, "--model", "resumer.examples:mlp_v2_dropout")
-    assert refused.returncode == 3
+    refused = resumer_cli("plan", root, "--model", "resumer.examples:mlp_v2_dropout")
+    assert refused.exit_code == 3
     assert "To resume: --rename auto" in refused.stdout + refused.stderr
 
 
-def test_plan_markdown(root: str) -> None:
-    r = cli("plan", root, "--model", MLP, "--markdown")
-    assert r.returncode == 0
+def test_plan_markdown(resumer_cli: RunCli, root: str) -> None:
+    r = resumer_cli("plan", root, "--model", MLP, "--markdown")
+    assert r.exit_code == 0
     assert r.stdout.startswith("# Resume plan: ok") and "| section | name | action |" in r.stdout
 
 
@@ -71,9 +71,10 @@ def test_plan_markdown(root: str) -> None:
     (("--rename", "nope"), "write OLD_REGEX=NEW"),
     (("--rename", "(x=y"), "Bad rename (x=y"),
 ])
-def test_usage_errors_exit_2_without_traceback(root: str, args: tuple[str, ...], message: str) -> None:
-    r = cli("plan", root, "--model", MLP, *args)
-    assert r.returncode == 2
+def test_usage_errors_exit_2_without_traceback(resumer_cli: RunCli, root: str, args: tuple[str, ...],
+                                               message: str) -> None:
+    r = resumer_cli("plan", root, "--model", MLP, *args)
+    assert r.exit_code == 2
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
@@ -82,71 +83,70 @@ def test_usage_errors_exit_2_without_traceback(root: str, args: tuple[str, ...],
     ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
     ("resumer.examples:nope", "has no attribute 'nope'"),
 ])
-def test_bad_factory_exit_2(root: str, model: str, message: str) -> None:
-    r = cli("plan", root, "--model", model)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+def test_bad_factory_exit_2(resumer_cli: RunCli, root: str, model: str, message: str) -> None:
+    r = resumer_cli("plan", root, "--model", model)
+    assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_uri_and_missing_and_torn(tmp_path: pytest.TempPathFactory) -> None:
-    r = cli("plan", "nosuchproto://bucket/x", "--model", MLP)
-    assert r.returncode == 2 and "Cannot open nosuchproto://bucket/x" in r.stderr
-    r = cli("inspect", str(tmp_path / "absent"))
-    assert r.returncode == 1 and "does not exist" in r.stderr
+def test_bad_uri_and_missing_and_torn(resumer_cli: RunCli, tmp_path: Path) -> None:
+    r = resumer_cli("plan", "nosuchproto://bucket/x", "--model", MLP)
+    assert r.exit_code == 2 and "Cannot open nosuchproto://bucket/x" in r.stderr
+    r = resumer_cli("inspect", str(tmp_path / "absent"))
+    assert r.exit_code == 1 and "does not exist" in r.stderr
     torn = tmp_path / "torn"
     model = ex.mlp_v1()
     uri = resumer.save_checkpoint(str(torn), 1, model)
     os.remove(os.path.join(uri, "manifest.json"))
-    r = cli("plan", uri, "--model", MLP)
-    assert r.returncode == 1 and "torn checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = resumer_cli("plan", uri, "--model", MLP)
+    assert r.exit_code == 1 and "torn checkpoint" in r.stderr and "Traceback" not in r.stderr
     assert any(n.startswith("model.") for n in os.listdir(uri))  # nothing deleted
 
 
-def test_inspect_json_and_text(root: str) -> None:
-    r = cli("inspect", root, "--json", "--verify")
-    assert r.returncode == 0, r.stderr
+def test_inspect_json_and_text(resumer_cli: RunCli, root: str) -> None:
+    r = resumer_cli("inspect", root, "--json", "--verify")
+    assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["step"] == 3 and d["tensors"] == 6 and d["verified"] is True
     assert d["optimizer"]["class"] == "torch.optim.adam.Adam" and d["optimizer"]["params_with_state"] == 6
     assert sorted(f["path"].split(".")[0] for f in d["files"]) == ["model", "optimizer"]
     assert d["extra"] == {"loss": 0.25}
     assert len(d["checkpoints"]) == 1
-    text = cli("inspect", root)
+    text = resumer_cli("inspect", root)
     assert "step        3" in text.stdout and "file        model." in text.stdout
 
 
-def test_inspect_torch_save_file(tmp_path: pytest.TempPathFactory) -> None:
+def test_inspect_torch_save_file(resumer_cli: RunCli, tmp_path: Path) -> None:
     model = ex.mlp_v1()
     opt = ex.sgd(model)
     ex.train_step(model, opt, 1)
     path = str(tmp_path / "legacy.pt")
     torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 7}, path)
-    d = json.loads(cli("inspect", path, "--json").stdout)
+    d = json.loads(resumer_cli("inspect", path, "--json").stdout)
     assert d["kind"] == "torch.save" and d["step"] == 7 and d["optimizer"]["class"] == "torch.optim.sgd.SGD"
 
 
-def test_resume_and_save_to_new_root(root: str, tmp_path: pytest.TempPathFactory) -> None:
+def test_resume_and_save_to_new_root(resumer_cli: RunCli, root: str, tmp_path: Path) -> None:
     target = str(tmp_path / "migrated")
-    r = cli("resume", root, "--model", "resumer.examples:mlp_v2_dropout", "--optimizer", "resumer.examples:adam",
-            "--rename", "auto", "--save-to", target, "--json")
-    assert r.returncode == 0, r.stderr
+    r = resumer_cli("resume", root, "--model", "resumer.examples:mlp_v2_dropout", "--optimizer",
+                    "resumer.examples:adam", "--rename", "auto", "--save-to", target, "--json")
+    assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["step"] == 3 and d["saved"].endswith("step-0000000003")
     # The migrated checkpoint now resumes the v2 code under strict with no renames.
     model = ex.mlp_v2_dropout()
     assert resumer.plan(target, model, ex.adam(model)).ok
-    refused = cli("resume", root, "--model", "resumer.examples:mlp_v2_dropout")
-    assert refused.returncode == 3 and "Cannot resume" in refused.stderr
+    refused = resumer_cli("resume", root, "--model", "resumer.examples:mlp_v2_dropout")
+    assert refused.exit_code == 3 and "Cannot resume" in refused.stderr
 
 
-def test_list(root: str) -> None:
-    d = json.loads(cli("list", root, "--json").stdout)
+def test_list(resumer_cli: RunCli, root: str) -> None:
+    d = json.loads(resumer_cli("list", root, "--json").stdout)
     assert [x["step"] for x in d] == [3]
 
 
-@pytest.mark.slow
-def test_demo_runs(tmp_path: pytest.TempPathFactory) -> None:
-    r = cli("demo", "--dir", str(tmp_path), "--steps", "20")
-    assert r.returncode == 0, r.stderr
+def test_demo_runs(resumer_cli: RunCli, tmp_path: Path) -> None:
+    r = resumer_cli("demo", "--dir", str(tmp_path), "--steps", "20")
+    assert r.exit_code == 0, r.stderr
     assert "Missing key(s) in state_dict" in r.stdout
     assert "To resume: --rename auto" in r.stdout
     assert "resumed at step 20" in r.stdout

@@ -1,40 +1,32 @@
-"""The command line against hostile input and noisy code, through the real ``resumer`` entry point.
+"""The command line against hostile input, run in-process (``resumer_cli`` in conftest.py).
 
 Bad factories, URIs and storage options are one paragraph and exit 2; names read from a checkpoint reach the
-terminal escaped; ``--json`` stdout is one JSON document whatever prints underneath; a file in the working
-directory cannot shadow a module the CLI imports.
+terminal escaped. What needs a real process (``--json`` stdout is one JSON document whatever writes to file
+descriptor 1; a file in the working directory cannot shadow a module the CLI imports; the console script lists
+every command) is in ``tests/integration/test_entry_points.py``.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import pytest
 import torch
+from click.testing import Result
 
 import resumer
 from resumer import examples as ex
 from resumer.render import plan_markdown, printable
 from resumer.render_html import plan_html
 
-ENTRY_POINT = str(Path(sys.executable).parent / "resumer")
 MLP = "resumer.examples:mlp_v1"
 EVIL = "w\x1b]0;pwned\x07\x1b[2J\r[red]x[/red]<b>\u202e"
 RAW = ("\x1b", "\x07", "\r", "\u202e")
-
-
-def resumer_cli(*args: str, cwd: str | Path | None = None, module: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``resumer`` script (or ``python -m resumer``) in a fresh process."""
-    env = {**os.environ, "COLUMNS": "400"}
-    env.pop("PYTHONPATH", None)
-    cmd = [sys.executable, "-m", "resumer"] if module else [ENTRY_POINT]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=180, cwd=cwd, env=env)
+RunCli = Callable[..., Result]  # the resumer_cli fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +72,10 @@ def factories(tmp_path: Path) -> Path:
     (("--model", MLP, "-S", "=1"), "Bad --storage-option '=1': write KEY=VALUE"),
     (("--model", MLP, "-S", "a..b=1"), "Bad --storage-option 'a..b=1': write KEY=VALUE"),
 ])
-def test_bad_factory_or_option_is_one_paragraph_exit_2(root: str, factories: Path, args: tuple[str, ...],
-                                                       message: str) -> None:
+def test_bad_factory_or_option_is_one_paragraph_exit_2(resumer_cli: RunCli, root: str, factories: Path,
+                                                       args: tuple[str, ...], message: str) -> None:
     r = resumer_cli("plan", root, *args, cwd=factories)
-    assert r.returncode == 2, r.stderr
+    assert r.exit_code == 2, r.stderr
     assert message in r.stderr
     _one_paragraph(r.stderr)
 
@@ -93,17 +85,17 @@ def test_bad_factory_or_option_is_one_paragraph_exit_2(root: str, factories: Pat
     ("s3://", ("-S", "anon=true"), "(ValueError: Cannot traverse all of S3). Check the URI"),
     ("s3://bucket/x", ("-S", "bogus=1"), "unexpected keyword argument 'bogus'). Check the URI"),
 ])
-def test_bad_uri_or_storage_option_is_one_paragraph_exit_2(uri: str, options: tuple[str, ...],
+def test_bad_uri_or_storage_option_is_one_paragraph_exit_2(resumer_cli: RunCli, uri: str, options: tuple[str, ...],
                                                            message: str) -> None:
     r = resumer_cli("plan", uri, "--model", MLP, *options)
-    assert r.returncode == 2, r.stderr
+    assert r.exit_code == 2, r.stderr
     assert message in r.stderr
     _one_paragraph(r.stderr)
 
 
-def test_verbose_shows_the_traceback(root: str, factories: Path) -> None:
+def test_verbose_shows_the_traceback(resumer_cli: RunCli, root: str, factories: Path) -> None:
     r = resumer_cli("-v", "plan", root, "--model", "boom_factory:build", cwd=factories)
-    assert r.returncode == 2
+    assert r.exit_code == 2
     assert "Traceback" in r.stderr and "ValueError: factory failed" in r.stderr
 
 
@@ -118,9 +110,9 @@ def _no_raw_controls(text: str) -> None:
         assert ch not in text, f"{ch!r} reached the output raw"
 
 
-def test_checkpoint_names_are_escaped_in_table_refusals_and_markdown(evil_root: str) -> None:
+def test_checkpoint_names_are_escaped_in_table_refusals_and_markdown(resumer_cli: RunCli, evil_root: str) -> None:
     table = resumer_cli("plan", evil_root, "--model", MLP)
-    assert table.returncode == 3
+    assert table.exit_code == 3
     _no_raw_controls(table.stdout + table.stderr)
     shown = table.stdout.replace("\n", "").replace(" ", "")
     assert "w\\x1b]0;pwned\\x07\\x1b[2J\\x0d[red]x[/red]<b>\\u202e" in shown  # escaped, markup left as text
@@ -129,16 +121,16 @@ def test_checkpoint_names_are_escaped_in_table_refusals_and_markdown(evil_root: 
     assert "## Refusals" in markdown.stdout and "w\\x1b]0;pwned\\x07" in markdown.stdout
 
 
-def test_refusal_raised_by_resume_is_escaped(evil_root: str) -> None:
+def test_refusal_raised_by_resume_is_escaped(resumer_cli: RunCli, evil_root: str) -> None:
     r = resumer_cli("resume", evil_root, "--model", MLP)
-    assert r.returncode == 3 and "Cannot resume" in r.stderr
+    assert r.exit_code == 3 and "Cannot resume" in r.stderr
     _no_raw_controls(r.stdout + r.stderr)
     assert "w\\x1b]0;pwned\\x07" in r.stderr.replace("\n", "")
 
 
-def test_json_keeps_the_name_exactly(evil_root: str) -> None:
+def test_json_keeps_the_name_exactly(resumer_cli: RunCli, evil_root: str) -> None:
     r = resumer_cli("plan", evil_root, "--model", MLP, "--json")
-    assert r.returncode == 3
+    assert r.exit_code == 3
     names = {e["name"] for e in json.loads(r.stdout)["entries"]}
     assert EVIL in names  # lossless: json.dumps escapes, json.loads gives the bytes back
 
@@ -152,65 +144,16 @@ def test_html_escapes_controls_and_markup(evil_root: str) -> None:
     assert any(e.name == EVIL for e in plan.entries)  # the plan itself is untouched
 
 
-def test_inspect_and_list_escape_what_the_storage_says(tmp_path: Path) -> None:
+def test_inspect_and_list_escape_what_the_storage_says(resumer_cli: RunCli, tmp_path: Path) -> None:
     evil_dir = tmp_path / "evil\x1b[2J"
     uri = resumer.save_checkpoint(str(evil_dir), 2, ex.mlp_v1())
     r = resumer_cli("inspect", uri)
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     _no_raw_controls(r.stdout)
     assert "evil\\x1b[2J" in r.stdout
     listed = resumer_cli("list", str(evil_dir))
     _no_raw_controls(listed.stdout)
     assert "evil\\x1b[2J" in listed.stdout
-
-
-NOISY = """
-import os
-import resumer.examples
-
-
-def build():
-    print("noise from print")
-    os.write(1, b"noise on fd 1\\n")
-    return resumer.examples.mlp_v1()
-"""
-
-
-@pytest.mark.parametrize("command", ["plan", "resume"])
-def test_json_stdout_is_one_document_whatever_prints(root: str, tmp_path: Path, command: str) -> None:
-    (tmp_path / "noisy.py").write_text(NOISY)
-    r = resumer_cli(command, root, "--model", "noisy:build", "--json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)  # raises on anything but exactly one JSON document
-    assert isinstance(doc, dict) and doc["ok"] is True
-    assert "noise from print" in r.stderr and "noise on fd 1" in r.stderr
-
-
-def test_json_error_leaves_stdout_empty(tmp_path: Path) -> None:
-    (tmp_path / "noisy.py").write_text(NOISY)
-    r = resumer_cli("plan", str(tmp_path / "absent"), "--model", "noisy:build", "--json", cwd=tmp_path)
-    assert r.returncode == 1 and r.stdout == ""
-    assert "does not exist" in r.stderr
-
-
-SHADOW = """
-open({marker!r}, "w").write("the working directory shadowed an import")
-raise ImportError("shadow")
-"""
-
-
-@pytest.mark.parametrize("module", [False, True], ids=["entry-point", "python-m"])
-def test_working_directory_cannot_shadow_later_imports(tmp_path: Path, module: bool) -> None:
-    """s3fs imports ``netrc`` (through aiohttp) only once an s3:// URI is opened, after the factory ran."""
-    marker = tmp_path / "marker"
-    (tmp_path / "netrc.py").write_text(SHADOW.format(marker=str(marker)))
-    (tmp_path / "mylayers.py").write_text("import torch\n\ndef head():\n    return torch.nn.Linear(2, 2)\n")
-    (tmp_path / "mymodel.py").write_text("import mylayers\n\ndef build():\n    return mylayers.head()\n")
-    r = resumer_cli("plan", "s3://bucket/x", "--model", "mymodel:build", "-S", "bogus=1", cwd=tmp_path,
-                    module=module)
-    # The factory's module and its sibling came from the working directory; the storage layer was reached.
-    assert r.returncode == 2 and "unexpected keyword argument 'bogus'" in r.stderr, r.stderr
-    assert not marker.exists(), "a netrc.py in the working directory ran"
 
 
 def _defined_commands() -> set[str]:
@@ -223,9 +166,10 @@ def _defined_commands() -> set[str]:
     return names
 
 
-def test_every_command_is_registered_on_the_entry_point() -> None:
+def test_every_command_is_registered_on_the_cli_group(resumer_cli: RunCli) -> None:
+    """The group the entry point runs lists every command defined (the console script: test_entry_points.py)."""
     r = resumer_cli("--help")
-    assert r.returncode == 0
+    assert r.exit_code == 0
     listed = {line.split()[0] for line in r.stdout.split("Commands:")[1].splitlines() if line.strip()}
     expected = {"inspect", "plan", "resume", "list", "demo", "watch", "history", "prune", "submit", "status",
                 "stop", "logs"}

@@ -1,0 +1,54 @@
+"""The ``resumer`` command run in-process (click's ``CliRunner``): the same ``cli`` group the entry point runs,
+without starting a Python that imports torch, ray and mlflow again for every command.
+
+What only a real process can show (the installed console script, ``python -m resumer``, file descriptor 1
+under ``--json``, the working directory on ``sys.path``) is tested in ``tests/integration/test_entry_points.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from resumer import cli as cli_module
+from resumer.cli import cli
+
+RunCli = Callable[..., Result]
+
+
+@pytest.fixture
+def resumer_cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[RunCli]:
+    """``resumer_cli(*args, cwd=None)`` runs ``resumer ARGS`` in this process; ``cwd`` is the working directory.
+
+    Modules the command imported from a ``cwd`` (user factories) are forgotten afterwards, so the next test
+    imports its own files of the same name.
+    """
+    # Wide enough that no table or message is wrapped, whatever COLUMNS was when resumer.cli was imported.
+    monkeypatch.setenv("COLUMNS", "400")
+    # An s3:// URI given to a command reaches no network here: botocore fails the first time instead of
+    # retrying for seconds, and asks no instance-metadata service for credentials.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for console in (cli_module.out, cli_module.err):
+        monkeypatch.setattr(console, "_width", 400)
+    level = logging.getLogger("resumer").level  # ``-v`` raises it for the rest of the process
+    dirs: list[str] = []
+
+    def run(*args: str, cwd: str | Path | None = None) -> Result:
+        if cwd is not None:
+            dirs.append(os.path.realpath(cwd))
+            monkeypatch.chdir(cwd)
+        return CliRunner().invoke(cli, list(args), prog_name="resumer")
+
+    yield run
+    logging.getLogger("resumer").setLevel(level)
+    prefixes = tuple(d + os.sep for d in dirs)  # imported from os.getcwd(), which is a real path
+    for name, module in list(sys.modules.items()) if dirs else ():
+        if str(getattr(module, "__file__", None) or "").startswith(prefixes):
+            del sys.modules[name]
