@@ -25,7 +25,8 @@ from writer_script import state_for
 import resumer
 
 WRITER = os.path.join(os.path.dirname(__file__), "writer_script.py")
-TRIALS = 6
+TRIALS = 6  # kills at random points; more (up to MAX_TRIALS) until one has landed inside a save
+MAX_TRIALS = 20
 MAX_DELAY_S = 0.6
 
 
@@ -40,6 +41,7 @@ class Writer:
                                          stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.saved: list[int] = []
+        self.begun: list[int] = []
         self.ended = False  # its output has been read to the end
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -58,6 +60,8 @@ class Writer:
             self.ended = True
         elif line.startswith("saved "):
             self.saved.append(int(line.split()[1]))
+        elif line.startswith("begin "):
+            self.begun.append(int(line.split()[1]))
         return line
 
     def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
@@ -81,6 +85,11 @@ class Writer:
         self.proc.wait(timeout=10)
         while not self.ended:
             self._next(10)
+
+    @property
+    def killed_mid_save(self) -> bool:
+        """After kill(): whether the kill landed inside a ``save_checkpoint`` call (begun, never reported saved)."""
+        return bool(self.begun) and self.begun[-1] not in self.saved
 
 
 def _check(root: str, options: dict[str, Any] | None, saved: list[int],
@@ -124,8 +133,11 @@ def test_sigkilled_writer_never_leaves_a_torn_checkpoint(where: str, request: py
     writer = spare = Writer(root, options, tmp_path / "writer-0.err")
     report = []
     next_step = 1
+    mid_save = 0
     try:
-        for trial in range(TRIALS):
+        for trial in range(MAX_TRIALS):
+            if trial >= TRIALS and mid_save:
+                break
             writer.wait_for("ready")
             spare = writer
             writer = Writer(root, options, tmp_path / f"writer-{trial + 1}.err")  # imports while this trial runs
@@ -135,8 +147,10 @@ def test_sigkilled_writer_never_leaves_a_torn_checkpoint(where: str, request: py
             delay = rng.uniform(0, MAX_DELAY_S)
             time.sleep(delay)
             spare.kill()
+            mid_save += spare.killed_mid_save
             step, torn = _check(root, options, spare.saved, assert_same_tree)
-            report.append(f"kill {delay:.2f}s after the first save: saved {spare.saved}, latest {step}, "
+            when = "mid-save" if spare.killed_mid_save else "between saves"
+            report.append(f"kill {delay:.2f}s after the first save ({when}): saved {spare.saved}, latest {step}, "
                           f"torn dirs passed over {torn}")
             next_step = step + 1
         # A last writer, after the last kill, saves the next step and exits cleanly.
@@ -148,6 +162,8 @@ def test_sigkilled_writer_never_leaves_a_torn_checkpoint(where: str, request: py
     finally:
         writer.kill()
         spare.kill()
+    # The property was tested where it matters: at least one kill landed while a save was in progress.
+    assert mid_save >= 1, "no kill landed inside a save:\n  " + "\n  ".join(report)
     # Kills that landed mid-save left leftovers behind, yet every selection above ignored them.
     leftovers = sum(1 for c in resumer.catalog.scan(root, options) for f in c.sizes if f.endswith(".safetensors")) \
         - 2 * len(resumer.list_checkpoints(root, storage_options=options))

@@ -3,8 +3,9 @@
     python writer_script.py ROOT        (storage options as JSON in $RESUMER_IT_STORAGE_OPTIONS)
 
 Prints ``ready`` once torch and resumer are imported and warm, then reads ``START COUNT`` from stdin and saves
-steps START, START+1, ... (COUNT of them; 0 means until killed), printing ``saved STEP URI`` after each
-commit. What step N holds is a pure function of N (``state_for``), so a reader can check any checkpoint
+steps START, START+1, ... (COUNT of them; 0 means until killed), printing ``begin STEP`` right before each
+``save_checkpoint`` call and ``saved STEP URI`` right after its commit (so a kill between the two landed
+mid-save). What step N holds is a pure function of N (``state_for``), so a reader can check any checkpoint
 bit by bit without asking the writer.
 """
 
@@ -46,6 +47,7 @@ def main() -> None:
     step = start
     while count == 0 or step < start + count:
         model, opt = state_for(step)
+        print(f"begin {step}", flush=True)
         uri = resumer.save_checkpoint(root, step, model, opt, storage_options=options)
         print(f"saved {step} {uri}", flush=True)
         step += 1
