@@ -144,11 +144,23 @@ def test_auto_index_shift_even_where_names_coincide() -> None:
 
 
 def test_auto_does_not_guess_when_ambiguous() -> None:
-    # Two unmatched saved tensors of the same shape could each be the one new name: no inference.
-    saved = sig([t("a.weight", 4, 4), t("b.weight", 4, 4)])
-    cur = current([t("wrap.c.weight", 4, 4)])
+    # Two unmatched saved tensors of the same shape could each be the one new name: 'wrap.fc.weight' is saved
+    # 'fc.weight' wrapped under 'wrap', or saved 'wrap.weight' with 'fc' inserted. No inference.
+    saved = sig([t("fc.weight", 4, 4), t("wrap.weight", 4, 4)])
+    cur = current([t("wrap.fc.weight", 4, 4)])
     plan = reconcile(saved, cur, "strict", "auto")
-    assert not plan.renames
+    assert not plan.renames and not plan.ok
+    # One saved tensor, two new names it could have been wrapped into: no inference either.
+    saved = sig([t("fc.weight", 4, 4)])
+    cur = current([t("a.fc.weight", 4, 4), t("b.fc.weight", 4, 4)])
+    plan = reconcile(saved, cur, "strict", "auto")
+    assert not plan.renames and not plan.ok
+    # Same indices as a shift (0, 2 saved; 1, 3 now) but the shapes come in the other order: the layers
+    # were reordered or replaced, not shifted. No inference.
+    saved = sig([t("0.weight", 4, 4), t("2.weight", 8, 4)])
+    cur = current([t("1.weight", 8, 4), t("3.weight", 4, 4)])
+    plan = reconcile(saved, cur, "strict", "auto")
+    assert not plan.renames and not plan.ok
     # A layer added in a Sequential (lengths differ) is not an index shift.
     saved = sig([t("0.weight", 4, 4), t("2.weight", 4, 4)])
     cur = current([t("0.weight", 4, 4), t("1.weight", 4, 4), t("3.weight", 4, 4)])
