@@ -1,5 +1,6 @@
 """The examples in jobs/ and the manifests in deploy/: they parse, each v2 changes what it says it changes
-(checked by planning it against a v1 checkpoint), the entrypoints train in-process, the shell scripts parse."""
+(checked by planning it against a v1 checkpoint), the shell scripts parse. The entrypoints training in-process
+(they import Ray Train: seconds) are tested in ``tests/integration/test_job_entrypoints.py``."""
 
 from __future__ import annotations
 
@@ -134,42 +135,6 @@ def test_charlm_sgd_also_follows_charlm_v2(tmp_path: Path) -> None:
     """After charlm_v2 ran, its checkpoints have the Dropout; charlm_sgd (v1 model) still resumes them."""
     uri = _v1_checkpoint(spec("charlm_v2"), tmp_path)
     assert _plan(uri, spec("charlm_sgd")).ok
-
-
-# ------------------------------------------------------------------------------------------------ in-process
-
-
-def _attempt(s: jobspec.JobSpec, root: Path, every: int, checkpoint: str | None = None,
-             plan_hash: str | None = None) -> str:
-    """The attempt config, as resumer.ray_launcher.RayLauncher._env builds it."""
-    return json.dumps({"job": s.name, "attempt": 1, "root": str(root), "storage_options": {},
-                       "checkpoint": checkpoint, "policy": s.policy.value, "renames": list(s.renames),
-                       "plan_hash": plan_hash, "every": every, "model": s.model, "optimizer": s.optimizer,
-                       "scheduler": s.scheduler})
-
-
-@pytest.mark.parametrize("name", ["cnn", "charlm"])
-def test_entrypoints_run_in_process_without_ray(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """build() falls back to the plain model outside a Ray Train worker; restore() and save() work locally."""
-    import ray
-
-    from resumer.factories import resolve
-
-    s = spec(name)
-    entry = resolve(s.entrypoint, "entrypoint")
-    monkeypatch.setenv(resumer.train.ENV, _attempt(s, tmp_path, every=3))
-    entry({**s.config, "total_steps": 3})
-    first = resumer.latest_checkpoint(str(tmp_path))
-    assert first is not None and first.step == 3
-    # resume it (as the controller would: the checkpoint URI and the plan's hash), two more steps
-    model, optimizer, scheduler = build(s.model, s.optimizer, s.scheduler)
-    plan = resumer.plan(first.uri, model, optimizer, scheduler, policy=s.policy.value)
-    monkeypatch.setenv(resumer.train.ENV, _attempt(s, tmp_path, every=5, checkpoint=first.uri,
-                                                   plan_hash=resumer.train.plan_hash(plan)))
-    entry({**s.config, "total_steps": 5})
-    last = resumer.latest_checkpoint(str(tmp_path))
-    assert last is not None and last.step == 5
-    assert not ray.is_initialized()
 
 
 # ------------------------------------------------------------------------------------------------- deploy/
