@@ -133,11 +133,12 @@ def read_header(f: BinaryIO, size: int, uri: str) -> dict[str, TensorLocation]:
     """Parse and validate a safetensors header; never trusts a length or offset it has not checked."""
     if size < 8:
         raise _bad(uri, f"only {size} bytes")
-    (n,) = struct.unpack("<Q", f.read(8))
+    head = _read_exact(f, 8, uri)
+    (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER_BYTES or n + 8 > size:  # checked against the real size before a byte of it is read
         raise _bad(uri, f"header length {n} does not fit the file of {size} bytes")
     try:
-        header = strict_loads(f.read(n), max_cost=max(MIN_PARSE_BUDGET, PARSE_BUDGET_PER_BYTE * n))
+        header = strict_loads(_read_exact(f, n, uri), max_cost=max(MIN_PARSE_BUDGET, PARSE_BUDGET_PER_BYTE * n))
     except JSONRefused as exc:
         raise _bad(uri, f"header refused: {exc}") from None
     if not isinstance(header, dict):
@@ -148,6 +149,20 @@ def read_header(f: BinaryIO, size: int, uri: str) -> dict[str, TensorLocation]:
         if b2 < e1:
             raise _bad(uri, f"entries {n1!r} and {n2!r} overlap")
     return out
+
+
+def _read_exact(f: BinaryIO, n: int, uri: str) -> bytes:
+    """``n`` bytes, or a CheckpointError: a file cut short is a bad checkpoint (reads may come back short)."""
+    parts = []
+    got = 0
+    while got < n:
+        part = f.read(n - got)
+        if not part:
+            raise CheckpointError(f"{uri} ended early: read {got} of {n} header bytes. The file is truncated.",
+                                  uri=uri)
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def readinto_exact(f: BinaryIO, view: memoryview, uri: str) -> None:

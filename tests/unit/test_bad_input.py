@@ -363,3 +363,13 @@ def test_pickle_that_would_run_code_is_refused(root, fs_of, dst, snapshot, asser
         assert not marker.exists(), "unpickling ran the payload"
         assert_unchanged(dst, before)
     assert fs.exists(f"{path}/evil.pt")
+
+
+def test_a_header_read_cut_short_is_a_checkpoint_error() -> None:
+    """A stream that ends before the 8-byte length or the header itself (a file truncated under a reader)."""
+    from resumer.errors import CheckpointError
+    from resumer.safetensors_io import read_header
+
+    for data in (b"\x10\x00\x00", b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\":"):
+        with pytest.raises(CheckpointError, match="ended early"):
+            read_header(io.BytesIO(data), 1000, "mem://x/model.safetensors")
