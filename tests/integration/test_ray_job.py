@@ -60,7 +60,9 @@ def test_sigkill_worker_resumes_with_identical_losses(ray_cluster: None, tmp_pat
     reference = losses(straight)
     assert sorted(reference) == list(range(1, 25))
 
-    spec = spec_for(str(tmp_path / "b"))
+    # keep_last 3: rank 0 prunes after each commit (5, 10, [15,] 15 or 20, 20), so step 5 goes while training.
+    spec = jobspec.parse({**raw_for(str(tmp_path / "b")), "checkpoint": {"every": 5, "keep_last": 3}})
+    assert spec.keep_last == 3
     launcher = RayLauncher(spec)
     killed: list[int] = []
 
@@ -92,6 +94,11 @@ def test_sigkill_worker_resumes_with_identical_losses(ray_cluster: None, tmp_pat
     assert any(len(v) > 1 for v in got.values())  # some steps ran twice (after the last commit, before the kill)
     final = resumer.latest_checkpoint(spec.root)
     assert final is not None and final.step == 20
+    # Retention ran during training: only the workers touched this root, and step 5 is gone, while the newest
+    # (20) and the one the second attempt resumed from (10 or 15) are kept.
+    assert second.step in (10, 15)
+    assert [c.step for c in resumer.list_checkpoints(spec.root)] == [20, 15, 10]
+    assert not os.path.exists(os.path.join(spec.root, "step-0000000005"))
 
 
 def test_crash_at_the_same_step_is_a_crash_loop(ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
@@ -215,9 +222,10 @@ def test_submit_cli_runs_a_job_and_refuses_a_changed_one(tmp_path: pytest.TempPa
 
 def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlflow(
         ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
-    """SIGTERM (a preemption notice) to a real worker: it saves at the next step boundary, off the cadence,
-    and the job resumes from THAT checkpoint; every decision and the training curve land on a real MLflow
-    server (parent curve one line, resume marker at the emergency step); killed attempts do not stay RUNNING."""
+    """SIGTERM (a preemption notice) to a real worker (rank 1, which never saves on the cadence): it saves an
+    emergency checkpoint at the next step boundary, and the job resumes from THAT checkpoint; every decision and
+    the training curve land on a real MLflow server (parent curve one line, resume marker at the emergency step);
+    killed attempts do not stay RUNNING."""
     from mlflow.tracking import MlflowClient
 
     from resumer.history import read_history
@@ -228,7 +236,9 @@ def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlf
 
     reference = {s: v[0] for s, v in losses(run_job(spec_for(str(tmp_path / "a")), recorder=LogRecorder(),
                                                      timeout_s=300)).items()}
-    spec = spec_for(str(tmp_path / "b"))
+    # No cadence save in this job (every 100 > 24 steps): the only checkpoint there can be is the emergency one, so
+    # it is always written off the cadence by the notified rank (rank 0 never races it for the step), and resumed.
+    spec = jobspec.parse({**raw_for(str(tmp_path / "b")), "checkpoint": {"every": 100}})
     launcher = RayLauncher(spec)
     signalled: list[int] = []
 
@@ -261,9 +271,9 @@ def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlf
     assert second.outcome is Outcome.RESUMED and second.previous_failure is FailureClass.PREEMPTED
     emergency = second.step
     assert emergency is not None and emergency >= signalled[0]
-    if emergency % 5:  # off the cadence: only the emergency save can have written it (on a cadence step both may)
-        extra = read_manifest(second.checkpoint).raw["extra"]  # type: ignore[arg-type]
-        assert extra["emergency"] is True and extra["rank"] == 1
+    extra = read_manifest(second.checkpoint).raw["extra"]  # type: ignore[arg-type]
+    assert extra["emergency"] is True and extra["rank"] == 1 and extra["attempt"] == 1
+    assert [c.uri for c in resumer.list_checkpoints(spec.root)] == [second.checkpoint]  # the only one, ever
     got = losses(result)
     assert sorted(got) == list(range(1, 25))
     assert all(v == reference[s] for s, vals in got.items() for v in vals)  # bitwise, the redone steps too
