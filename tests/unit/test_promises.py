@@ -134,3 +134,85 @@ def test_a_rank_that_plans_differently_from_the_controller_refuses_before_loadin
         "job": "j", "attempt": 2, "root": str(tmp_path), "storage_options": {}, "checkpoint": uri,
         "policy": "strict", "renames": [], "plan_hash": resumer.train.plan_hash(same), "every": 5}))
     assert resumer.train.restore(model) == 4
+
+
+def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
+    budget = Budget(max_restarts=9, backoff_s=1.5, max_backoff_s=20.0)
+    assert [budget.delay(n) for n in range(0, 7)] == [1.5, 1.5, 3.0, 6.0, 12.0, 20.0, 20.0]
+
+
+@pytest.mark.parametrize("field", ["max_restarts", "backoff_s", "max_backoff_s"])
+def test_negative_budgets_are_refused(field: str) -> None:
+    from resumer.errors import UsageError
+
+    kw: dict[str, Any] = {"max_restarts": 1, "backoff_s": 1.0, "max_backoff_s": 2.0, field: -1}
+    with pytest.raises(UsageError, match="retry budgets and backoff must be >= 0"):
+        Budget(**kw)
+
+
+def test_a_class_without_a_budget_is_not_retried_and_decisions_say_why() -> None:
+    policy = FailurePolicy(budgets={FailureClass.CRASHED: Budget(max_restarts=2, backoff_s=4.0)})
+    hung = policy.make_decision(Failure(cls=FailureClass.HUNG, step=1, cause="x"))
+    assert (hung.verdict, hung.reason) == (Verdict.STOP, "hung: not retried")
+    first = policy.make_decision(Failure(cls=FailureClass.CRASHED, step=1, cause="boom"))
+    assert (first.verdict, first.delay_s, first.reason) == (Verdict.RETRY, 4.0, "crashed (boom): restart 1/2")
+    second = policy.make_decision(Failure(cls=FailureClass.CRASHED, step=2, cause="bang"))
+    assert (second.verdict, second.delay_s) == (Verdict.RETRY, 8.0)
+    third = policy.make_decision(Failure(cls=FailureClass.CRASHED, step=3, cause="again"))
+    assert (third.verdict, third.reason) == (Verdict.STOP, "crashed: restart budget of 2 spent (again)")
+
+
+def _controller(*obs: Observation, **kw: Any) -> tuple[Controller, FakeRecorder, FakeLauncher, FakeClock]:
+    clock, rec, launcher = FakeClock(), FakeRecorder(), FakeLauncher(*obs)
+    ctl = Controller(planner=FakePlanner(START, RESUME), recorder=rec, launcher=launcher, clock=clock, **kw)
+    return ctl, rec, launcher, clock
+
+
+def test_a_hang_is_timed_from_the_last_step_report_not_the_launch() -> None:
+    ctl, _, launcher, clock = _controller(Observation(status=RunStatus.RUNNING, step=3, reported_at=50.0),
+                                          hang_timeout_s=60.0)
+    ctl.step()  # launch at t=0
+    clock.advance(110)  # 110 s after the launch, 60 s after the last report: not hung yet
+    r = ctl.step()
+    assert (r.action, r.detail) == ("observe", "running at step 3") and launcher.stops == []
+    clock.advance(1)
+    r = ctl.step()
+    assert r.action == "backoff" and launcher.stops == ["no step reported for 61s"]
+
+
+def test_hangs_at_one_step_are_a_crash_loop() -> None:
+    """A hung attempt's failure carries the step it hung at, so three hangs there stop the job."""
+    ctl, _, launcher, clock = _controller(Observation(status=RunStatus.RUNNING, step=3, reported_at=0.0),
+                                          hang_timeout_s=10.0,
+                                          policy=FailurePolicy(budgets={FailureClass.HUNG: Budget(
+                                              max_restarts=9, backoff_s=0.0)}))
+    results = []
+    for _ in range(12):
+        if ctl.state.terminal:
+            break
+        clock.advance(11)
+        results.append(ctl.step())
+    assert ctl.state is State.FAILED and len(launcher.launches) == 3
+    assert results[-1].action == "give-up"
+    assert results[-1].detail.startswith("crash loop: hung at step 3 3 times in a row (no step reported for ")
+
+
+def test_time_to_recover_is_from_the_failure_to_the_first_new_step() -> None:
+    crash = Observation(status=RunStatus.FAILED, failure=Failure(cls=FailureClass.CRASHED, step=12, cause="x"))
+    ctl, rec, _, clock = _controller(Observation(status=RunStatus.RUNNING, step=12, reported_at=0.0), crash,
+                                     Observation(status=RunStatus.RUNNING, step=10, reported_at=4.0),
+                                     Observation(status=RunStatus.RUNNING, step=11, reported_at=7.5),
+                                     policy=FailurePolicy(budgets={FailureClass.CRASHED: Budget(
+                                         max_restarts=3, backoff_s=2.0)}))
+    ctl.step()  # launch
+    ctl.step()  # running at 12
+    clock.advance(1)
+    assert ctl.step().action == "backoff"  # failed at t=1
+    clock.advance(2)
+    assert ctl.step().action == "launch"  # resumes from step 10 (RESUME)
+    clock.advance(3)
+    ctl.step()  # step 10 is the checkpoint's own step: not a new one
+    assert [m for _, m in rec.of("metrics")] == []
+    clock.advance(3)
+    ctl.step()  # step 11 at t=9: the first new step, 8 s after the failure at t=1
+    assert [m for _, m in rec.of("metrics")] == [{"time_to_recover_s": 8.0}]
