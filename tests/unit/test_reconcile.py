@@ -255,14 +255,15 @@ def test_plan_json_round_trips_exactly_and_refuses_what_it_cannot_read() -> None
     saved = sig([t("enc.weight", 4, 4), t("norm.weight", 4), t("head.weight", 2, 4)])
     current = sig([t("backbone.weight", 4, 4), t("norm.weight", 4), t("head.weight", 3, 4)])
     plans = [reconcile(saved, current, "strict", checkpoint="s3://b/run/step-0000000007"),
-             reconcile(saved, current, "partial", {"^enc\\.": "backbone."}, checkpoint="/r/step-0000000007")]
+             reconcile(saved, current, "partial", {"^enc\\.": "backbone."}, checkpoint="/r/step-0000000007"),
+             reconcile(saved, current, "partial")]
     positional = Plan(policy=Policy.PARTIAL, checkpoint=None, step=3, entries=(),
                       positions=(("a.weight", "#0"), ("b.weight", "#1")))
     for plan in [*plans, positional]:
         back = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
         assert back == plan
     assert plans[0].refusals and plans[0].suggestion and any(e.refused for e in plans[0].entries)
-    assert plans[1].renames and plans[1].notes
+    assert plans[1].renames and plans[2].notes
     minimal = Plan.from_dict({"format": "resumer-plan", "version": 1, "policy": "strict", "entries": [
         {"section": "model", "name": "x", "action": "load"}]})
     assert minimal.entries[0].reason == "" and minimal.entries[0].refused is False
