@@ -8,9 +8,9 @@ and once with ``torch.save({"model": ..., "optimizer": ...})``. Then, each in a 
   moment after the eviction as they do;
 * the floor for any loader that copies: the same files read into the same kind of memory without parsing
   (model bytes into memory touched beforehand, optimizer bytes into fresh memory);
-* ``resumer.resume(uri, model, opt)``: the default, which checksums every file it loads before anything
-  live is touched (the model file in its own pass, the optimizer file in the pass that loads it into fresh
-  tensors, the two side by side); ``verify=False``; and resuming from the ROOT (``resumer.resume(root, ...)``);
+* ``resumer.resume(uri, model, opt)``: the default, which reads every data file once into fresh memory,
+  checksumming it on the way (model and optimizer files side by side), and only then copies into the live
+  objects; ``verify=False``; and resuming from the ROOT (``resumer.resume(root, ...)``);
 * ``torch.load(path)`` + ``load_state_dict`` for model and optimizer: the usual path.
 
 Each is run with a warm page cache (files read beforehand) and a cold one (every file evicted with
