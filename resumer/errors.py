@@ -3,6 +3,7 @@
     ResumerError                  base: catch this to catch everything below
     ├── UsageError                bad input from a user: an unknown policy, a bad MODULE:FACTORY, a bad rule
     ├── CheckpointError           a checkpoint that is missing, torn, corrupt or unsafe (has .uri)
+    │   └── AlreadyCommitted      a save of a step that is committed already (its checkpoint stands)
     ├── PlanRefused               resume() was asked to apply a plan that is not ok (has .plan)
     ├── TransientStorageError     storage failed in a way that may succeed on retry (has .uri)
     ├── StorageFullError          a save ran out of space (disk full, quota); nothing was committed (has .uri)
@@ -38,6 +39,14 @@ class CheckpointError(ResumerError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_checkpoint_error, (str(self), self.uri, self.quarantine))
+
+
+class AlreadyCommitted(CheckpointError):
+    """The step was committed already (by an earlier save, or another writer racing this one). Its checkpoint
+    stands; this save wrote nothing that remains."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_already_committed, (str(self), self.uri))
 
 
 class TransientStorageError(ResumerError):
@@ -95,3 +104,7 @@ def _rebuild_transient_error(message: str, uri: str | None) -> TransientStorageE
 
 def _rebuild_storage_full_error(message: str, uri: str | None) -> StorageFullError:
     return StorageFullError(message, uri=uri)
+
+
+def _rebuild_already_committed(message: str, uri: str | None) -> AlreadyCommitted:
+    return AlreadyCommitted(message, uri=uri)

@@ -20,7 +20,7 @@ from torch import nn
 import resumer
 from resumer import retry, rng
 from resumer.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
-from resumer.errors import CheckpointError, StorageFullError, TransientStorageError, UsageError
+from resumer.errors import AlreadyCommitted, CheckpointError, StorageFullError, TransientStorageError, UsageError
 from resumer.jsonvalue import encode
 from resumer.manifest import (
     FORMAT,
@@ -179,8 +179,8 @@ def write_snapshot(snap: Snapshot, root: str, storage_options: dict[str, Any] | 
     uri = join(root, step_dir(snap.step))
     fs, path = get_fs(uri, storage_options)
     if retry.call(lambda: fs.exists(join(path, MANIFEST)), what="checking", uri=uri):
-        raise CheckpointError(f"{uri} is already committed. Each step is saved once; pick a new step or another root.",
-                              uri=uri)
+        raise AlreadyCommitted(f"{uri} is already committed. Each step is saved once; pick a new step or another "
+                               "root.", uri=uri)
     written: list[str] = []
     try:
         retry.call(lambda: fs.makedirs(path, exist_ok=True), what="creating", uri=uri)
@@ -239,7 +239,7 @@ def _write_and_commit(snap: Snapshot, fs: Any, path: str, uri: str, written: lis
         commit_bytes(fs, join(path, MANIFEST), dumps(raw), uri)
         written.clear()  # committed: from here on these files belong to a checkpoint and are never discarded
     except FileExistsError:
-        raise CheckpointError(f"Cannot commit {uri}: another writer committed step {snap.step} first (two saves of "
+        raise AlreadyCommitted(f"Cannot commit {uri}: another writer committed step {snap.step} first (two saves of "
                               "one step ran at once). Its checkpoint stands; this save's data files were removed. "
                               "Save each step from one writer, or use another root.", uri=uri) from None
     return files

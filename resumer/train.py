@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from resumer import preemption
-from resumer.errors import CheckpointError, Preempted
+from resumer.errors import AlreadyCommitted, CheckpointError, Preempted
 from resumer.ray_board import NAMESPACE as BOARD_NAMESPACE
 from resumer.ray_board import board_name
 
@@ -161,11 +161,23 @@ def save(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     if cfg is None:
         return None
     if preemption.noticed() is not None:
-        uri = _write(cfg, step, model, optimizer, scheduler, metrics, emergency=True) if _claim(cfg, step) else None
+        uri = _emergency(cfg, step, model, optimizer, scheduler, metrics) if _claim(cfg, step) else None
         raise Preempted(step, uri)
     if (not force and step % int(cfg["every"]) != 0) or rank() != 0:
         return None
     return _write(cfg, step, model, optimizer, scheduler, metrics)
+
+
+def _emergency(cfg: dict[str, Any], step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+               metrics: dict[str, float] | None) -> str:
+    """The emergency checkpoint of ``step``. On a cadence step, rank 0's regular save of the same (replicated)
+    state may commit first: that checkpoint stands and serves, so the notice still ends as a preemption."""
+    try:
+        return _write(cfg, step, model, optimizer, scheduler, metrics, emergency=True)
+    except AlreadyCommitted as exc:
+        logger.warning("[preemption] rank %d: step %d was committed by another save first (%s); resuming from it",
+                       rank(), step, exc.uri)
+        return str(exc.uri)
 
 
 def _claim(cfg: dict[str, Any], step: int) -> bool:

@@ -216,3 +216,26 @@ def test_time_to_recover_is_from_the_failure_to_the_first_new_step() -> None:
     clock.advance(3)
     ctl.step()  # step 11 at t=9: the first new step, 8 s after the failure at t=1
     assert [m for _, m in rec.of("metrics")] == [{"time_to_recover_s": 8.0}]
+
+
+def test_an_emergency_save_on_a_step_another_rank_committed_is_still_a_preemption(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cadence step, rank 0's regular save may commit first: the notified rank resumes from that one,
+    and the attempt ends as a preemption, not as a crash."""
+    import json
+
+    import resumer
+    import resumer.train
+    from resumer import examples as ex
+    from resumer.errors import Preempted
+
+    root = str(tmp_path)
+    model = ex.mlp_v1()
+    committed = resumer.save_checkpoint(root, 5, model)  # rank 0's cadence save of step 5 landed first
+    monkeypatch.setenv(resumer.train.ENV, json.dumps({"job": "j", "attempt": 1, "root": root, "storage_options": {},
+                                                      "checkpoint": None, "policy": "strict", "renames": [],
+                                                      "plan_hash": None, "every": 5}))
+    monkeypatch.setattr(resumer.preemption, "noticed", lambda: 1.0)
+    with pytest.raises(Preempted) as err:
+        resumer.train.save(5, model)
+    assert err.value.step == 5 and err.value.uri == committed
