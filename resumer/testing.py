@@ -175,3 +175,17 @@ def connections_by_thread(monkeypatch: Any) -> list[int]:
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     return seen
+
+
+def defined_commands() -> set[str]:
+    """Names of every click command defined in the CLI's modules (to check each is registered on the group)."""
+    import importlib
+
+    import click
+
+    names: set[str] = set()
+    for mod in ("resumer.cli", "resumer.cli_history", "resumer.cli_jobs", "resumer.cli_prune", "resumer.cli_watch"):
+        for value in vars(importlib.import_module(mod)).values():
+            if isinstance(value, click.Command) and not isinstance(value, click.Group):
+                names.add(value.name or "")
+    return names

@@ -15,7 +15,7 @@ from typing import Any
 
 import fsspec
 import pytest
-from s3kit import MotoServer, make_bucket, s3_options, start_moto
+from s3kit import MotoServer, TcpProxy, make_bucket, s3_options, start_moto
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +52,16 @@ def moto(_s3_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mo
 def s3_server(moto: MotoServer) -> str:
     """The endpoint URL of the session's S3 API server on 127.0.0.1."""
     return moto.url
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[TcpProxy]:
+    """A cuttable TCP proxy in front of the session's S3 server (``s3kit.TcpProxy``); closed afterwards."""
+    p = TcpProxy(moto.port)
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ in-process in ``tests/unit/test_cli.py`` and ``tests/unit/test_cli_safety.py``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -16,11 +15,11 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-import click
 import pytest
 
 import resumer
 from resumer import examples as ex
+from resumer.testing import defined_commands
 
 pytestmark = pytest.mark.slow  # every test starts a Python that imports torch, ray and mlflow
 
@@ -42,14 +41,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
-def _defined_commands() -> set[str]:
-    names: set[str] = set()
-    for mod in ("resumer.cli", "resumer.cli_history", "resumer.cli_jobs", "resumer.cli_prune",
-                "resumer.cli_watch"):
-        for value in vars(importlib.import_module(mod)).values():
-            if isinstance(value, click.Command) and not isinstance(value, click.Group):
-                names.add(value.name or "")
-    return names
 
 
 def test_every_command_is_registered_on_the_entry_point() -> None:
@@ -61,8 +52,8 @@ def test_every_command_is_registered_on_the_entry_point() -> None:
     listed = {line.split()[0] for line in r.stdout.split("Commands:")[1].splitlines() if line.strip()}
     expected = {"inspect", "plan", "resume", "list", "demo", "watch", "history", "prune", "submit", "status",
                 "stop", "logs"}
-    assert expected <= _defined_commands()
-    assert _defined_commands() <= listed
+    assert expected <= defined_commands()
+    assert defined_commands() <= listed
 
 
 NOISY = """

@@ -207,15 +207,6 @@ def test_save_whose_data_the_server_lost_commits_nothing(restartable: Restartabl
 # ---------------------------------------------------------------------------- (b) network cut, nothing lost
 
 
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[TcpProxy]:
-    p = TcpProxy(moto.port)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
 class _RestoreOnRetry(logging.Handler):
     """Ends the outage from inside resumer's first ``[retry]`` log call, before its back-off sleep: the save has
     certainly failed through the cut and been retried by resumer, and its next attempt finds the network back."""

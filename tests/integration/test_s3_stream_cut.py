@@ -11,7 +11,6 @@ anywhere else would misplace bytes, which the bitwise comparison (and the checks
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,15 +23,6 @@ from resumer import transfer
 
 MIB = 1024 * 1024
 MODEL_FILE = re.compile(r"/model\.[0-9a-f]+\.safetensors$")
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[TcpProxy]:
-    p = TcpProxy(moto.port)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def _big_model(seed: int) -> nn.Module:

@@ -8,12 +8,10 @@ every command) is in ``tests/integration/test_entry_points.py``.
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
-import click
 import pytest
 import torch
 from click.testing import Result
@@ -22,6 +20,7 @@ import resumer
 from resumer import examples as ex
 from resumer.render import plan_markdown, printable
 from resumer.render_html import plan_html
+from resumer.testing import defined_commands
 
 MLP = "resumer.examples:mlp_v1"
 EVIL = "w\x1b]0;pwned\x07\x1b[2J\r[red]x[/red]<b>\u202e"
@@ -156,14 +155,6 @@ def test_inspect_and_list_escape_what_the_storage_says(resumer_cli: RunCli, tmp_
     assert "evil\\x1b[2J" in listed.stdout
 
 
-def _defined_commands() -> set[str]:
-    names: set[str] = set()
-    for mod in ("resumer.cli", "resumer.cli_history", "resumer.cli_jobs", "resumer.cli_prune",
-                "resumer.cli_watch"):
-        for value in vars(importlib.import_module(mod)).values():
-            if isinstance(value, click.Command) and not isinstance(value, click.Group):
-                names.add(value.name or "")
-    return names
 
 
 def test_every_command_is_registered_on_the_cli_group(resumer_cli: RunCli) -> None:
@@ -173,5 +164,5 @@ def test_every_command_is_registered_on_the_cli_group(resumer_cli: RunCli) -> No
     listed = {line.split()[0] for line in r.stdout.split("Commands:")[1].splitlines() if line.strip()}
     expected = {"inspect", "plan", "resume", "list", "demo", "watch", "history", "prune", "submit", "status",
                 "stop", "logs"}
-    assert expected <= _defined_commands()
-    assert _defined_commands() <= listed
+    assert expected <= defined_commands()
+    assert defined_commands() <= listed
