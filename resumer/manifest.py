@@ -330,6 +330,8 @@ def _build(raw: dict[str, Any], uri: str) -> Manifest:
     _check_signature(_get(raw, "signature", "the manifest"))
     _check_plain(raw)
     sig = Signature.from_dict(raw.pop("signature"))
+    if sig.optimizer is not None and sig.optimizer.positional:
+        raise _Bad("its optimizer signature claims position-keyed state; a resumer checkpoint keys it by name")
     step = _int(_get(raw, "step", "the manifest"), "'step'")
     tensors = _locations(_get(raw, "tensors", "the manifest"), files, "tensor")
     del raw["tensors"]

@@ -77,6 +77,11 @@ def bind_positions(so: OptimizerSpec, co: OptimizerSpec, saved: Mapping[str, Ten
     groups = tuple(ParamGroupSpec(params=tuple(named[p] for p in cg.params), hyperparams=sg.hyperparams)
                    for sg, cg in zip(so.groups, co.groups, strict=True))
     by_key = {key: name for name, key in positions.items()}
+    stray = [ps.param for ps in so.state if ps.param not in by_key]
+    if stray:  # state for a position no group lists: nothing to tie it to
+        return Binding(spec=None, positions={}, problem=(
+            f"optimizer state is keyed by position; position {stray[0][1:]} holds state but no param group lists "
+            "it, so the positions cannot be tied to names"))
     spec = OptimizerSpec(cls=so.cls, groups=groups, inferred=so.inferred,
                          state=tuple(ParamState(param=by_key[ps.param], entries=ps.entries) for ps in so.state))
     flat = [k for g in so.groups for k in g.params]

@@ -292,3 +292,24 @@ def test_a_plain_torch_save_file_still_plans(tmp_path):
     torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 3,
                 "history": history}, path)
     assert resumer.plan(path, model, torch.optim.SGD(model.parameters(), lr=0.1)).ok
+
+
+def test_a_manifest_claiming_position_keyed_optimizer_state_is_malformed(tmp_path: Any) -> None:
+    """Only plain torch.save files key optimizer state by position; a manifest saying so would route state by
+    position keys the native reader does not have."""
+    import json as _json
+
+    import resumer
+    from resumer import examples as ex
+    from resumer.errors import CheckpointError
+
+    model = ex.mlp_v1()
+    uri = resumer.save_checkpoint(str(tmp_path), 1, model, ex.adam(model))
+    path = f"{uri}/manifest.json"
+    with open(path) as f:
+        d = _json.load(f)
+    d["signature"]["optimizer"]["positional"] = True
+    with open(path, "w") as f:
+        _json.dump(d, f)
+    with pytest.raises(CheckpointError, match="claims position-keyed state"):
+        resumer.read_manifest(uri)

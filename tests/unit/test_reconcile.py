@@ -273,3 +273,15 @@ def test_plan_json_round_trips_exactly_and_refuses_what_it_cannot_read() -> None
                 {"policy": "strict", "entries": []}):
         with pytest.raises(UsageError, match="Not a resumer plan of version <= 1"):
             Plan.from_dict(bad)
+
+
+def test_positional_state_that_no_group_lists_is_refused_not_a_crash() -> None:
+    saved_tensors = [t("a.weight", 4, 4), t("b.weight", 4)]
+    groups = (ParamGroupSpec(params=("#0", "#1")),)
+    state = tuple(ParamState(param=k, entries=(StateEntry(key="exp_avg", shape=s),))
+                  for k, s in (("#0", (4, 4)), ("#1", (4,)), ("#7", (4,))))
+    saved = Signature(tensors=tuple(saved_tensors), optimizer=OptimizerSpec(cls=ADAM, groups=groups, state=state,
+                                                                            positional=True))
+    plan = reconcile(saved, sig(saved_tensors))
+    assert not plan.ok
+    assert "position 7 holds state but no param group lists it" in str(plan.refusals[0])
