@@ -27,12 +27,17 @@ class Binding:
     problem: str | None = None
 
 
-def _state_shape(ps: ParamState) -> tuple[int, ...] | None:
-    """The shape a parameter's state tells (its first non-scalar tensor), or None when it tells none."""
-    for e in ps.entries:
-        if e.shape:
-            return e.shape
-    return None
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """A state tensor fits its parameter: the same shape, or that shape with some dimensions 1 (factored
+    second moments, as the native reader's check allows too)."""
+    return len(shape) == len(expected) and all(d in (e, 1) for d, e in zip(shape, expected, strict=True))
+
+
+def _state_shape(ps: ParamState, expected: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape a parameter's state tells: its first non-scalar entry that does not fit ``expected`` (a
+    misfit), else ``expected`` when some entry is non-scalar, else None (scalars only tell nothing)."""
+    shapes = [e.shape for e in ps.entries if e.shape]
+    return next((sh for sh in shapes if not _fits(sh, expected)), expected if shapes else None)
 
 
 def _order_note(saved: Mapping[str, TensorSpec], flat: list[str], by_key: Mapping[str, str]) -> str:
@@ -65,7 +70,7 @@ def bind_positions(so: OptimizerSpec, co: OptimizerSpec, saved: Mapping[str, Ten
                     f"optimizer state is keyed by position; position {key[1:]} falls on the current parameter "
                     f"'{param}', which the checkpoint's model does not hold, so the positions cannot be tied to "
                     "names"))
-            shape = _state_shape(state[key]) if key in state else None
+            shape = _state_shape(state[key], saved[src].shape) if key in state else None
             if shape is not None and shape != saved[src].shape:
                 return Binding(spec=None, positions={}, problem=(
                     f"optimizer state is keyed by position; the state at position {key[1:]} has shape "

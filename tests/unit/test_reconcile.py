@@ -285,3 +285,20 @@ def test_positional_state_that_no_group_lists_is_refused_not_a_crash() -> None:
     plan = reconcile(saved, sig(saved_tensors))
     assert not plan.ok
     assert "position 7 holds state but no param group lists it" in str(plan.refusals[0])
+
+
+def test_every_positional_state_entry_must_fit_its_parameter() -> None:
+    """Not only the first: a second moment of another shape would crash the first step after the resume."""
+    saved_tensors = [t("a.weight", 4, 4), t("b.weight", 4)]
+    groups = (ParamGroupSpec(params=("#0", "#1")),)
+    good = (StateEntry(key="exp_avg", shape=(4, 4)), StateEntry(key="exp_avg_sq", shape=(4, 4)))
+    bad = (StateEntry(key="exp_avg", shape=(4, 4)), StateEntry(key="exp_avg_sq", shape=(2, 8)))
+    for entries, ok in ((good, True), (bad, False)):
+        state = (ParamState(param="#0", entries=entries),
+                 ParamState(param="#1", entries=(StateEntry(key="exp_avg", shape=(4,)),)))
+        saved = Signature(tensors=tuple(saved_tensors),
+                          optimizer=OptimizerSpec(cls=ADAM, groups=groups, state=state, positional=True))
+        plan = reconcile(saved, sig(saved_tensors))
+        assert plan.ok is ok
+        if not ok:
+            assert "the state at position 0 has shape [2, 8]" in str(plan.refusals[0])
