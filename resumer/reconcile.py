@@ -16,8 +16,9 @@ from typing import Any
 
 from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
 from resumer.positions import bind_positions
-from resumer.renames import RenameRules, parse_renames, resolve
+from resumer.renames import parse_renames, resolve
 from resumer.signature import OptimizerSpec, Signature, TensorSpec
+from resumer.suggest import lost_pairs, suggest_options
 
 
 def fmt(t: TensorSpec) -> str:
@@ -58,14 +59,14 @@ def reconcile(saved: Signature, current: Signature, policy: Policy | str = Polic
     if policy is Policy.PARTIAL and not sources and saved.tensors:
         acc.refusals.append(Refusal(subject="model", problem="nothing in the checkpoint matches the current "
                                     "model by name and shape, so nothing would load"))
-    if policy is Policy.PARTIAL and (lost := _lost_pairs(acc.entries)):
+    if policy is Policy.PARTIAL and (lost := lost_pairs(acc.entries)):
         acc.notes.append(f"{len(lost)} saved tensor(s) dropped while a current tensor of the same shape starts "
                          f"fresh (e.g. saved '{lost[0][0]}', current '{lost[0][1]}'): renamed? Try --rename auto, "
                          "or --rename OLD=NEW")
     if saved.world_size and current.world_size and saved.world_size != current.world_size:
         acc.notes.append(f"world size {saved.world_size} saved, {current.world_size} now")
     acc.notes.extend(saved.notes)
-    suggestion = _suggest(saved, current, policy, rules) if acc.refusals and suggest else None
+    suggestion = suggest_options(saved, current, policy, rules, reconcile) if acc.refusals and suggest else None
     return Plan(policy=policy, checkpoint=checkpoint, step=saved.step, entries=tuple(acc.entries),
                 renames=tuple(applied), refusals=tuple(acc.refusals), notes=tuple(acc.notes),
                 suggestion=suggestion, positions=tuple(sorted(positions.items())))
@@ -143,8 +144,8 @@ def _model(saved: Signature, current: Signature, mapping: Mapping[str, str],
 
 def _ties(saved: Signature, current: Signature, sources: Mapping[str, str], named: Mapping[str, str],
           acc: _Acc) -> None:
-    """Every tied alias in the plan: a current one shares its tensor's fate; a saved one whose tie is gone is
-    listed as dropped (its values live on in the tensor it was tied to, so nothing is lost)."""
+    """Every tied alias in the plan: a current one shares its tensor's fate; a saved one whose name is gone is
+    listed as tied too (its values live on in the tensor it was tied to, so nothing is lost)."""
     for c in current.tensors:
         if not c.aliases:
             continue
@@ -162,7 +163,9 @@ def _ties(saved: Signature, current: Signature, sources: Mapping[str, str], name
         for alias in s.aliases:
             if alias in cur or alias in cur_alias:
                 continue  # separate now (listed by _model), or tied to another name now (listed above)
-            acc.add(section=Section.MODEL, name=alias, action=Action.DROP, source=alias, saved=fmt(s),
+            # "tied", not "drop": its values are the tensor it was tied to, so nothing is lost (and no rename
+            # is suggested for it)
+            acc.add(section=Section.MODEL, name=alias, action=Action.TIED, source=s.name, saved=fmt(s),
                     reason=f"tied to '{s.name}' in the checkpoint (the same values); the current model has no "
                            "such name, so nothing is lost")
 
@@ -359,46 +362,3 @@ def _rng_and_step(saved: Signature, acc: _Acc) -> None:
     if saved.step is not None:
         acc.add(section=Section.STEP, name="step", action=Action.KEEP,
                 reason=f"training continues after step {saved.step}")
-
-
-def _lost_pairs(entries: tuple[PlanEntry, ...] | list[PlanEntry]) -> list[tuple[str, str]]:
-    """(saved, current) pairs where a dropped saved tensor has a current tensor of the same layout that starts
-    fresh: values a rename could keep and the plan would throw away (one example current name per saved one)."""
-    fresh: dict[str | None, str] = {}
-    for e in entries:
-        if e.section is Section.MODEL and e.action is Action.INIT_FRESH:
-            fresh.setdefault(e.current, e.name)
-    return [(e.name, fresh[e.saved]) for e in entries
-            if e.section is Section.MODEL and e.action is Action.DROP and e.saved in fresh]
-
-
-def _rename_hint(pairs: list[tuple[str, str]]) -> str:
-    old, new = pairs[0]
-    return (f"--rename OLD=NEW for what was renamed: {len(pairs)} saved tensor(s) would be dropped while current "
-            f"ones of the same shape start fresh (e.g. saved '{old}', current '{new}')")
-
-
-def _suggest(saved: Signature, current: Signature, policy: Policy, rules: RenameRules) -> str | None:
-    """The least lossy options that would resume, found by planning again (pure and cheap). A policy that would
-    drop saved tensors which a same-shape current tensor could take is never suggested: the rename is."""
-    auto = RenameRules(explicit=rules.explicit, auto=True)
-    tries = [(policy, auto), (Policy.RESET_OPTIMIZER, rules), (Policy.RESET_OPTIMIZER, auto),
-             (Policy.PARTIAL, rules), (Policy.PARTIAL, auto)]
-    lossy: list[tuple[str, str]] = []
-    for p, r in tries:
-        if (p, r.auto) == (policy, rules.auto):
-            continue
-        candidate = reconcile(saved, current, p, r, suggest=False)
-        if not candidate.ok:
-            continue
-        pairs = _lost_pairs(candidate.entries)
-        if pairs:
-            lossy = lossy or pairs
-            continue
-        parts = []
-        if r.auto and not rules.auto:
-            parts.append("--rename auto")
-        if p is not policy:
-            parts.append(f"--policy {p.value}")
-        return " ".join(parts)
-    return _rename_hint(lossy) if lossy else None

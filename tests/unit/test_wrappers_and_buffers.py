@@ -169,7 +169,8 @@ def test_a_saved_alias_whose_name_is_gone_is_listed(tmp_path: pytest.TempPathFac
     resumer.save_checkpoint(root, 1, TiedLM())
     plan = resumer.plan(root, HeadlessLM(), policy="partial")
     gone = plan.entry(Section.MODEL, "head.weight")
-    assert gone.action is Action.DROP and not gone.refused
+    assert gone.action is Action.TIED and gone.source == "embed.weight" and not gone.refused
+    assert plan.counts()["dropped"] == 0
     assert "tied to 'embed.weight' in the checkpoint (the same values)" in gone.reason
 
 
