@@ -41,9 +41,9 @@ from typing import Any
 import torch
 
 from resumer import examples
-from resumer.decision import Decision, Outcome
-from resumer.recorder import MlflowRecorder
-from resumer.testing_mlflow import local_mlflow
+from resumer.core.decision import Decision, Outcome
+from resumer.testing.mlflow import local_mlflow
+from resumer.tracking.recorder import MlflowRecorder
 
 TARGET = 0.01
 CALLS = 5000  # log_training calls timed alone
@@ -55,8 +55,8 @@ import os, sys, time
 cpu = int(sys.argv[3])
 if cpu >= 0:
     os.sched_setaffinity(0, {cpu})
-from resumer.decision import Decision, Outcome
-from resumer.recorder import MlflowRecorder
+from resumer.core.decision import Decision, Outcome
+from resumer.tracking.recorder import MlflowRecorder
 rec = MlflowRecorder(sys.argv[1], "bench-twin", spool_dir=sys.argv[4])
 rec.start_job("twin")
 rec.record_decision(Decision(job="twin", attempt=1, outcome=Outcome.STARTED))

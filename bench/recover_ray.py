@@ -5,7 +5,7 @@ global batch per step, a checkpoint every ``--every`` steps) on one local Ray cl
 worker process at ``--kill-at`` (a step between two checkpoints). Time to recover = from the kill to the
 first training step completed after the restart, read from a progress file rank 0 appends to each step.
 
-* resumer: ``resumer.job.run_job`` with the example entrypoint; each attempt is a ``TorchTrainer.fit()``
+* resumer: ``resumer.jobs.run.run_job`` with the example entrypoint; each attempt is a ``TorchTrainer.fit()``
   with Ray's restarts off; after the kill the controller classifies the failure, selects and verifies
   the newest checkpoint, plans it against the code on the meta device, records the decision in MLflow
   (embedded SQLite, durable before launch), launches, and every rank checks the plan, then applies it.
@@ -86,7 +86,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from resumer import examples as ex
-    from resumer.examples_train import note_progress, shard_step
+    from resumer.examples.train import note_progress, shard_step
 
     note_progress(config, "enter", -1)
     torch.manual_seed(0)
@@ -135,9 +135,9 @@ def run_ray_train(work: str, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_resumer(work: str, config: dict[str, Any]) -> dict[str, Any]:
-    from resumer import jobspec
-    from resumer.job import run_job
-    from resumer.recorder import MlflowRecorder
+    from resumer.jobs import spec as jobspec
+    from resumer.jobs.run import run_job
+    from resumer.tracking.recorder import MlflowRecorder
 
     path = os.path.join(work, "progress.jsonl")
     spec = jobspec.parse({

@@ -22,7 +22,7 @@ import fsspec
 
 import resumer
 from resumer.examples import mlp_v1
-from resumer.store import step_dir
+from resumer.storage.store import step_dir
 from resumer.testing import local_s3
 
 

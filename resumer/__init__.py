@@ -13,13 +13,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from resumer.api import open_source, plan, resume
-from resumer.apply import ResumeResult
-from resumer.async_save import AsyncSaver
-from resumer.capture import signature
-from resumer.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, select
-from resumer.decision import Decision, FailureClass, Outcome
-from resumer.errors import (
+from resumer.checkpoints.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, select
+from resumer.checkpoints.watch import Watcher, WatchEvent
+from resumer.core.decision import Decision, FailureClass, Outcome
+from resumer.core.errors import (
     CheckpointError,
     PlanRefused,
     ResumerError,
@@ -27,14 +24,17 @@ from resumer.errors import (
     TransientStorageError,
     UsageError,
 )
-from resumer.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
-from resumer.reconcile import reconcile
-from resumer.recorder import MlflowRecorder
-from resumer.save import save_checkpoint
-from resumer.signature import Signature, TensorSpec
-from resumer.store import read_manifest, verify
-from resumer.tracking import Recorder, RunStatus
-from resumer.watch import Watcher, WatchEvent
+from resumer.core.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
+from resumer.core.reconcile import reconcile
+from resumer.core.signature import Signature, TensorSpec
+from resumer.runtime.api import open_source, plan, resume
+from resumer.runtime.apply import ResumeResult
+from resumer.runtime.async_save import AsyncSaver
+from resumer.runtime.capture import signature
+from resumer.runtime.save import save_checkpoint
+from resumer.storage.store import read_manifest, verify
+from resumer.tracking.base import Recorder, RunStatus
+from resumer.tracking.recorder import MlflowRecorder
 
 __all__ = [
     "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "Decision", "FailureClass", "MlflowRecorder",

@@ -2,7 +2,7 @@
 # Mutation testing (mutmut 3) of the safety-critical modules named in pyproject.toml [tool.mutmut]:
 # each mutant is a small change to the code (a flipped comparison, a dropped call, another constant);
 # a good test suite fails on ("kills") nearly every one. Prints killed / survived per module.
-# Usage: bash scripts/mutation.sh ['resumer.reconcile*' ...]   (mutant name globs; default: every module)
+# Usage: bash scripts/mutation.sh ['resumer.core.reconcile*' ...]   (mutant name globs; default: every module)
 # Not run in CI: the whole set takes about an hour on 2 cores. VENV=.venv by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import resumer
-import resumer.train
-from resumer import jobspec
-from resumer.factories import build
+import resumer.jobs.worker
+from resumer.jobs import spec as jobspec
+from resumer.jobs.factories import build
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def spec(name: str) -> jobspec.JobSpec:
 
 def _attempt(s: jobspec.JobSpec, root: Path, every: int, checkpoint: str | None = None,
              plan_hash: str | None = None) -> str:
-    """The attempt config, as resumer.ray_launcher.RayLauncher._env builds it."""
+    """The attempt config, as resumer.jobs.launcher.RayLauncher._env builds it."""
     return json.dumps({"job": s.name, "attempt": 1, "root": str(root), "storage_options": {},
                        "checkpoint": checkpoint, "policy": s.policy.value, "renames": list(s.renames),
                        "plan_hash": plan_hash, "every": every, "model": s.model, "optimizer": s.optimizer,
@@ -37,19 +37,19 @@ def test_entrypoints_run_in_process_without_ray(name: str, tmp_path: Path, monke
     """build() falls back to the plain model outside a Ray Train worker; restore() and save() work locally."""
     import ray
 
-    from resumer.factories import resolve
+    from resumer.jobs.factories import resolve
 
     s = spec(name)
     entry = resolve(s.entrypoint, "entrypoint")
-    monkeypatch.setenv(resumer.train.ENV, _attempt(s, tmp_path, every=3))
+    monkeypatch.setenv(resumer.jobs.worker.ENV, _attempt(s, tmp_path, every=3))
     entry({**s.config, "total_steps": 3})
     first = resumer.latest_checkpoint(str(tmp_path))
     assert first is not None and first.step == 3
     # resume it (as the controller would: the checkpoint URI and the plan's hash), two more steps
     model, optimizer, scheduler = build(s.model, s.optimizer, s.scheduler)
     plan = resumer.plan(first.uri, model, optimizer, scheduler, policy=s.policy.value)
-    monkeypatch.setenv(resumer.train.ENV, _attempt(s, tmp_path, every=5, checkpoint=first.uri,
-                                                   plan_hash=resumer.train.plan_hash(plan)))
+    monkeypatch.setenv(resumer.jobs.worker.ENV, _attempt(s, tmp_path, every=5, checkpoint=first.uri,
+                                                   plan_hash=resumer.jobs.worker.plan_hash(plan)))
     entry({**s.config, "total_steps": 5})
     last = resumer.latest_checkpoint(str(tmp_path))
     assert last is not None and last.step == 5

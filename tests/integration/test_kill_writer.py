@@ -165,7 +165,8 @@ def test_sigkilled_writer_never_leaves_a_torn_checkpoint(where: str, request: py
     # The property was tested where it matters: at least one kill landed while a save was in progress.
     assert mid_save >= 1, "no kill landed inside a save:\n  " + "\n  ".join(report)
     # Kills that landed mid-save left leftovers behind, yet every selection above ignored them.
-    leftovers = sum(1 for c in resumer.catalog.scan(root, options) for f in c.sizes if f.endswith(".safetensors")) \
+    leftovers = sum(1 for c in resumer.checkpoints.catalog.scan(root, options)
+                    for f in c.sizes if f.endswith(".safetensors")) \
         - 2 * len(resumer.list_checkpoints(root, storage_options=options))
     print(f"\n[kill-writer {where}] {time.monotonic() - started:.1f}s, leftover data files {leftovers}\n  "
           + "\n  ".join(report))

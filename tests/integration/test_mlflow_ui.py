@@ -34,8 +34,8 @@ import torch
 
 import resumer
 from resumer import examples as ex
-from resumer.decision import Decision, FailureClass, Outcome
-from resumer.testing_mlflow import LocalMlflow, local_mlflow
+from resumer.core.decision import Decision, FailureClass, Outcome
+from resumer.testing.mlflow import LocalMlflow, local_mlflow
 
 pytestmark = pytest.mark.slow  # starts an mlflow server and a browser
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # every test starts a Python that imports resumer
 def _run(body: str, grace_s: float = 30.0) -> subprocess.CompletedProcess[str]:
     code = f"GRACE = {grace_s}" + textwrap.dedent("""
         import os, signal, threading, time
-        from resumer import preemption
+        from resumer.jobs import preemption
         preemption.install_here(GRACE)
     """) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -73,7 +73,7 @@ def test_no_step_boundary_within_the_grace_period_exits() -> None:
 
 
 def preemption_exit_code() -> int:
-    from resumer.preemption import EXIT_CODE
+    from resumer.jobs.preemption import EXIT_CODE
 
     return EXIT_CODE
 
@@ -86,7 +86,7 @@ def test_sigterm_outside_training_is_handed_to_the_previous_python_handler() -> 
             print("previous handler ran", flush=True)
             os._exit(7)
         signal.signal(signal.SIGTERM, rays)
-        from resumer import preemption
+        from resumer.jobs import preemption
         preemption.install_here(30)
         t = threading.Thread(target=preemption.install)
         t.start(); t.join()  # training came and went

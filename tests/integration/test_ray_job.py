@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import resumer
-import resumer.train
+import resumer.jobs.worker
 from resumer import examples as ex
-from resumer import jobspec
-from resumer.controller import State
-from resumer.decision import FailureClass, Outcome
-from resumer.job import LogRecorder, run_job
+from resumer.core.controller import State
+from resumer.core.decision import FailureClass, Outcome
+from resumer.jobs import spec as jobspec
+from resumer.jobs.run import LogRecorder, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def losses(result: object) -> dict[int, list[float]]:
 
 
 def test_sigkill_worker_resumes_with_identical_losses(ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
-    from resumer.ray_launcher import RayLauncher
+    from resumer.jobs.launcher import RayLauncher
 
     straight = run_job(spec_for(str(tmp_path / "a")), timeout_s=300)
     assert straight.state is State.SUCCEEDED and straight.attempts == 1
@@ -120,7 +120,7 @@ def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFact
             self.launched.append(decision)
 
         def poll(self) -> object:
-            from resumer.controller import Observation, RunStatus
+            from resumer.core.controller import Observation, RunStatus
 
             return Observation(status=RunStatus.SUCCEEDED, step=24)
 
@@ -163,7 +163,7 @@ def test_a_step_that_hangs_once_is_detected_killed_and_resumed(ray_cluster: None
 
 def test_newest_checkpoint_torn_uses_the_previous_one(tmp_path: pytest.TempPathFactory) -> None:
     """The planner picks the newest VALID checkpoint and records what it passed over (no Ray needed)."""
-    from resumer.planner import JobPlanner
+    from resumer.jobs.planner import JobPlanner
 
     spec = spec_for(str(tmp_path))
     model = ex.mlp_v1()
@@ -212,7 +212,7 @@ def test_submit_cli_runs_a_job_and_refuses_a_changed_one(tmp_path: pytest.TempPa
     out = json.loads(refused.stdout)
     assert out["state"] == "refused" and "shape differs" in out["message"]
     # Both submissions are on record in the embedded MLflow store (SQLite under RESUMER_HOME), no server.
-    from resumer.history import read_history
+    from resumer.tracking.history import read_history
 
     assert out["tracking_uri"] == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
     history = read_history(raw["name"], tracking_uri=out["tracking_uri"])
@@ -228,11 +228,11 @@ def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlf
     killed attempts do not stay RUNNING."""
     from mlflow.tracking import MlflowClient
 
-    from resumer.history import read_history
-    from resumer.ray_launcher import RayLauncher
-    from resumer.recorder import MlflowRecorder
-    from resumer.store import read_manifest
-    from resumer.testing_mlflow import local_mlflow
+    from resumer.jobs.launcher import RayLauncher
+    from resumer.storage.store import read_manifest
+    from resumer.testing.mlflow import local_mlflow
+    from resumer.tracking.history import read_history
+    from resumer.tracking.recorder import MlflowRecorder
 
     reference = {s: v[0] for s, v in losses(run_job(spec_for(str(tmp_path / "a")), recorder=LogRecorder(),
                                                      timeout_s=300)).items()}
@@ -326,20 +326,20 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
         ray_cluster: None, tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, v1: str, v2: str) -> None:
     """The shipped jobs/ examples: a v1 checkpoint at step 4, then its v2 resubmitted on 2 Ray workers under
     each policy (each from a copy of the same v1 root): refused before anything launches, or resumed with
-    exactly the plan an offline ``resumer.plan`` makes, training on from step 5."""
+    exactly the plan an offline ``resumer.core.plan`` makes, training on from step 5."""
     import json as json_
     import shutil
 
-    from resumer.factories import build, resolve
+    from resumer.jobs.factories import build, resolve
 
     jobs = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
     base = jobspec.load(os.path.join(jobs, f"{v1}.yaml"))
-    monkeypatch.setenv(resumer.train.ENV, json_.dumps({  # the v1 checkpoint, trained in-process (no Ray needed)
+    monkeypatch.setenv(resumer.jobs.worker.ENV, json_.dumps({  # the v1 checkpoint, trained in-process (no Ray needed)
         "job": base.name, "attempt": 1, "root": str(tmp_path / "v1"), "storage_options": {}, "checkpoint": None,
         "policy": "strict", "renames": [], "plan_hash": None, "every": 4, "model": base.model,
         "optimizer": base.optimizer, "scheduler": base.scheduler}))
     resolve(base.entrypoint, "entrypoint")({**base.config, "total_steps": 4})
-    monkeypatch.delenv(resumer.train.ENV)
+    monkeypatch.delenv(resumer.jobs.worker.ENV)
     v1_uri = resumer.latest_checkpoint(str(tmp_path / "v1")).uri  # type: ignore[union-attr]
     with open(os.path.join(jobs, f"{v2}.yaml")) as f:
         import yaml
@@ -360,7 +360,7 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
         decision = result.decisions[0]
         assert decision.checkpoint == v1_uri.replace("/v1/", f"/{policy}/") and decision.step == 4
         assert decision.plan is not None
-        assert resumer.train.plan_hash(decision.plan) == resumer.train.plan_hash(offline), policy
+        assert resumer.jobs.worker.plan_hash(decision.plan) == resumer.jobs.worker.plan_hash(offline), policy
         if resumes:
             assert result.state is State.SUCCEEDED and decision.outcome is Outcome.RESUMED, (policy, result.message)
             assert sorted(losses(result)) == [5, 6], policy

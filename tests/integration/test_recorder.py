@@ -21,16 +21,16 @@ from click.testing import CliRunner
 
 import resumer
 from resumer import examples as ex
-from resumer.cli_history import history_command
-from resumer.decision import Decision, FailureClass, Outcome
-from resumer.history import read_history
-from resumer.mlflow_fast import PointEncoder
-from resumer.plan import Plan
-from resumer.recorder import MlflowRecorder
-from resumer.spool import new_op
+from resumer.cli.history import history_command
+from resumer.core.decision import Decision, FailureClass, Outcome
+from resumer.core.plan import Plan
 from resumer.testing import connections_by_thread, free_port
-from resumer.testing_mlflow import LocalMlflow, MemoryRecorder
-from resumer.tracking import Recorder
+from resumer.testing.mlflow import LocalMlflow, MemoryRecorder
+from resumer.tracking.base import Recorder
+from resumer.tracking.history import read_history
+from resumer.tracking.mlflow_fast import PointEncoder
+from resumer.tracking.recorder import MlflowRecorder
+from resumer.tracking.spool import new_op
 
 pytestmark = pytest.mark.slow  # every test here talks to a real MLflow store; most start a server process
 
@@ -147,7 +147,7 @@ def test_lineage_tags_and_metrics_of_started_resumed_refused(
     rec = make_recorder(experiment)
     _three_attempts(rec, "lineage", plans)
     parent, children = _runs(server, experiment)
-    assert parent.data.tags["resumer.job"] == "lineage" and parent.info.status == "RUNNING"
+    assert parent.data.tags["resumer.jobs.run"] == "lineage" and parent.info.status == "RUNNING"
     assert parent.data.params == {"model": "resumer.examples:mlp_v1", "lr": "0.01"}
     assert parent.data.tags["resumer.last_outcome"] == "refused" and parent.data.tags["resumer.last_attempt"] == "3"
     assert [c.data.tags["mlflow.parentRunId"] for c in children] == [parent.info.run_id] * 3
@@ -302,7 +302,7 @@ def test_ops_are_idempotent_when_replayed(
     apply = rec._applier.apply
     enc = PointEncoder()
     points = [[step, *enc.encode(step, {"loss": value}, 1000 + step)[:2]] for step, value in ((1, 0.5), (2, 0.25))]
-    ops = [new_op("create_run", key="job:idem", name="idem", tags={"resumer.kind": "job", "resumer.job": "idem"}),
+    ops = [new_op("create_run", key="job:idem", name="idem", tags={"resumer.kind": "job", "resumer.jobs.run": "idem"}),
            new_op("params", key="job:idem", params={"lr": "0.1"}),
            new_op("create_run", key="job:idem#s#1", parent_key="job:idem", tags={"resumer.kind": "attempt",
                                                                                 "resumer.attempt": "1"}),

@@ -237,7 +237,7 @@ def test_s3_short_outage_is_retried(proxy: TcpProxy, moto: MotoServer, cut_after
                "skip_instance_cache": True}
     model, opt = _trained(2048, 1024)  # 6.3 M parameters: ~50 MB in two files (the model's first, ~25 MB)
     restore = _RestoreOnRetry(proxy)
-    retry_log = logging.getLogger("resumer.retry")
+    retry_log = logging.getLogger("resumer.storage.retry")
     retry_log.addHandler(restore)
     try:
         sent = proxy.bytes_up

@@ -16,7 +16,7 @@ import torch
 from faultproxy import Fault, FaultProxy
 
 import resumer
-import resumer.retry
+import resumer.storage.retry
 from resumer import examples as ex
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def proxied(s3_root: tuple[str, dict[str, Any]], moto: Any, monkeypatch: pytest.
     resumer.save_checkpoint(root, 3, model, storage_options=options)
     proxy = FaultProxy(upstream_port=moto.port).start()
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs retries SlowDown itself otherwise
-    monkeypatch.setattr(resumer.retry.RetryPolicy, "delay", lambda self, attempt: 0.0)
+    monkeypatch.setattr(resumer.storage.retry.RetryPolicy, "delay", lambda self, attempt: 0.0)
     through = {**options, "client_kwargs": {"endpoint_url": proxy.url},
                "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}, "skip_instance_cache": True}
     try:
@@ -49,7 +49,7 @@ def test_transient_answers_are_retried_and_the_resume_completes(
     fault = Fault(method="GET", suffix=".safetensors", status=status, code=code, times=2)
     proxy.faults.append(fault)
     model = ex.mlp_v1()
-    with caplog.at_level(logging.WARNING, logger="resumer.retry"):
+    with caplog.at_level(logging.WARNING, logger="resumer.storage.retry"):
         res = resumer.resume(root, model, storage_options=options)
     assert fault.served == 2  # the faults really were answered...
     retried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[retry]")]
@@ -65,7 +65,7 @@ def test_access_denied_is_not_retried(proxied: tuple[str, dict[str, Any], FaultP
     proxy.faults.append(fault)
     model = ex.mlp_v1()
     before = [p.detach().clone() for p in model.parameters()]
-    with caplog.at_level(logging.WARNING, logger="resumer.retry"), pytest.raises(Exception) as err:  # noqa: PT011
+    with caplog.at_level(logging.WARNING, logger="resumer.storage.retry"), pytest.raises(Exception) as err:  # noqa: PT011
         resumer.resume(root, model, storage_options=options)
     assert not isinstance(err.value, resumer.TransientStorageError)
     assert not [r for r in caplog.records if r.getMessage().startswith("[retry]")]

@@ -1,5 +1,5 @@
 """A resume's streaming read of a data file, cut on a real socket mid-answer by the proxy in front of the local S3
-server, is reopened where it stopped (resumer.transfer.StreamReader) and loads every byte exactly.
+server, is reopened where it stopped (resumer.storage.transfer.StreamReader) and loads every byte exactly.
 
 The proxy closes the connection after an exact number of the answer's body bytes. The reader has consumed at most
 that many (its HTTP client drops what it had buffered when the connection breaks): the retry must ask for the rest
@@ -19,7 +19,7 @@ from s3kit import MotoServer, ProxiedRequest, TcpProxy, s3_options
 from torch import nn
 
 import resumer
-from resumer import transfer
+from resumer.storage import transfer
 
 MIB = 1024 * 1024
 MODEL_FILE = re.compile(r"/model\.[0-9a-f]+\.safetensors$")

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import resumer
-from resumer import save as save_mod
-from resumer.errors import CheckpointError
-from resumer.manifest import MANIFEST
-from resumer.retention import RetentionPolicy, prune
-from resumer.store import commit_bytes, get_fs
+from resumer.checkpoints.retention import RetentionPolicy, prune
+from resumer.core.errors import CheckpointError
+from resumer.formats.native.manifest import MANIFEST
+from resumer.runtime import save as save_mod
+from resumer.storage.store import commit_bytes, get_fs
 
 S3Root = tuple[str, dict[str, Any]]
 

@@ -5,7 +5,7 @@ Each test saves two real checkpoints (steps 3 and 6 of ``mlp_v1`` + Adam), then 
 round trips are bit-exact; every kind of damage to the newest checkpoint is detected with a clear
 CheckpointError, selection falls back to step 3, and nothing is deleted (the bad one only gains a
 ``quarantine.json``); credentials never show up in errors, logs or CLI output; and reading a large
-checkpoint from S3 costs one streaming GET per file per pass (resumer.transfer.StreamReader).
+checkpoint from S3 costs one streaming GET per file per pass (resumer.storage.transfer.StreamReader).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Saved:
 
     def fs(self) -> tuple[Any, str]:
         """The filesystem as resumer opens it (on S3: no listing cache), to read or damage files directly."""
-        return resumer.store.get_fs(self.root, self.options)
+        return resumer.storage.store.get_fs(self.root, self.options)
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> State:
@@ -374,7 +374,7 @@ def test_transient_failure_message_has_no_credentials(caplog: pytest.LogCaptureF
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setattr(resumer.retry.RetryPolicy, "delay", lambda self, attempt: 0.01)
+    monkeypatch.setattr(resumer.storage.retry.RetryPolicy, "delay", lambda self, attempt: 0.01)
     options = {"key": FAKE_KEY, "secret": FAKE_SECRET,
                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"},
                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}

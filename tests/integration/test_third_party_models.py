@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import resumer
-from resumer.plan import Action, Section
+from resumer.core.plan import Action, Section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from resumer import cli as cli_module
-from resumer.cli import cli
+from resumer.cli import main as cli_module
+from resumer.cli.main import cli
 
 RunCli = Callable[..., Result]
 
@@ -29,7 +29,7 @@ def resumer_cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[RunCli]:
     Modules the command imported from a ``cwd`` (user factories) are forgotten afterwards, so the next test
     imports its own files of the same name.
     """
-    # Wide enough that no table or message is wrapped, whatever COLUMNS was when resumer.cli was imported.
+    # Wide enough that no table or message is wrapped, whatever COLUMNS was when resumer.cli.main was imported.
     monkeypatch.setenv("COLUMNS", "400")
     # An s3:// URI given to a command reaches no network here: botocore fails the first time instead of
     # retrying for seconds, and asks no instance-metadata service for credentials.

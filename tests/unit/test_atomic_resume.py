@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 import resumer
-import resumer.source
-import resumer.transfer
+import resumer.formats.native.source
+import resumer.storage.transfer
 from resumer import examples as ex
 
 
@@ -224,14 +224,14 @@ def test_each_data_file_is_opened_and_read_once(tmp_path: Path, monkeypatch: pyt
     """With verification on, the bytes checksummed are the bytes loaded: one open, one pass per file."""
     uri = _saved(tmp_path)
     opened: list[str] = []
-    real = resumer.transfer.open_for_scan
+    real = resumer.storage.transfer.open_for_scan
 
     def counting(fs: Any, path: str, size: int | None = None) -> Any:
         opened.append(os.path.basename(path))
         return real(fs, path, size)
 
-    monkeypatch.setattr(resumer.transfer, "open_for_scan", counting)
-    monkeypatch.setattr(resumer.source, "open_for_scan", counting)
+    monkeypatch.setattr(resumer.storage.transfer, "open_for_scan", counting)
+    monkeypatch.setattr(resumer.formats.native.source, "open_for_scan", counting)
     seen: list[int] = []
     live = Live()
     res = resumer.resume(uri, live.model, live.opt, live.sched, progress=seen.append)

@@ -17,7 +17,7 @@ import torch
 import xxhash
 
 import resumer
-from resumer.manifest import MANIFEST, QUARANTINE
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE
 
 
 class Saved:
@@ -367,8 +367,8 @@ def test_pickle_that_would_run_code_is_refused(root, fs_of, dst, snapshot, asser
 
 def test_a_header_read_cut_short_is_a_checkpoint_error() -> None:
     """A stream that ends before the 8-byte length or the header itself (a file truncated under a reader)."""
-    from resumer.errors import CheckpointError
-    from resumer.safetensors_io import read_header
+    from resumer.core.errors import CheckpointError
+    from resumer.formats.native.safetensors_io import read_header
 
     for data in (b"\x10\x00\x00", b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\":"):
         with pytest.raises(CheckpointError, match="ended early"):

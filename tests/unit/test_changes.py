@@ -13,7 +13,7 @@ from torch import nn
 
 import resumer
 from resumer import examples as ex
-from resumer.plan import Action, Section
+from resumer.core.plan import Action, Section
 
 J = 5
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import resumer
-from resumer.manifest import MANIFEST, state_key
+from resumer.formats.native.manifest import MANIFEST, state_key
 
 MODEL_KEYS = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
               "1.num_batches_tracked", "3.weight", "3.bias"]

@@ -18,8 +18,8 @@ from click.testing import Result
 
 import resumer
 from resumer import examples as ex
-from resumer.render import plan_markdown, printable
-from resumer.render_html import plan_html
+from resumer.render.html import plan_html
+from resumer.render.text import plan_markdown, printable
 from resumer.testing import defined_commands
 
 MLP = "resumer.examples:mlp_v1"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from resumer.controller import Controller, Observation, RunStatus, State
-from resumer.decision import Decision, FailureClass, Outcome
-from resumer.failures import Budget, Failure, FailurePolicy
+from resumer.core.controller import Controller, Observation, RunStatus, State
+from resumer.core.decision import Decision, FailureClass, Outcome
+from resumer.core.failures import Budget, Failure, FailurePolicy
 from resumer.testing import FakeClock, FakeLauncher, FakePlanner, FakeRecorder
 
 START = Decision(job="j", attempt=1, outcome=Outcome.STARTED)

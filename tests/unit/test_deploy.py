@@ -14,9 +14,9 @@ import torch
 import yaml
 
 import resumer
-import resumer.train
-from resumer import jobspec
-from resumer.factories import build
+import resumer.jobs.worker
+from resumer.jobs import spec as jobspec
+from resumer.jobs.factories import build
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
@@ -40,8 +40,7 @@ def test_every_job_spec_parses() -> None:
 def test_shipped_text_is_ascii_and_reproducible() -> None:
     import runpy
 
-    from resumer import examples_jobs as ej
-
+    from resumer.examples import jobs as ej
     text = (JOBS / "data" / "tiny.txt").read_text(encoding="ascii")
     assert 20_000 <= len(text) <= 50_000
     assert runpy.run_path(str(JOBS / "data" / "make_tiny.py"))["text"]() == text
@@ -73,8 +72,7 @@ def _v1_checkpoint(s: jobspec.JobSpec, root: Path) -> str:
 
 
 def _input(s: jobspec.JobSpec) -> torch.Tensor:
-    from resumer import examples_jobs as ej
-
+    from resumer.examples import jobs as ej
     if "cnn" in s.model:
         return ej.cnn_batch(1, 4, 4)[0]
     return ej.charlm_batch(1, 2)[0]

@@ -8,7 +8,7 @@ from torch import nn
 
 import resumer
 from resumer import examples as ex
-from resumer.plan import Action
+from resumer.core.plan import Action
 
 
 def trained(opt_factory=ex.adam):  # noqa: ANN001, ANN201

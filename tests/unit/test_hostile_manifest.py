@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 import resumer
-from resumer.catalog import select
-from resumer.manifest import MANIFEST, QUARANTINE
-from resumer.retention import RetentionPolicy, prune
-from resumer.watch import Watcher
+from resumer.checkpoints.catalog import select
+from resumer.checkpoints.retention import RetentionPolicy, prune
+from resumer.checkpoints.watch import Watcher
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE
 
 Edit = Callable[[dict[str, Any]], Any]
 
@@ -253,7 +253,7 @@ def test_hostile_safetensors_header_fails_verification(tmp_path, kind):
     name = _header_file(bad, "model", header)
     sel = select(root, mark=False)  # sizes differ from the manifest's now: check the header on its own too
     assert sel.chosen.uri == good
-    from resumer.safetensors_io import read_header
+    from resumer.formats.native.safetensors_io import read_header
 
     path = os.path.join(bad, name)
     with open(path, "rb") as f, pytest.raises(resumer.CheckpointError) as info:
@@ -301,7 +301,7 @@ def test_a_manifest_claiming_position_keyed_optimizer_state_is_malformed(tmp_pat
 
     import resumer
     from resumer import examples as ex
-    from resumer.errors import CheckpointError
+    from resumer.core.errors import CheckpointError
 
     model = ex.mlp_v1()
     uri = resumer.save_checkpoint(str(tmp_path), 1, model, ex.adam(model))

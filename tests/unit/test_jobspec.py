@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from resumer import jobspec
-from resumer.decision import FailureClass
-from resumer.errors import UsageError
+from resumer.core.decision import FailureClass
+from resumer.core.errors import UsageError
+from resumer.jobs import spec as jobspec
 
 BASE = {"name": "mlp", "entrypoint": "resumer.examples_train:train_loop", "model": "resumer.examples:mlp_v1",
         "storage": {"root": "/tmp/x"}}

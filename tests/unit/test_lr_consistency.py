@@ -7,7 +7,7 @@ import torch
 
 import resumer
 from resumer import examples as ex
-from resumer.plan import Action, Section
+from resumer.core.plan import Action, Section
 
 J = 6
 

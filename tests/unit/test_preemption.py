@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def test_the_first_notified_rank_claims_the_emergency_step() -> None:
-    from resumer.ray_board import ProgressBoard
+    from resumer.jobs.board import ProgressBoard
 
     board = ProgressBoard()
     assert board.claim(12, 1) is True  # rank 1 was notified first

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from resumer.prefault import MIN_BYTES, FreshTensors
+from resumer.formats.native.prefault import MIN_BYTES, FreshTensors
 
 BIG = (MIN_BYTES // 4 + 1,)  # float32 elements: just over the threshold, so the helper thread runs
 

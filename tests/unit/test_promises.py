@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from resumer.controller import Controller, Observation, RunStatus, State
-from resumer.decision import Decision, FailureClass, Outcome
-from resumer.failures import Budget, Failure, FailurePolicy, Verdict
+from resumer.core.controller import Controller, Observation, RunStatus, State
+from resumer.core.decision import Decision, FailureClass, Outcome
+from resumer.core.failures import Budget, Failure, FailurePolicy, Verdict
 from resumer.testing import FakeClock, FakeLauncher, FakePlanner, FakeRecorder
 
 START = Decision(job="j", attempt=1, outcome=Outcome.STARTED)
@@ -91,8 +91,7 @@ def test_resume_holds_a_reader_lease_while_it_reads(tmp_path: Any) -> None:
 
     import resumer
     from resumer import examples as ex
-    from resumer import lease
-
+    from resumer.checkpoints import lease
     root = str(tmp_path)
     resumer.save_checkpoint(root, 1, ex.mlp_v1())
     seen: list[dict[str, Any]] = []
@@ -114,26 +113,26 @@ def test_a_rank_that_plans_differently_from_the_controller_refuses_before_loadin
     import torch
 
     import resumer
-    import resumer.train
+    import resumer.jobs.worker
     from resumer import examples as ex
-    from resumer.errors import CheckpointError
+    from resumer.core.errors import CheckpointError
 
-    monkeypatch.setattr(resumer.preemption, "install", lambda grace_s=30.0: True)  # no SIGTERM handler in pytest
+    monkeypatch.setattr(resumer.jobs.preemption, "install", lambda grace_s=30.0: True)  # no SIGTERM handler in pytest
     uri = resumer.save_checkpoint(str(tmp_path), 4, ex.mlp_v1())
     model = ex.mlp_v1()
     controller_plan = resumer.plan(uri, model, policy="partial")  # the controller planned under another policy
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setenv(resumer.train.ENV, json.dumps({
+    monkeypatch.setenv(resumer.jobs.worker.ENV, json.dumps({
         "job": "j", "attempt": 2, "root": str(tmp_path), "storage_options": {}, "checkpoint": uri,
-        "policy": "strict", "renames": [], "plan_hash": resumer.train.plan_hash(controller_plan), "every": 5}))
+        "policy": "strict", "renames": [], "plan_hash": resumer.jobs.worker.plan_hash(controller_plan), "every": 5}))
     with pytest.raises(CheckpointError, match="rank 0 planned .* differently from the controller"):
-        resumer.train.restore(model)
+        resumer.jobs.worker.restore(model)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
     same = resumer.plan(uri, model, policy="strict")
-    monkeypatch.setenv(resumer.train.ENV, json.dumps({
+    monkeypatch.setenv(resumer.jobs.worker.ENV, json.dumps({
         "job": "j", "attempt": 2, "root": str(tmp_path), "storage_options": {}, "checkpoint": uri,
-        "policy": "strict", "renames": [], "plan_hash": resumer.train.plan_hash(same), "every": 5}))
-    assert resumer.train.restore(model) == 4
+        "policy": "strict", "renames": [], "plan_hash": resumer.jobs.worker.plan_hash(same), "every": 5}))
+    assert resumer.jobs.worker.restore(model) == 4
 
 
 def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
@@ -143,7 +142,7 @@ def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
 
 @pytest.mark.parametrize("field", ["max_restarts", "backoff_s", "max_backoff_s"])
 def test_negative_budgets_are_refused(field: str) -> None:
-    from resumer.errors import UsageError
+    from resumer.core.errors import UsageError
 
     kw: dict[str, Any] = {"max_restarts": 1, "backoff_s": 1.0, "max_backoff_s": 2.0, field: -1}
     with pytest.raises(UsageError, match="retry budgets and backoff must be >= 0"):
@@ -225,17 +224,17 @@ def test_an_emergency_save_on_a_step_another_rank_committed_is_still_a_preemptio
     import json
 
     import resumer
-    import resumer.train
+    import resumer.jobs.worker
     from resumer import examples as ex
-    from resumer.errors import Preempted
+    from resumer.core.errors import Preempted
 
     root = str(tmp_path)
     model = ex.mlp_v1()
     committed = resumer.save_checkpoint(root, 5, model)  # rank 0's cadence save of step 5 landed first
-    monkeypatch.setenv(resumer.train.ENV, json.dumps({"job": "j", "attempt": 1, "root": root, "storage_options": {},
-                                                      "checkpoint": None, "policy": "strict", "renames": [],
-                                                      "plan_hash": None, "every": 5}))
-    monkeypatch.setattr(resumer.preemption, "noticed", lambda: 1.0)
+    monkeypatch.setenv(resumer.jobs.worker.ENV, json.dumps({"job": "j", "attempt": 1, "root": root,
+                                                      "storage_options": {}, "checkpoint": None, "policy": "strict",
+                                                      "renames": [], "plan_hash": None, "every": 5}))
+    monkeypatch.setattr(resumer.jobs.preemption, "noticed", lambda: 1.0)
     with pytest.raises(Preempted) as err:
-        resumer.train.save(5, model)
+        resumer.jobs.worker.save(5, model)
     assert err.value.step == 5 and err.value.uri == committed

@@ -25,10 +25,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 from torch import nn
 
 import resumer
-from resumer import catalog, lease, retention
-from resumer.errors import CheckpointError
-from resumer.manifest import MANIFEST, QUARANTINE
-from resumer.retention import RetentionPolicy, prune
+from resumer.checkpoints import catalog, lease, retention
+from resumer.checkpoints.retention import RetentionPolicy, prune
+from resumer.core.errors import CheckpointError
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE
 
 # ---------------------------------------------------------------------------------------------------------------
 # prune: a checkpoint quarantined while the prune runs is not deleted
@@ -185,7 +185,7 @@ def test_reading_renews_its_lease_while_a_long_read_runs(tmp_path: Path) -> None
 
 _HOLDER = textwrap.dedent("""
     import sys
-    from resumer import lease
+    from resumer.checkpoints import lease
     with lease.hold(sys.argv[1], ttl_s=600) as held:
         print(held.lease.holder, flush=True)
         sys.stdin.readline()  # hold until the test says so

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import resumer
-import resumer.source
-import resumer.store
+import resumer.formats.native.source
+import resumer.storage.store
 from resumer import examples as ex
 
 
@@ -17,13 +17,13 @@ from resumer import examples as ex
 def checksummed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the files that get a separate checksum pass."""
     seen: list[int] = []
-    real = resumer.store.header_and_checksum
+    real = resumer.storage.store.header_and_checksum
 
     def counting(f, size, uri, on_bytes=None):  # noqa: ANN001, ANN202
         seen.append(size)
         return real(f, size, uri, on_bytes)
 
-    monkeypatch.setattr(resumer.store, "header_and_checksum", counting)
+    monkeypatch.setattr(resumer.storage.store, "header_and_checksum", counting)
     return seen
 
 

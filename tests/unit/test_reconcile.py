@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from resumer.errors import UsageError
-from resumer.plan import Action, Plan, Policy, Section
-from resumer.reconcile import reconcile
-from resumer.renames import parse_renames
-from resumer.signature import (
+from resumer.core.errors import UsageError
+from resumer.core.plan import Action, Plan, Policy, Section
+from resumer.core.reconcile import reconcile
+from resumer.core.renames import parse_renames
+from resumer.core.signature import (
     OptimizerSpec,
     ParamGroupSpec,
     ParamState,

@@ -18,13 +18,13 @@ import pytest
 from click.testing import CliRunner
 
 import resumer
-from resumer import lease, retention
-from resumer.catalog import Candidate
-from resumer.cli_prune import prune as prune_command
-from resumer.errors import CheckpointError, UsageError
-from resumer.lease import Lease
-from resumer.manifest import MANIFEST, QUARANTINE
-from resumer.retention import RETIRING, RetentionPolicy, Verdict, decide, prune
+from resumer.checkpoints import lease, retention
+from resumer.checkpoints.catalog import Candidate
+from resumer.checkpoints.lease import Lease
+from resumer.checkpoints.retention import RETIRING, RetentionPolicy, Verdict, decide, prune
+from resumer.cli.prune import prune as prune_command
+from resumer.core.errors import CheckpointError, UsageError
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE
 
 LATER = "2099-01-01T00:00:00.000+00:00"
 
@@ -230,7 +230,7 @@ def test_prune_keeps_the_policy_and_deletes_the_rest(root: str, trained: Any, fs
     uris = _save(root, trained, 1000, 1500, 2000, 2500, 3000)
     fs, _ = fs_of(root)
     size_1500 = sum(fs.du(fs_of(uris[1500])[1], total=False).values())
-    with caplog.at_level(logging.INFO, logger="resumer.retention"):
+    with caplog.at_level(logging.INFO, logger="resumer.checkpoints.retention"):
         result = prune(root, RetentionPolicy(keep_last=2, keep_every=1000))
     assert _reasons(result) == {3000: NEWEST, 2500: "within keep-last 2", 2000: "step is a multiple of keep-every 1000",
                                 1500: OUT, 1000: "step is a multiple of keep-every 1000"}
@@ -425,7 +425,7 @@ def test_reading_is_best_effort(root: str, trained: Any, monkeypatch: pytest.Mon
     with lease.reading(f"{root}/best") as held:  # not a step directory: retention does not manage it
         assert held is None
     monkeypatch.setattr(lease, "write_bytes_atomic", _read_only)
-    with caplog.at_level(logging.WARNING, logger="resumer.lease"), lease.reading(uris[1]) as held:
+    with caplog.at_level(logging.WARNING, logger="resumer.checkpoints.lease"), lease.reading(uris[1]) as held:
         assert held is None
     assert f"[lease] reading {uris[1]} without a lease" in caplog.text and "Permission denied" in caplog.text
 
@@ -477,12 +477,12 @@ def test_cli_dry_run_then_prune_with_json(cli_root: str) -> None:
 
 
 def test_cli_through_the_real_entry_point(cli_root: str) -> None:
-    from resumer.cli import cli
+    from resumer.cli.main import cli
 
     if "prune" in cli.commands:
         cmd = [sys.executable, "-m", "resumer"]
-    else:  # not registered yet: register it the way resumer.cli will
-        cmd = [sys.executable, "-c", "from resumer.cli import cli; from resumer.cli_prune import prune; "
+    else:  # not registered yet: register it the way resumer.cli.main will
+        cmd = [sys.executable, "-c", "from resumer.cli.main import cli; from resumer.cli.prune import prune; "
                "cli.add_command(prune); cli(prog_name='resumer')"]
     r = subprocess.run([*cmd, "-v", "prune", cli_root, "--keep-last", "1", "--json"], capture_output=True, text=True,
                        timeout=120)

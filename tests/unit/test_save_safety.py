@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import resumer
-from resumer import save as save_mod
-from resumer.errors import CheckpointError, ResumerError, StorageFullError
-from resumer.manifest import MANIFEST
-from resumer.retention import RetentionPolicy, prune
+from resumer.checkpoints.retention import RetentionPolicy, prune
+from resumer.core.errors import CheckpointError, ResumerError, StorageFullError
+from resumer.formats.native.manifest import MANIFEST
+from resumer.runtime import save as save_mod
 
 
 def _dirs(root: str) -> list[str]:

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from resumer.errors import UsageError
-from resumer.mlflow_ops import classify
-from resumer.recorder import MlflowRecorder
-from resumer.spool import Op, Shipper, Spool, SpoolLocked, new_op
+from resumer.core.errors import UsageError
 from resumer.testing import connections_by_thread
+from resumer.tracking.mlflow_ops import classify
+from resumer.tracking.recorder import MlflowRecorder
+from resumer.tracking.spool import Op, Shipper, Spool, SpoolLocked, new_op
 
 
 class FakeServer:
@@ -113,7 +113,7 @@ def test_training_calls_never_touch_the_network_and_never_raise(tmp_path: Path,
     try:
         rec.log_training(1, {"loss": 1.0})  # before any decision: ignored with a warning, no exception
         rec.checkpoint_committed(1)
-        from resumer.decision import Decision, Outcome
+        from resumer.core.decision import Decision, Outcome
 
         rec.record_decision(Decision(job="j", attempt=1, outcome=Outcome.STARTED))  # nothing listens: spooled
         connects = connections_by_thread(monkeypatch)
@@ -151,7 +151,7 @@ def test_points_encode_to_log_batch_json_and_back() -> None:
     import numpy as np
     import torch
 
-    from resumer.mlflow_fast import PointEncoder, body, rows_of
+    from resumer.tracking.mlflow_fast import PointEncoder, body, rows_of
 
     enc = PointEncoder()
     frag, n, bad = enc.encode(7, {"loss": 0.5, 'a"b%': np.float64(2.5), "t": torch.tensor(3.25), "x": "nan?"}, 123)
@@ -169,8 +169,8 @@ def test_points_encode_to_log_batch_json_and_back() -> None:
 def test_failures_are_classified() -> None:
     from mlflow.exceptions import MlflowException, RestException
 
-    from resumer.mlflow_fast import HttpStatusError, ReadTimeout
-    from resumer.spool import PERMANENT, TRANSIENT, UNREACHABLE
+    from resumer.tracking.mlflow_fast import HttpStatusError, ReadTimeout
+    from resumer.tracking.spool import PERMANENT, TRANSIENT, UNREACHABLE
 
     def wrapped(inner: BaseException) -> MlflowException:
         try:

@@ -9,9 +9,9 @@ import pytest
 import xxhash
 from fsspec.asyn import get_loop
 
-from resumer import transfer
-from resumer.errors import CheckpointError
-from resumer.safetensors_io import readinto_exact
+from resumer.core.errors import CheckpointError
+from resumer.formats.native.safetensors_io import readinto_exact
+from resumer.storage import transfer
 
 
 class FakeBody:

@@ -14,12 +14,12 @@ from torch import nn
 
 import resumer
 from resumer import examples as ex
-from resumer import watch as watch_mod
-from resumer.catalog import quarantine
-from resumer.cli_watch import watch_command
-from resumer.errors import TransientStorageError
-from resumer.manifest import MANIFEST, QUARANTINE
-from resumer.watch import EventKind, Watcher, watch
+from resumer.checkpoints import watch as watch_mod
+from resumer.checkpoints.catalog import quarantine
+from resumer.checkpoints.watch import EventKind, Watcher, watch
+from resumer.cli.watch import watch_command
+from resumer.core.errors import TransientStorageError
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE
 
 FsOf = Callable[[str], tuple[Any, str]]
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import resumer
 from resumer import examples as ex
-from resumer.plan import Action, Section
+from resumer.core.plan import Action, Section
 
 
 def train_cnn(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:

@@ -1,0 +1,1 @@
+"""Checkpoint formats: the registry (``detect`` / ``open``), the native format and foreign readers."""

@@ -1,0 +1,1 @@
+"""The native resumer format: a JSON manifest committed last over safetensors data files."""

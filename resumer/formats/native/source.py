@@ -1,0 +1,305 @@
+"""Where a resume reads from: a resumer checkpoint (streamed by byte range) or a foreign file.
+
+``CheckpointSource`` is the whole surface ``apply`` needs; ``NativeSource`` implements it for the
+resumer format, ``resumer.formats.torch_save.ForeignSource`` for plain ``torch.save`` files.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+import torch
+
+from resumer.core.errors import CheckpointError, ResumerError
+from resumer.core.signature import Signature
+from resumer.formats.jsonvalue import decode
+from resumer.formats.native.manifest import Manifest, state_key
+from resumer.formats.native.prefault import FreshTensors
+from resumer.formats.native.readpass import read_file
+from resumer.formats.native.safetensors_io import TensorLocation, tensor_bytes
+from resumer.runtime import rng
+from resumer.runtime.capture import torch_dtype
+from resumer.storage.store import get_fs, join, verify
+from resumer.storage.transfer import open_for_scan
+
+Layout = list[tuple[str, list[tuple[str, TensorLocation]]]]
+
+
+class CheckpointSource(Protocol):
+    """What apply reads from. ``prepare`` checks everything that needs no tensor bytes; ``load_model`` and
+    ``load_optimizer_state`` read what the plan needs into fresh memory (nothing live is touched), so that
+    ``copy_into`` and ``state`` only copy memory and cannot fail on storage. ``reserve`` (optional work
+    ahead, e.g. memory for the optimizer state) reads nothing. ``verify`` checks the whole checkpoint
+    (for ``inspect``); a resume does not call it."""
+
+    uri: str
+    signature: Signature
+    bytes_read: int
+
+    def reserve(self, params: set[str]) -> None: ...
+    def verify(self) -> None: ...
+    def prepare(self) -> None: ...
+    def load_model(self, names: set[str]) -> None: ...
+    def load_optimizer_state(self, params: set[str]) -> None: ...
+    def copy_into(self, name: str, dest: torch.Tensor) -> None: ...
+    def state(self, param: str) -> dict[str, Any]: ...
+    def group_hyperparams(self, index: int) -> dict[str, Any]: ...
+    def scheduler_state(self) -> Any: ...
+    def rng_state(self) -> dict[str, Any] | None: ...
+    def extra(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def _locked(progress: Any) -> Any:
+    lock = threading.Lock()
+
+    def call(n: int) -> None:
+        with lock:
+            progress(n)
+
+    return call
+
+
+class NativeSource:
+    """A resumer checkpoint: each data file is read once, in order, into fresh memory; the live model and
+    optimizer are written only from that memory, after every check has passed."""
+
+    def __init__(self, manifest: Manifest, storage_options: dict[str, Any] | None = None, *,
+                 checksums: bool = True, progress: Any = None, verified: bool = False) -> None:
+        self.manifest = manifest
+        self.uri = manifest.uri
+        self.signature = manifest.signature
+        self.storage_options = storage_options
+        self.checksums = checksums
+        self.progress = _locked(progress) if progress is not None else None  # model and optimizer load side by side
+        self.bytes_read = 0
+        self._fs, self._path = get_fs(manifest.uri, storage_options)
+        self._files: dict[str, Any] = {}
+        self._plain: dict[str, Any] | None = None
+        self._state_specs = self.signature.optimizer.state_by_param() if self.signature.optimizer else {}
+        self._preloaded: dict[str, torch.Tensor] = {}
+        self._model: dict[str, torch.Tensor] = {}
+        self._handed: dict[str, torch.Tensor] = {}  # optimizer state state() gave out, see there
+        self._verified = verified  # selection already checked it this way: do not hash it all twice
+        self._reserved: tuple[frozenset[str], FreshTensors] | None = None  # see reserve()
+
+    def verify(self) -> None:
+        """Sizes of every file; headers and checksums (unless turned off) of every file, read whole."""
+        if not self._verified:
+            verify(self.manifest, self.storage_options, checksums=self.checksums, progress=self.progress)
+
+    def _locs(self, wanted: set[str], locations: dict[str, TensorLocation], *,
+              whole: set[str] | None = None) -> Layout:
+        """The ``wanted`` entries of ``locations``, per file, in file order; every file in ``whole`` is
+        listed (possibly with no entry), so a hashing pass still covers it."""
+        by_file: dict[str, list[tuple[str, TensorLocation]]] = {f: [] for f in whole or ()}
+        for key, loc in locations.items():
+            if key in wanted:
+                by_file.setdefault(loc.file, []).append((key, loc))
+        return [(name, sorted(locs, key=lambda kl: kl[1].offset)) for name, locs in sorted(by_file.items())]
+
+    def _layout(self, params: set[str]) -> Layout:
+        """The optimizer tensors of ``params`` (saved names), per file, in file order."""
+        wanted = {state_key(p, e.key) for p in params for e in self._state_entries(p)}
+        return self._locs(wanted, self.manifest.optimizer_tensors)
+
+    def _hashing(self) -> bool:
+        return self.checksums and not self._verified
+
+    def reserve(self, params: set[str]) -> None:
+        """Start faulting in fresh memory for the optimizer state of ``params`` on a helper thread (see
+        resumer.formats.native.prefault), so it overlaps the model's load instead of following it. Reads nothing."""
+        if self._reserved is None:
+            specs = [(loc.shape, torch_dtype(loc.dtype)) for _, locs in self._layout(params) for _, loc in locs]
+            self._reserved = (frozenset(params), FreshTensors(specs))
+
+    def load_model(self, names: set[str]) -> None:
+        """Read model tensors ``names`` (saved names) into fresh memory: one pass per model file (all of
+        them when checksums are on), its header checked, every byte hashed; CheckpointError (and nothing
+        kept) when a file is bad. The bytes hashed are the bytes later copied into the model."""
+        model_files = {loc.file for loc in self.manifest.tensors.values()} if self._hashing() else set()
+        layout = self._locs(names, self.manifest.tensors, whole=model_files)
+        with FreshTensors([(loc.shape, torch_dtype(loc.dtype)) for _, locs in layout for _, loc in locs]) as fresh:
+            staged: dict[str, torch.Tensor] = {}
+            taken = 0
+            for name, chosen in layout:
+                staged.update(self._read_fresh(name, chosen, fresh, taken))
+                taken += len(chosen)
+        self._model = staged
+
+    def load_optimizer_state(self, params: set[str]) -> None:
+        """Read each optimizer file once, in order, into fresh tensors for ``params`` (saved names), its header
+        checked and every byte hashed; a bad file raises CheckpointError before anything is attached."""
+        if self._reserved is None or self._reserved[0] != frozenset(params):
+            self._release()
+            self.reserve(params)
+        assert self._reserved is not None
+        fresh = self._reserved[1]
+        try:
+            taken = 0
+            for name, chosen in self._layout(params):  # the order reserve() made the tensors in
+                self._preloaded.update(self._read_fresh(name, chosen, fresh, taken))
+                taken += len(chosen)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._reserved is not None:
+            self._reserved[1].close()
+            self._reserved = None
+
+    def _read_fresh(self, name: str, chosen: list[tuple[str, TensorLocation]], fresh: FreshTensors,
+                    first: int) -> dict[str, torch.Tensor]:
+        """One pass over file ``name``: the ``chosen`` tensors (in file order) land in tensors ``first``,
+        ``first + 1``, ... of ``fresh``; returned only when the header and checksum check out."""
+        entry = self.manifest.file(name)
+        furi = join(self.uri, name)
+        tensors: dict[str, torch.Tensor] = {}
+
+        def into(i: int) -> memoryview:
+            t = tensors[chosen[i][0]] = fresh.get(first + i)
+            return tensor_bytes(t)
+
+        want = {k: loc for k, loc in (*self.manifest.tensors.items(), *self.manifest.optimizer_tensors.items())
+                if loc.file == name}
+        got, n = read_file(self._file(name), entry.size, furi, self.uri, want=want,
+                           regions=[(loc.offset, loc.nbytes) for _, loc in chosen], into=into,
+                           hashing=self._hashing(), on_bytes=self.progress)
+        self.bytes_read += n
+        if got is not None and got != entry.checksum:
+            raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed "
+                                  "after the checkpoint was written. Nothing was loaded.", uri=self.uri)
+        return tensors
+
+    def _state_entries(self, param: str) -> tuple[Any, ...]:
+        spec = self._state_specs.get(param)
+        return tuple(e for e in spec.entries if e.shape is not None) if spec else ()
+
+    def prepare(self) -> None:
+        """Everything that needs no tensor bytes, before any is read: the manifest agrees with itself, every
+        file has its size, and every plain value (hyperparameters, scalars, scheduler, RNG, extra) decodes."""
+        m = self.manifest
+        check_manifest(m)
+        verify(m, self.storage_options, checksums=False)  # sizes (fs.info), whatever ``checksums`` says
+        opt = self.signature.optimizer
+        self._plain = {
+            "groups": [self._decode(dict(g.hyperparams), f"optimizer param group {i}")
+                       for i, g in enumerate(opt.groups)] if opt else [],
+            "scalars": self._decode(m.optimizer_scalars, "optimizer state"),
+            "scheduler": self._decode(m.scheduler_state, "scheduler state"),
+            "extra": self._decode(m.extra, "extra metadata"),
+        }
+        self._plain["rng"] = rng.parse(m.rng, self.uri) if m.rng else None
+        for param, values in self._plain["scalars"].items():
+            for key, value in values.items() if isinstance(values, dict) else ((None, values),):
+                if not _plain_state(value):
+                    raise CheckpointError(f"{self.uri}: the saved optimizer state '{param}/{key}' is {value!r:.80}, "
+                                          "not a number, flag or None (what optimizers keep besides tensors). "
+                                          "Nothing was loaded.", uri=self.uri)
+
+    def _decode(self, value: Any, what: str) -> Any:
+        try:
+            return decode(value)
+        except (ResumerError, AttributeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.uri}: the saved {what} in the manifest is malformed ({exc}). Nothing was "
+                                  "loaded.", uri=self.uri) from None
+
+    def _decoded(self, key: str) -> Any:
+        if self._plain is None:
+            self.prepare()
+        assert self._plain is not None
+        return self._plain[key]
+
+    def _file(self, name: str) -> Any:
+        f = self._files.get(name)
+        if f is None:
+            size = self.manifest.file(name).size
+            f = self._files[name] = open_for_scan(self._fs, join(self._path, name), size)
+        return f
+
+    def copy_into(self, name: str, dest: torch.Tensor) -> None:
+        """Copy saved tensor ``name``, read by :meth:`load_model`, into ``dest`` (memory to memory)."""
+        src = self._model.get(name)  # kept until close(): tied names may copy it more than once
+        if src is None:
+            raise ResumerError(f"{self.uri}: '{name}' was not loaded before it was applied (load_model first).")
+        with torch.no_grad():
+            dest.detach().copy_(src)
+
+    def state(self, param: str) -> dict[str, Any]:
+        """Saved optimizer state of ``param`` (by saved name): the tensors :meth:`load_optimizer_state` read,
+        plus plain values."""
+        out: dict[str, Any] = dict(self._decoded("scalars").get(param, {}))
+        for entry in self._state_entries(param):
+            key = state_key(param, entry.key)
+            t = self._preloaded.pop(key, None)
+            if t is not None:
+                self._handed[key] = t
+            elif key in self._handed:
+                t = self._handed[key].clone()  # asked again (tied names): a copy of its own, never shared
+            if t is None:
+                raise ResumerError(f"{self.uri}: optimizer state '{param}/{entry.key}' was not loaded before it "
+                                   "was applied (load_optimizer_state first).")
+            out[entry.key] = t
+        return out
+
+    def group_hyperparams(self, index: int) -> dict[str, Any]:
+        return dict(self._decoded("groups")[index])
+
+    def scheduler_state(self) -> Any:
+        return self._decoded("scheduler")
+
+    def rng_state(self) -> dict[str, Any] | None:
+        """RNG state already parsed by :func:`resumer.runtime.rng.parse`."""
+        return self._decoded("rng")
+
+    def extra(self) -> dict[str, Any]:
+        return self._decoded("extra")
+
+    def close(self) -> None:
+        self._release()
+        self._preloaded.clear()
+        self._model.clear()
+        self._handed.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _plain_state(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, torch.Tensor)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_plain_state(v) for v in value)
+
+
+def check_manifest(m: Manifest) -> None:
+    """The manifest agrees with itself: every tensor's signature shape and dtype are those of its byte range,
+    every optimizer state tensor the signature names is stored as named, and this torch has every dtype."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{m.uri}: the manifest contradicts itself: {why}. The checkpoint is corrupt; "
+                               "nothing was loaded.", uri=m.uri)
+
+    for spec in m.signature.tensors:
+        loc = m.tensors[spec.name]
+        if (loc.shape, loc.dtype) != (spec.shape, spec.dtype):
+            raise bad(f"tensor {spec.name!r} is {spec.dtype}{list(spec.shape)} in the signature, but its "
+                      f"{loc.nbytes} stored bytes are {loc.dtype}{list(loc.shape)}")
+    for param in m.signature.optimizer.state if m.signature.optimizer else ():
+        for e in param.entries:
+            if e.shape is None:
+                continue
+            stored = m.optimizer_tensors.get(state_key(param.param, e.key))
+            if stored is None:
+                raise bad(f"optimizer state '{param.param}/{e.key}' is in the signature but has no stored bytes")
+            if stored.shape != e.shape or (e.dtype is not None and stored.dtype != e.dtype):
+                raise bad(f"optimizer state '{param.param}/{e.key}' is {e.dtype}{list(e.shape)} in the signature, "
+                          f"but its {stored.nbytes} stored bytes are {stored.dtype}{list(stored.shape)}")
+    for what, loc in (*m.tensors.items(), *m.optimizer_tensors.items()):
+        try:
+            torch_dtype(loc.dtype)
+        except ValueError as exc:
+            raise CheckpointError(f"{m.uri}: tensor {what!r}: {exc}. Resume with a torch that has it.",
+                                  uri=m.uri) from None
+
+
+__all__ = ["CheckpointSource", "NativeSource", "torch_dtype"]

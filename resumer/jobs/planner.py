@@ -1,0 +1,63 @@
+"""The controller's Planner for a job: select the checkpoint, plan it against the CURRENT code, decide.
+
+The model is built on the meta device (planning allocates no model memory) from the job's factories;
+the optimizer and scheduler factories run on it too. The checkpoint is chosen once, here, by URI: every
+rank then applies exactly that checkpoint and checks it plans the same (``resumer.jobs.worker.restore``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import torch
+
+from resumer.checkpoints.catalog import select
+from resumer.core.decision import Decision, FailureClass, Outcome
+from resumer.formats.native.source import NativeSource
+from resumer.jobs.factories import build
+from resumer.jobs.spec import JobSpec
+from resumer.runtime.api import _plan_for
+from resumer.runtime.capture import signature
+from resumer.runtime.save import code_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+class JobPlanner:
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+
+    def _current(self) -> tuple[Any, Any, Any]:
+        with torch.device("meta"):
+            return build(self.spec.model, self.spec.optimizer, self.spec.scheduler)
+
+    def decide(self, attempt: int, previous: FailureClass) -> Decision:
+        spec = self.spec
+        started = time.perf_counter()
+        sel = select(spec.root, storage_options=spec.storage_options or None, checksums=True)
+        rejected = tuple(r.to_dict() for r in sel.rejected)
+        model, optimizer, scheduler = self._current()
+        base: dict[str, Any] = {"job": spec.name, "attempt": attempt, "previous_failure": previous,
+                                "policy": spec.policy.value, "world_size_after": spec.workers, "rejected": rejected}
+        if sel.chosen is None:
+            outcome = Outcome.STARTED if attempt == 1 and not rejected else Outcome.FRESH_START
+            return Decision(outcome=outcome, metrics={"plan_seconds": time.perf_counter() - started}, **base)
+        source = NativeSource(sel.chosen.manifest, spec.storage_options or None, verified=True)
+        plan = _plan_for(source, model, optimizer, scheduler, spec.policy, list(spec.renames) or None,
+                         world_size=spec.workers)  # the job's world, not this controller process's
+        saved_code = sel.chosen.manifest.code.get("fingerprint")
+        current_code = code_fingerprint(model, signature(model, optimizer, scheduler)).get("fingerprint")
+        decision = Decision(
+            outcome=Outcome.RESUMED if plan.ok else Outcome.REFUSED,
+            checkpoint=sel.chosen.uri, step=sel.chosen.step, code_fingerprint=current_code,
+            code_changed=saved_code is not None and saved_code != current_code,
+            world_size_before=(sel.chosen.manifest.raw.get("world") or {}).get("world_size"),
+            plan=plan, message="" if plan.ok else plan.describe_refusal(),
+            metrics={"plan_seconds": time.perf_counter() - started, "checkpoint_bytes": sel.chosen.total_bytes},
+            **base)
+        if decision.code_changed and previous is FailureClass.NONE:
+            decision = dataclasses.replace(decision, previous_failure=FailureClass.CODE_CHANGED)
+        return decision

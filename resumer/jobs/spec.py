@@ -1,0 +1,190 @@
+"""Job specs: the YAML a user submits, validated once at the edge with errors that name the field.
+
+Example (``jobs/mlp.yaml``)::
+
+    name: mlp
+    entrypoint: resumer.examples_train:train_loop      # MODULE:FUNCTION(config) run on every worker
+    model: resumer.examples:mlp_v1                     # no-argument factory (planning builds it on meta)
+    optimizer: resumer.examples:adam                   # factory(model)
+    scheduler: resumer.examples:step_lr                # factory(optimizer), optional
+    config: {total_steps: 60}                          # passed to the entrypoint
+    scaling: {workers: 2, use_gpu: false}
+    storage: {root: runs/mlp/checkpoints, options: {}}
+    checkpoint: {every: 10, keep_last: 3, grace_s: 30}   # grace_s: time to write an emergency checkpoint
+    resume: {policy: strict, renames: [auto]}
+    retries: {crashed: {max: 5, backoff_s: 2}, preempted: {max: 20}, hung: {max: 2, timeout_s: 300}}
+    mlflow: {tracking_uri: sqlite:///runs/mlflow.db, experiment: resumer}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from resumer.core.decision import FailureClass
+from resumer.core.errors import UsageError
+from resumer.core.failures import Budget
+from resumer.core.plan import Policy
+from resumer.core.renames import parse_renames
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
+_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_TOP = {"name", "entrypoint", "model", "optimizer", "scheduler", "config", "scaling", "storage", "checkpoint",
+        "resume", "retries", "mlflow"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    name: str
+    entrypoint: str
+    model: str
+    optimizer: str | None = None
+    scheduler: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    workers: int = 2
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    root: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    every: int = 10
+    keep_last: int | None = None
+    keep_every: int | None = None
+    grace_s: float = 30.0  # after a preemption notice (SIGTERM): time for the emergency checkpoint
+    policy: Policy = Policy.STRICT
+    renames: tuple[str, ...] = ()
+    budgets: dict[FailureClass, Budget] = field(default_factory=dict)
+    hang_timeout_s: float = 300.0
+    tracking_uri: str | None = None
+    experiment: str = "resumer"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for passing to workers and recording; storage options are left out (secrets)."""
+        return {"name": self.name, "entrypoint": self.entrypoint, "model": self.model, "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "config": self.config, "workers": self.workers,
+                "use_gpu": self.use_gpu, "root": self.root, "every": self.every, "policy": self.policy.value,
+                "renames": list(self.renames), "hang_timeout_s": self.hang_timeout_s}
+
+
+def _err(field_name: str, problem: str) -> UsageError:
+    return UsageError(f"Job spec field '{field_name}': {problem}")
+
+
+def _section(raw: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise _err(key, f"must be a mapping, got {type(value).__name__}")
+    unknown = set(value) - allowed
+    if unknown:
+        raise _err(f"{key}.{sorted(unknown)[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _int(value: Any, name: str, minimum: int = 1, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise _err(name, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise _err(name, f"must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _ref(value: Any, name: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not _REF.match(value):
+        raise _err(name, f"must be MODULE:FUNCTION (e.g. 'mypkg.train:main'), got {value!r}")
+    return value
+
+
+def _budgets(raw: dict[str, Any]) -> tuple[dict[FailureClass, Budget], float]:
+    retries = _section(raw, "retries", {"preempted", "crashed", "hung"})
+    from resumer.core.failures import DEFAULT_BUDGETS
+
+    budgets = dict(DEFAULT_BUDGETS)
+    timeout = 300.0
+    for cls_name, value in retries.items():
+        where = f"retries.{cls_name}"
+        sub = _section(retries, cls_name, {"max", "backoff_s", "max_backoff_s", "timeout_s"})
+        cls = FailureClass(cls_name)
+        base = budgets[cls]
+        budgets[cls] = Budget(max_restarts=_int(sub.get("max", base.max_restarts), f"{where}.max", 0) or 0,
+                              backoff_s=_number(sub.get("backoff_s", base.backoff_s), f"{where}.backoff_s"),
+                              max_backoff_s=_number(sub.get("max_backoff_s", base.max_backoff_s),
+                                                    f"{where}.max_backoff_s"))
+        if "timeout_s" in sub:
+            if cls is not FailureClass.HUNG:
+                raise _err(f"{where}.timeout_s", "only 'hung' has a timeout")
+            timeout = _number(sub["timeout_s"], f"{where}.timeout_s")
+        del value
+    return budgets, timeout
+
+
+def parse(raw: Any, *, base_dir: str = ".") -> JobSpec:
+    """Validate a job spec (already loaded from YAML); every error names its field."""
+    if not isinstance(raw, dict):
+        raise UsageError("A job spec must be a YAML mapping with at least: name, entrypoint, model, storage.root.")
+    unknown = set(raw) - _TOP
+    if unknown:
+        raise _err(sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(_TOP))})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise _err("name", f"must be letters, digits, '.', '_' or '-' (1-101 chars), got {name!r}")
+    scaling = _section(raw, "scaling", {"workers", "use_gpu", "resources_per_worker"})
+    storage = _section(raw, "storage", {"root", "options"})
+    ckpt = _section(raw, "checkpoint", {"every", "keep_last", "keep_every", "grace_s"})
+    resume = _section(raw, "resume", {"policy", "renames"})
+    mlflow = _section(raw, "mlflow", {"tracking_uri", "experiment"})
+    root = storage.get("root")
+    if not isinstance(root, str) or not root:
+        raise _err("storage.root", "is required: a local path or an fsspec URI (s3://bucket/prefix)")
+    if "://" not in root and not os.path.isabs(root):
+        root = os.path.normpath(os.path.join(base_dir, root))
+    config = raw.get("config") or {}
+    if not isinstance(config, dict):
+        raise _err("config", "must be a mapping")
+    renames = resume.get("renames") or []
+    if isinstance(renames, str):
+        renames = [renames]
+    try:
+        parse_renames(list(renames))
+        policy = Policy.parse(resume.get("policy", "strict"))
+    except UsageError as exc:
+        raise _err("resume", str(exc)) from None
+    use_gpu = scaling.get("use_gpu", False)
+    if not isinstance(use_gpu, bool):
+        raise _err("scaling.use_gpu", f"must be true or false, got {use_gpu!r}")
+    budgets, timeout = _budgets(raw)
+    return JobSpec(
+        name=name, entrypoint=_ref(raw.get("entrypoint"), "entrypoint") or "",
+        model=_ref(raw.get("model"), "model") or "", optimizer=_ref(raw.get("optimizer"), "optimizer", True),
+        scheduler=_ref(raw.get("scheduler"), "scheduler", True), config=config,
+        workers=_int(scaling.get("workers", 2), "scaling.workers") or 1, use_gpu=use_gpu,
+        resources_per_worker=dict(scaling.get("resources_per_worker") or {}),
+        root=root, storage_options=dict(storage.get("options") or {}),
+        every=_int(ckpt.get("every", 10), "checkpoint.every") or 1,
+        keep_last=_int(ckpt.get("keep_last"), "checkpoint.keep_last", optional=True),
+        keep_every=_int(ckpt.get("keep_every"), "checkpoint.keep_every", optional=True),
+        grace_s=_number(ckpt.get("grace_s", 30.0), "checkpoint.grace_s"),
+        policy=policy, renames=tuple(str(r) for r in renames), budgets=budgets, hang_timeout_s=timeout,
+        tracking_uri=mlflow.get("tracking_uri"), experiment=str(mlflow.get("experiment", "resumer")))
+
+
+def load(path: str) -> JobSpec:
+    """Read and validate a job spec file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UsageError(f"No job spec at {path}.") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {exc}") from None
+    return parse(raw, base_dir=os.path.dirname(os.path.abspath(path)))

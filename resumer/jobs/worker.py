@@ -1,0 +1,229 @@
+"""The two calls a training loop makes on Ray Train workers (plus an optional heartbeat).
+
+    def train_loop(config):                                  # your entrypoint, run on every worker
+        model = ray.train.torch.prepare_model(build_model())
+        opt = make_optimizer(model)
+        start = resumer.jobs.worker.restore(model, opt, sched)     # the step to continue AFTER (0: fresh)
+        for step in range(start + 1, config["total_steps"] + 1):
+            loss = train_step(model, opt, step)              # data position = global step, not a per-rank counter
+            resumer.jobs.worker.save(step, model, opt, sched, metrics={"loss": loss})   # writes every N steps
+
+``restore`` applies the checkpoint and plan the controller chose, on every rank, after checking that
+this rank plans exactly the same thing (a checkpoint committed between two ranks' listings cannot split
+them: the controller names the checkpoint URI, not the root). ``save`` reports progress every call
+(heartbeat for hang detection, metrics) and writes on rank 0 every ``checkpoint.every`` steps
+(replicated DDP state). Outside a resumer-launched job both calls are harmless no-ops (restore returns 0).
+
+Preemption: ``restore`` installs a SIGTERM handler (``resumer.jobs.preemption``). After a notice, the next
+``save`` on the notified rank writes an emergency checkpoint of its (replicated) state, whatever the
+cadence, and raises ``resumer.core.errors.Preempted``; the controller resumes from that checkpoint. When
+several ranks are notified at once, the first to claim the step on the progress board writes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from resumer.core.errors import AlreadyCommitted, CheckpointError, Preempted
+from resumer.jobs import preemption
+from resumer.jobs.board import NAMESPACE as BOARD_NAMESPACE
+from resumer.jobs.board import board_name
+
+logger = logging.getLogger(__name__)
+
+ENV = "RESUMER_ATTEMPT"
+_board: Any = None
+
+
+def attempt_config() -> dict[str, Any] | None:
+    """The attempt this worker belongs to, as set by the launcher, or None outside resumer."""
+    raw = os.environ.get(ENV)
+    return _parse(raw) if raw else None
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(raw: str) -> dict[str, Any]:
+    # Parsed once per attempt, not twice per training step (report + save); callers only read it.
+    return dict(json.loads(raw))
+
+
+def plan_hash(plan: Any) -> str:
+    """What every rank must agree on: the entries, renames, refusals and where position-keyed optimizer state
+    goes (notes may differ per rank)."""
+    d = plan.to_dict()
+    core = {k: d[k] for k in ("policy", "checkpoint", "step", "entries", "renames", "refusals",
+                              "optimizer_positions")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+def _get_board(cfg: dict[str, Any]) -> Any:
+    global _board
+    if _board is None:
+        import ray
+
+        if not ray.is_initialized():  # a plain local run: never start a Ray just to report progress
+            return None
+        try:
+            _board = ray.get_actor(board_name(cfg["job"]), namespace=BOARD_NAMESPACE)
+        except ValueError:
+            _board = False  # no controller listening (e.g. a manual run): keep training
+    return _board or None
+
+
+def build() -> tuple[nn.Module, Any, Any]:
+    """The job's model (prepared for DDP by Ray Train), optimizer and scheduler, from its factories."""
+    from resumer.jobs.factories import build as build_from_refs
+
+    cfg = attempt_config()
+    if cfg is None:
+        raise CheckpointError("resumer.jobs.worker.build() runs inside a job launched by resumer (no attempt config).")
+    model = build_from_refs(cfg["model"])[0]
+    try:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model)
+    except (ImportError, RuntimeError):  # not inside a Ray Train worker: a plain local run
+        pass
+    _, optimizer, scheduler = _optimizer_for(model, cfg)
+    return model, optimizer, scheduler
+
+
+def _optimizer_for(model: nn.Module, cfg: dict[str, Any]) -> tuple[nn.Module, Any, Any]:
+    from resumer.jobs.factories import resolve
+
+    optimizer = resolve(cfg["optimizer"], "optimizer")(model) if cfg.get("optimizer") else None
+    scheduler = resolve(cfg["scheduler"], "scheduler")(optimizer) if cfg.get("scheduler") and optimizer else None
+    return model, optimizer, scheduler
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> int:
+    """Apply the controller's checkpoint and plan on this rank; returns the last completed step (0 if fresh)."""
+    import resumer
+
+    cfg = attempt_config()
+    if cfg is not None:
+        preemption.install(float(cfg.get("grace_s", 30.0)))
+    if cfg is None or not cfg.get("checkpoint"):
+        return 0
+    kw = {"policy": cfg["policy"], "renames": cfg["renames"] or None, "storage_options": cfg.get("storage_options")}
+    mine = resumer.plan(cfg["checkpoint"], model, optimizer, scheduler, **kw)
+    if plan_hash(mine) != cfg["plan_hash"]:
+        raise CheckpointError(f"rank {rank()} planned {cfg['checkpoint']} differently from the controller "
+                              f"({mine.summary()}); refusing to train on split state.", uri=cfg["checkpoint"])
+    res = resumer.resume(cfg["checkpoint"], model, optimizer, scheduler, **kw)
+    logger.info("[restore] rank %d: %s", rank(), res.plan.summary())
+    return res.step
+
+
+def report(step: int, metrics: dict[str, float] | None = None) -> None:
+    """Heartbeat: the step this rank just finished (and metrics from rank 0). Non-blocking."""
+    cfg = attempt_config()
+    board = _get_board(cfg) if cfg else None
+    if board is not None:
+        board.beat.remote(rank(), step, metrics if rank() == 0 else None, time.time(), socket.gethostname(),
+                          os.getpid(), _node_id())
+
+
+def _node_id() -> str:
+    """This worker's Ray node (where the controller sends a kill for a hung step), or "" outside Ray."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
+    except (ImportError, RuntimeError):
+        return ""
+
+
+def save(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, *,
+         metrics: dict[str, float] | None = None, force: bool = False) -> str | None:
+    """Report progress; on rank 0, every ``checkpoint.every`` steps (or when ``force``), save and commit.
+
+    After a preemption notice: writes an emergency checkpoint (see the module doc) and raises ``Preempted``.
+    """
+    report(step, metrics)
+    cfg = attempt_config()
+    if cfg is None:
+        return None
+    if preemption.noticed() is not None:
+        uri = _emergency(cfg, step, model, optimizer, scheduler, metrics) if _claim(cfg, step) else None
+        raise Preempted(step, uri)
+    if (not force and step % int(cfg["every"]) != 0) or rank() != 0:
+        return None
+    return _write(cfg, step, model, optimizer, scheduler, metrics)
+
+
+def _emergency(cfg: dict[str, Any], step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+               metrics: dict[str, float] | None) -> str:
+    """The emergency checkpoint of ``step``. On a cadence step, rank 0's regular save of the same (replicated)
+    state may commit first: that checkpoint stands and serves, so the notice still ends as a preemption."""
+    try:
+        return _write(cfg, step, model, optimizer, scheduler, metrics, emergency=True)
+    except AlreadyCommitted as exc:
+        logger.warning("[preemption] rank %d: step %d was committed by another save first (%s); resuming from it",
+                       rank(), step, exc.uri)
+        return str(exc.uri)
+
+
+def _claim(cfg: dict[str, Any], step: int) -> bool:
+    """Whether this rank writes the emergency checkpoint of ``step`` (the first notified rank does)."""
+    board = _get_board(cfg)
+    if board is None:
+        return True
+    try:
+        import ray
+
+        return bool(ray.get(board.claim.remote(step, rank()), timeout=10))
+    except Exception as exc:  # noqa: BLE001 - no answer from the board: write it (a duplicate is safe)
+        logger.warning("[preemption] progress board unreachable (%s): writing the emergency checkpoint", exc)
+        return True
+
+
+def _write(cfg: dict[str, Any], step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+           metrics: dict[str, float] | None, *, emergency: bool = False) -> str:
+    import resumer
+
+    started = time.monotonic()
+    extra = {"metrics": metrics or {}, "job": cfg["job"], "attempt": cfg["attempt"]}
+    if emergency:
+        extra |= {"emergency": True, "rank": rank()}
+    uri = resumer.save_checkpoint(cfg["root"], step, model, optimizer, scheduler, extra=extra,
+                                  storage_options=cfg.get("storage_options"))
+    if emergency:
+        notice = preemption.noticed() or time.time()
+        logger.warning("[preemption] rank %d: emergency checkpoint %s committed %.1fs after the notice (%.1fs)",
+                       rank(), uri, time.time() - notice, time.monotonic() - started)
+    board = _get_board(cfg)
+    if board is not None:
+        board.committed.remote(step, uri)
+    if not emergency and (cfg.get("keep_last") or cfg.get("keep_every")):
+        _prune(cfg)
+    return uri
+
+
+def _prune(cfg: dict[str, Any]) -> None:
+    """Retention after a commit (never before: the new checkpoint must exist first). Sizes, not checksums:
+    this process just wrote the newest one, checksumming as it wrote; a failure here never stops training."""
+    from resumer.checkpoints.retention import RetentionPolicy, prune
+    from resumer.core.errors import ResumerError
+
+    try:
+        prune(cfg["root"], RetentionPolicy(keep_last=cfg.get("keep_last"), keep_every=cfg.get("keep_every")),
+              storage_options=cfg.get("storage_options"), checksums=False)
+    except (OSError, ResumerError) as exc:
+        logger.warning("[retention] pruning %s failed (the next save tries again): %s", cfg["root"], exc)

@@ -1,0 +1,1 @@
+"""Live training state: capture, the public ``plan`` / ``resume``, apply, save, async save and RNG."""

@@ -1,0 +1,136 @@
+"""The public entry points: plan() and resume() on a checkpoint URI, a root, or a torch.save file."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from resumer.checkpoints import lease
+from resumer.checkpoints.catalog import list_checkpoints, quarantine, select
+from resumer.core.errors import CheckpointError
+from resumer.core.plan import Plan, Policy
+from resumer.core.reconcile import reconcile
+from resumer.formats.native.manifest import MANIFEST
+from resumer.formats.native.source import CheckpointSource, NativeSource
+from resumer.runtime.apply import ResumeResult, commit, stage
+from resumer.runtime.capture import signature
+from resumer.storage.store import get_fs, join, read_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def open_source(checkpoint: str, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
+                select_verified: bool = True, progress: Any = None) -> CheckpointSource:
+    """A checkpoint URI, a root (its newest valid checkpoint), or a plain torch.save file."""
+    return _open(checkpoint, storage_options, checksums=checksums, select_verified=select_verified,
+                 progress=progress)[0]
+
+
+def _open(checkpoint: str, storage_options: dict[str, Any] | None, *, checksums: bool, select_verified: bool = True,
+          progress: Any = None, defer: bool = False,
+          passed_over: Mapping[str, str] | None = None) -> tuple[CheckpointSource, bool]:
+    """``open_source``, and whether the source was chosen from a root.
+
+    ``defer``: choose a root's checkpoint by its manifest and file sizes only; its checksums are then
+    checked as it is read (one pass instead of two), and a caller that finds it bad passes it over
+    (``passed_over``: URI -> why) and asks again.
+    """
+    checkpoint = str(checkpoint)
+    fs, path = get_fs(checkpoint, storage_options)
+    if fs.isfile(path):
+        if path.endswith(f"/{MANIFEST}") or path == MANIFEST:
+            return _open(checkpoint.rsplit("/", 1)[0], storage_options, checksums=checksums, progress=progress)
+        from resumer.formats.torch_save import ForeignSource
+
+        return ForeignSource.open(checkpoint, storage_options), False
+    if fs.exists(join(path, MANIFEST)):
+        return NativeSource(read_manifest(checkpoint, storage_options), storage_options, checksums=checksums,
+                            progress=progress), False
+    if not fs.exists(path):
+        raise CheckpointError(f"No checkpoint at {checkpoint}: the path does not exist.", uri=checkpoint)
+    if select_verified:
+        info = select(checkpoint, storage_options=storage_options, checksums=checksums and not defer,
+                      progress=progress, exclude=passed_over).chosen
+    else:
+        infos = list_checkpoints(checkpoint, storage_options=storage_options)
+        info = infos[0] if infos else None
+    if info is None:
+        has_data = any(str(p).endswith(".safetensors") for p in fs.ls(path, detail=False))
+        why = ("it holds data files but no manifest.json: a torn checkpoint (the writer stopped before committing)"
+               if has_data else "no committed, valid checkpoint lies under it")
+        if passed_over:
+            why = f"every committed checkpoint failed verification ({len(passed_over)} passed over; see the log)"
+        raise CheckpointError(f"Cannot resume from {checkpoint}: {why}. Nothing was loaded or deleted.",
+                              uri=checkpoint)
+    return NativeSource(info.manifest, storage_options, checksums=checksums, progress=progress,
+                        verified=select_verified and not defer), True
+
+
+def plan(checkpoint: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+         *, policy: Policy | str = "strict", renames: Any = None,
+         storage_options: dict[str, Any] | None = None) -> Plan:
+    """What resuming ``checkpoint`` into these objects would do. Reads manifests only, no tensor bytes
+    (for a root, selecting the newest valid checkpoint verifies sizes, not checksums)."""
+    source = open_source(checkpoint, storage_options, checksums=False)
+    try:
+        return _plan_for(source, model, optimizer, scheduler, policy, renames)
+    finally:
+        source.close()
+
+
+def _plan_for(source: CheckpointSource, model: nn.Module, optimizer: Any, scheduler: Any, policy: Any,
+              renames: Any, *, world_size: int | None = None) -> Plan:
+    """``world_size``: the world the plan is for (default: this process's); a controller plans for its job's."""
+    started = time.perf_counter()
+    current = signature(model, optimizer, scheduler, world_size=world_size or _world_size())
+    result = reconcile(source.signature, current, policy, renames, checkpoint=source.uri)
+    logger.debug("planned %s in %.1f ms", source.uri, (time.perf_counter() - started) * 1e3)
+    return result
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+           scheduler: Any = None, *, policy: Policy | str = "strict", renames: Any = None,
+           storage_options: dict[str, Any] | None = None, verify: bool = True, progress: Any = None) -> ResumeResult:
+    """Plan, verify, and apply: the model, optimizer, scheduler and RNG continue from the checkpoint.
+
+    From a root, the newest committed checkpoint is read once, its checksums checked on the way; one found
+    corrupt is quarantined and passed over for the next newest, before anything live was touched.
+    Raises PlanRefused (with ``.plan``) when the plan is not ok under ``policy``, and CheckpointError
+    when the checkpoint is torn, corrupt or unsafe; in both cases nothing was changed.
+    """
+    passed_over: dict[str, str] = {}
+    while True:
+        source, from_root = _open(checkpoint_or_root, storage_options, checksums=verify, progress=progress,
+                                  defer=True, passed_over=passed_over)
+        try:
+            # Leased for the whole read, so retention cannot delete it under us (see resumer.checkpoints.lease.reading).
+            guard = (lease.reading(source.uri, storage_options) if isinstance(source, NativeSource)
+                     else contextlib.nullcontext())
+            with guard:
+                the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
+                try:
+                    staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler)
+                except CheckpointError as exc:
+                    if not from_root:
+                        raise
+                    # Nothing live was touched yet: mark it (never delete) and take the next newest.
+                    logger.warning("[select] passed over %s: %s", source.uri, exc)
+                    if exc.quarantine:  # not for what a newer resumer can read, or a copied step dir
+                        quarantine(source.uri, str(exc), storage_options)
+                    passed_over[source.uri] = str(exc)
+                    continue
+                return commit(staged, model, optimizer, scheduler)
+        finally:
+            source.close()

@@ -1,0 +1,152 @@
+"""apply: execute a Plan on live objects, in two steps, so a failed resume changes nothing.
+
+``stage`` does everything that can fail: the manifest's own consistency, file sizes, the saved values
+against the live objects (resumer.runtime.preflight), and the model tensors and carried optimizer state read
+into fresh memory, each file once, header checked and checksummed as it is read (model and optimizer
+side by side). ``commit`` then only copies memory: model tensors in place, the optimizer state re-keyed
+from saved names to the current optimizer's positions, scheduler and RNG. Storage that fails mid-read
+(a killed server) fails ``stage``, before anything live changed. The cost: fresh memory for the model
+tensors (the model's size) until ``commit`` has copied them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from resumer.core.errors import PlanRefused
+from resumer.core.plan import Action, Plan, Section
+from resumer.formats.native.source import CheckpointSource
+from resumer.runtime import preflight, rng
+from resumer.runtime.capture import live_tensors, optimizer_param_names
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeResult:
+    """What a resume did: the step to continue after, the plan applied, and what it cost."""
+
+    step: int
+    plan: Plan
+    checkpoint: str
+    bytes_read: int = 0
+    load_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, kw_only=True)
+class Staged:
+    """A plan whose checkpoint has been verified and whose optimizer state is in memory; nothing applied yet."""
+
+    plan: Plan
+    source: CheckpointSource
+    carry: bool
+    started: float
+
+
+def stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer | None = None, *,
+          verify: bool = True, model: nn.Module | None = None, scheduler: Any = None) -> Staged:
+    """Everything that can fail, before anything live is touched: PlanRefused when the plan is not ok,
+    CheckpointError when the checkpoint is corrupt or holds values the live objects cannot take, a
+    ResumerError when storage fails (then nothing changed, and a caller may try another checkpoint).
+
+    ``verify``: kept for callers; whether bytes are checksummed is the source's own setting (``resume``
+    opens it with ``checksums=verify``). ``model`` and ``scheduler``: the live objects the saved values are
+    checked against (shapes, scheduler state); without them those checks are skipped.
+    """
+    if not plan.ok:
+        raise PlanRefused(plan)
+    started = time.perf_counter()
+    carry = optimizer is not None and plan.optimizer_action() is Action.CARRY
+    carried = {e.source for e in plan.section(Section.OPTIMIZER_STATE)
+               if e.action is Action.CARRY and e.source is not None} if carry else set()
+    copies = {e.source or e.name for e in plan.section(Section.MODEL) if e.copies}
+    source.prepare()
+    if model is not None:
+        preflight.check_model(plan, source, model)
+        if carry:
+            preflight.check_state(plan, source, model)
+    if carry:
+        assert optimizer is not None
+        preflight.check_groups(plan, source, optimizer)
+    preflight.check_scheduler(plan, source, scheduler)
+    _stage(source, copies, carried)
+    return Staged(plan=plan, source=source, carry=carry, started=started)
+
+
+def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+           scheduler: Any = None) -> ResumeResult:
+    """Apply a staged plan to the live objects: model tensors in place, optimizer, scheduler, RNG."""
+    plan, source = staged.plan, staged.source
+    tensors = live_tensors(model)
+    by_name = {lt.name: lt.tensor for lt in tensors}
+    for e in plan.section(Section.MODEL):
+        if e.copies:
+            source.copy_into(e.source or e.name, by_name[e.name])
+    if staged.carry:
+        assert optimizer is not None
+        _apply_optimizer(plan, source, optimizer, {id(lt.tensor): lt.name for lt in tensors})
+    if scheduler is not None and any(e.action is Action.RESTORE for e in plan.section(Section.SCHEDULER)):
+        scheduler.load_state_dict(source.scheduler_state())
+    if any(e.action is Action.RESTORE for e in plan.section(Section.RNG)):
+        state = source.rng_state()
+        if state:
+            rng.restore(state)
+    seconds = time.perf_counter() - staged.started
+    logger.info("%s", plan.summary())
+    return ResumeResult(step=plan.step or 0, plan=plan, checkpoint=source.uri, bytes_read=source.bytes_read,
+                        load_seconds=seconds, extra=source.extra())
+
+
+def _stage(source: CheckpointSource, copies: set[str], carried: set[str]) -> None:
+    """Read the model tensors and the carried optimizer state into fresh memory, side by side.
+
+    Neither touches the model, and the two read different files, so they overlap: storage stays busy
+    while the other side hashes or copies, and the state's memory is faulted in meanwhile (``reserve``).
+    Both must succeed; the model files' error is raised first when both fail.
+    """
+    if carried:
+        source.reserve(carried)
+    if not carried:
+        source.load_model(copies)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumer-load") as pool:
+        loaded = pool.submit(source.load_model, copies)
+        try:
+            source.load_optimizer_state(carried)
+        except BaseException:
+            loaded.result()  # the model files' verdict first: it names the file at fault when both are bad
+            raise
+        loaded.result()
+
+
+def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,
+                     names: dict[int, str]) -> None:
+    members = optimizer_param_names(optimizer, names)
+    position: dict[str, int] = {}
+    groups = []
+    for gi, (group, params) in enumerate(zip(optimizer.param_groups, members, strict=True)):
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        entry = plan.entry(Section.OPTIMIZER_GROUP, f"group {gi}")
+        if entry.action is Action.CARRY and entry.source:
+            saved = source.group_hyperparams(int(entry.source.split()[-1]))
+            hyper.update({k: v for k, v in saved.items() if k in hyper})
+        indices = []
+        for name in params:
+            position.setdefault(name, len(position))
+            indices.append(position[name])
+        groups.append({**hyper, "params": indices})
+    state = {}
+    for e in plan.section(Section.OPTIMIZER_STATE):
+        if e.action is Action.CARRY and e.source is not None:
+            state[position[e.name]] = source.state(plan.state_key(e.source))
+    # load_state_dict matches this structure exactly (we built it from the live optimizer) and casts
+    # state to each parameter's dtype and device, as torch does for any resume.
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
