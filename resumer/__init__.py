@@ -27,12 +27,12 @@ from resumer.core.errors import (
 from resumer.core.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
 from resumer.core.reconcile import reconcile
 from resumer.core.signature import Signature, TensorSpec
+from resumer.formats.native.verify import read_manifest, verify
 from resumer.runtime.api import open_source, plan, resume
 from resumer.runtime.apply import ResumeResult
 from resumer.runtime.async_save import AsyncSaver
 from resumer.runtime.capture import signature
 from resumer.runtime.save import save_checkpoint
-from resumer.storage.store import read_manifest, verify
 from resumer.tracking.base import Recorder, RunStatus
 from resumer.tracking.recorder import MlflowRecorder
 

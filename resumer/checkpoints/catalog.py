@@ -21,7 +21,10 @@ from typing import Any
 from resumer.core.errors import CheckpointError, TransientStorageError
 from resumer.formats.jsonvalue import strict_loads
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE, Manifest
-from resumer.storage.store import STEP_DIR, get_fs, join, read_bytes, read_manifest, retry, verify, write_bytes_atomic
+from resumer.formats.native.verify import read_manifest, verify
+from resumer.storage import retry
+from resumer.storage.fs import get_fs, join
+from resumer.storage.store import STEP_DIR, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from typing import Any
 from resumer.core.errors import CheckpointError, TransientStorageError, UsageError
 from resumer.formats.native.manifest import MANIFEST
 from resumer.storage import retry
-from resumer.storage.store import STEP_DIR, get_fs, join, read_bytes, write_bytes_atomic
+from resumer.storage.fs import get_fs, join
+from resumer.storage.store import STEP_DIR, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

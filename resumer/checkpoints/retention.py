@@ -41,7 +41,8 @@ from resumer.checkpoints.lease import Lease, active_leases, sweep_expired
 from resumer.core.errors import CheckpointError, TransientStorageError, UsageError
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE, parse
 from resumer.storage import retry
-from resumer.storage.store import STEP_DIR, get_fs, is_local, join, read_bytes
+from resumer.storage.fs import get_fs, is_local, join
+from resumer.storage.store import STEP_DIR, read_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 from resumer.checkpoints.catalog import Candidate, quarantine_reason, scan
 from resumer.core.errors import CheckpointError, TransientStorageError, UsageError
 from resumer.formats.native.manifest import MANIFEST
-from resumer.storage.store import read_manifest, verify
+from resumer.formats.native.verify import read_manifest, verify
 
 logger = logging.getLogger(__name__)
 

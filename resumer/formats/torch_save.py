@@ -31,7 +31,7 @@ from resumer.core.signature import (
 )
 from resumer.formats.jsonvalue import encode, walk_refused
 from resumer.runtime.capture import dtype_name
-from resumer.storage.store import get_fs
+from resumer.storage.fs import get_fs
 
 logger = logging.getLogger(__name__)
 

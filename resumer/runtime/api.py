@@ -18,9 +18,10 @@ from resumer.core.plan import Plan, Policy
 from resumer.core.reconcile import reconcile
 from resumer.formats.native.manifest import MANIFEST
 from resumer.formats.native.source import CheckpointSource, NativeSource
+from resumer.formats.native.verify import read_manifest
 from resumer.runtime.apply import ResumeResult, commit, stage
 from resumer.runtime.capture import signature
-from resumer.storage.store import get_fs, join, read_manifest
+from resumer.storage.fs import get_fs, join
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from resumer.formats.native.manifest import MANIFEST
 from resumer.formats.native.source import NativeSource
 from resumer.render.text import printable
 from resumer.runtime.api import open_source
-from resumer.storage.store import get_fs, join
+from resumer.storage.fs import get_fs, join
 
 
 def _signature_summary(sig: Signature) -> dict[str, Any]:

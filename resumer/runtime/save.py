@@ -35,7 +35,8 @@ from resumer.formats.native.safetensors_io import TensorLocation, write_file
 from resumer.runtime import rng
 from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
 from resumer.storage import retry
-from resumer.storage.store import commit_bytes, create_file, fsync_dir, get_fs, is_local, join, step_dir
+from resumer.storage.fs import get_fs, is_local, join
+from resumer.storage.store import commit_bytes, create_file, fsync_dir, step_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,13 @@
-"""Checkpoint storage primitives on any fsspec URI: filesystems, small reads and writes, manifests, verify.
+"""Storage on any fsspec URI: the ``Store`` (a filesystem, a location in it, the options it was opened with)
+and the byte primitives it is made of: small reads, atomic writes, the exclusive commit, durable files.
 
-URIs are strings (a pathlib.Path would mangle ``s3://``). Every call that can fail transiently goes
-through ``resumer.storage.retry``. Commit order lives in ``resumer.runtime.save``: data files first, manifest last.
-The commit is an exclusive create (``commit_bytes``): on a local disk the manifest is written to a
-temporary name, fsynced and hard-linked into place (``link`` fails when the name exists, so a second
-writer of the same step never replaces the first one's manifest, and a reader sees all of it or
-none); on S3 a conditional PUT (``If-None-Match: *``), atomic per object.
+It knows nothing of checkpoint formats. URIs are strings (a pathlib.Path would mangle ``s3://``). Every
+call that can fail transiently goes through ``resumer.storage.retry``. Commit order lives in
+``resumer.runtime.save``: data files first, manifest last. The commit is an exclusive create
+(``commit_bytes``): on a local disk the manifest is written to a temporary name, fsynced and hard-linked
+into place (``link`` fails when the name exists, so a second writer of the same step never replaces the
+first one's manifest, and a reader sees all of it or none); on S3 a conditional PUT (``If-None-Match: *``),
+atomic per object.
 """
 
 from __future__ import annotations
@@ -17,55 +19,20 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-import fsspec
-
-from resumer.core.dtypes import stored_as
-from resumer.core.errors import CheckpointError, UsageError
-from resumer.formats.native.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, oversized, parse
-from resumer.formats.native.safetensors_io import header_and_checksum
 from resumer.storage import retry
+from resumer.storage.fs import get_fs, is_local, join, protocols
+from resumer.storage.transfer import open_for_scan
 
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{1,19})$")
-# fsspec protocol -> package to install, for a helpful error (fsspec's own courtesy, repeated here)
-_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
-
-
-_LISTING_CACHED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 
 
 def step_dir(step: int) -> str:
     return f"step-{step:010d}"
-
-
-def get_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """(filesystem, path) for a URI; unknown or uninstalled protocols are a UsageError."""
-    options = dict(storage_options or {})
-    if uri.split("://", 1)[0] in _LISTING_CACHED:
-        # Checkpoints appear while we watch: a cached listing would hide a commit made by another process.
-        options.setdefault("use_listings_cache", False)
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **options)
-    except ImportError as exc:
-        proto = uri.split("://", 1)[0]
-        pkg = _PACKAGES.get(proto, "the fsspec implementation for it")
-        raise UsageError(f"Cannot open {uri}: the {proto}:// protocol needs {pkg} (pip install {pkg}). "
-                         f"({exc.__class__.__name__})") from None
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"Cannot open {uri}: {exc}. Use a local path or an fsspec URI such as s3://bucket/path "
-                         "or memory://path, with valid --storage-option values.") from None
-    return fs, path
-
-
-def is_local(fs: Any) -> bool:
-    return bool(_protocols(fs) & {"file", "local"})
-
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
 
 
 def read_bytes(fs: Any, path: str, uri: str, *, limit: int | None = None) -> bytes:
@@ -117,7 +84,7 @@ def commit_bytes(fs: Any, path: str, data: bytes, uri: str) -> None:
         if is_local(fs):
             _commit_local(path, data)
         else:
-            kwargs = {"chunksize": _ONE_PUT_CHUNK} if _protocols(fs) & {"s3", "s3a"} else {}
+            kwargs = {"chunksize": _ONE_PUT_CHUNK} if protocols(fs) & {"s3", "s3a"} else {}
             retry.call(lambda: fs.pipe_file(path, data, mode="create", **kwargs), what="committing", uri=uri)
     except FileExistsError:
         try:
@@ -127,11 +94,6 @@ def commit_bytes(fs: Any, path: str, data: bytes, uri: str) -> None:
         if there != data:
             raise
         logger.debug("[commit] %s: a retried PUT found its own first attempt committed", uri)
-
-
-def _protocols(fs: Any) -> set[str]:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return set(protocol)
 
 
 def _commit_local(path: str, data: bytes) -> None:
@@ -176,82 +138,73 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, *, size: int | None = None) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``uri`` (reads no tensor bytes).
+@dataclass(frozen=True, slots=True)
+class Store:
+    """One storage location: its URI, the fsspec filesystem and path it resolves to, and the options used.
 
-    The size limit holds before anything is read: ``size`` (the manifest's size as listed, when the caller
-    has a listing) or a stat on a local disk is checked first; elsewhere at most one byte more than the limit
-    is read.
+    Made once at the edge (``Store.open``) and handed to whoever reads or writes; ``child`` names a
+    location below it on the same filesystem, with no second resolution. Options are never shown (they
+    can hold credentials).
     """
-    fs, path = get_fs(uri, storage_options)
-    mpath = join(path, MANIFEST)
-    try:
-        if size is None and is_local(fs):
-            size = int(fs.size(mpath))
-        if size is not None and size > MAX_MANIFEST_BYTES:
-            raise oversized(uri, size)
-        # One byte more than expected: a file that grew since it was listed is seen to be longer, and refused.
-        data = read_bytes(fs, mpath, uri, limit=(MAX_MANIFEST_BYTES if size is None else size) + 1)
-    except FileNotFoundError:
-        if fs.exists(path) and fs.isdir(path):
-            raise CheckpointError(f"{uri} has no {MANIFEST}: it is a torn checkpoint (the writer stopped before "
-                                  "committing) or not a checkpoint. It is not used and nothing was deleted.",
-                                  uri=uri) from None
-        raise CheckpointError(f"No checkpoint at {uri}: the path does not exist.", uri=uri) from None
-    return parse(data, uri)
 
+    uri: str
+    fs: Any = field(repr=False)
+    path: str
+    options: dict[str, Any] | None = field(default=None, repr=False)
 
-def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
-           progress: Any = None, sizes: dict[str, int] | None = None,
-           checksum_files: set[str] | None = None) -> None:
-    """Check the checkpoint's files against its manifest; CheckpointError names the first problem.
+    @classmethod
+    def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> Store:
+        """The store at ``uri``; an unknown or uninstalled protocol is a UsageError."""
+        uri = str(uri)
+        fs, path = get_fs(uri, storage_options)
+        return cls(uri=uri, fs=fs, path=path, options=storage_options)
 
-    Sizes always (from ``sizes``, a listing already made, when given). With ``checksums`` also every
-    safetensors header and every byte's checksum (a full read) of every file, or of ``checksum_files``
-    only (the caller checksums the others while it reads them).
-    """
-    fs, path = get_fs(manifest.uri, storage_options)
-    for entry in manifest.files:
-        fpath = join(path, entry.path)
-        furi = join(manifest.uri, entry.path)
-        size = sizes.get(entry.path) if sizes is not None else _size(fs, fpath, furi)
-        if size is None:
-            raise CheckpointError(f"{furi} is missing: the checkpoint is incomplete. Nothing was loaded.",
-                                  uri=manifest.uri)
-        if size != entry.size:
-            raise CheckpointError(f"{furi} has {size} bytes, the manifest says {entry.size}: the file is truncated "
-                                  "or was replaced. Nothing was loaded.", uri=manifest.uri)
-        if checksums and (checksum_files is None or entry.path in checksum_files):
-            def check(e: Any = entry, fp: str = fpath, fu: str = furi, n: int = size) -> None:
-                _check_file(fs, fp, fu, n, e, manifest, progress)
+    def child(self, *parts: str) -> Store:
+        """The location ``parts`` below this one (same filesystem and options)."""
+        return Store(uri=join(self.uri, *parts), fs=self.fs, path=join(self.path, *parts), options=self.options)
 
-            retry.call(check, what="verifying", uri=furi)
+    def uri_of(self, *parts: str) -> str:
+        return join(self.uri, *parts) if parts else self.uri
 
+    def path_of(self, *parts: str) -> str:
+        return join(self.path, *parts) if parts else self.path
 
-def _size(fs: Any, fpath: str, furi: str) -> int | None:
-    try:
-        return int(retry.call(lambda: fs.size(fpath), what="stat", uri=furi))
-    except FileNotFoundError:
-        return None
+    @property
+    def local(self) -> bool:
+        return is_local(self.fs)
 
+    def exists(self, *parts: str) -> bool:
+        return bool(self.fs.exists(self.path_of(*parts)))
 
-def _check_file(fs: Any, fpath: str, furi: str, size: int, entry: Any, manifest: Manifest, progress: Any) -> None:
-    from resumer.storage.transfer import open_for_scan
+    def isfile(self, *parts: str) -> bool:
+        return bool(self.fs.isfile(self.path_of(*parts)))
 
-    with open_for_scan(fs, fpath, size) as f:
-        header, got = header_and_checksum(f, size, furi, progress)
-    if got != entry.checksum:
-        raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed after "
-                              "the checkpoint was written. Nothing was loaded.", uri=manifest.uri)
-    _check_header(manifest, entry.path, header, furi)
+    def isdir(self, *parts: str) -> bool:
+        return bool(self.fs.isdir(self.path_of(*parts)))
 
+    def size(self, *parts: str) -> int:
+        """The size in bytes, with retries. FileNotFoundError passes through."""
+        path = self.path_of(*parts)
+        return int(retry.call(lambda: self.fs.size(path), what="stat", uri=self.uri_of(*parts)))
 
-def _check_header(manifest: Manifest, file: str, header: dict[str, Any], furi: str) -> None:
-    want = {n: loc for n, loc in manifest.tensors.items() if loc.file == file}
-    want.update({n: loc for n, loc in manifest.optimizer_tensors.items() if loc.file == file})
-    for name, loc in want.items():
-        got = header.get(name)
-        if got is None or (got.offset, got.nbytes, got.dtype, got.shape) != (loc.offset, loc.nbytes,
-                                                                               *stored_as(loc.dtype, loc.shape)):
-            raise CheckpointError(f"{furi}: tensor {name!r} in the file does not match the manifest. The checkpoint "
-                                  "is corrupt; nothing was loaded.", uri=manifest.uri)
+    def ls(self, *parts: str, detail: bool = False) -> list[Any]:
+        path = self.path_of(*parts)
+        return list(retry.call(lambda: self.fs.ls(path, detail=detail), what="listing", uri=self.uri_of(*parts)))
+
+    def read(self, *parts: str, limit: int | None = None) -> bytes:
+        """A whole small object (or its first ``limit`` bytes), with retries."""
+        return read_bytes(self.fs, self.path_of(*parts), self.uri_of(*parts), limit=limit)
+
+    def open_read(self, *parts: str, size: int | None = None) -> BinaryIO:
+        """A file to read sequentially and fast (see ``resumer.storage.transfer``)."""
+        return open_for_scan(self.fs, self.path_of(*parts), size)
+
+    def write_atomic(self, *parts: str, data: bytes) -> None:
+        write_bytes_atomic(self.fs, self.path_of(*parts), data, self.uri_of(*parts))
+
+    def commit(self, *parts: str, data: bytes) -> None:
+        """Create the file holding ``data`` only if nothing is there yet (see ``commit_bytes``)."""
+        commit_bytes(self.fs, self.path_of(*parts), data, self.uri_of(*parts))
+
+    def create(self, *parts: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        return create_file(self.fs, self.path_of(*parts))

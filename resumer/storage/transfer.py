@@ -19,8 +19,10 @@ from typing import Any, BinaryIO
 
 from fsspec.asyn import sync
 
-from resumer.storage import retry  # BlockReader: memory in flight is bounded by BLOCK_SIZE x CONCURRENCY (256 MiB).
+from resumer.storage import retry
+from resumer.storage.fs import is_local
 
+# BlockReader: memory in flight is bounded by BLOCK_SIZE x CONCURRENCY (256 MiB).
 BLOCK_SIZE = 64 * 1024 * 1024
 CONCURRENCY = 4
 # StreamReader: a forward seek up to this far reads through (and drops) the bytes instead of a new GET.
@@ -210,8 +212,6 @@ class StreamReader(_RemoteFile):
 def open_for_scan(fs: Any, path: str, size: int | None = None) -> BinaryIO:
     """A file to read sequentially and fast: the plain file locally, a StreamReader on S3 (s3fs), a
     prefetching BlockReader on other remote filesystems."""
-    from resumer.storage.store import is_local
-
     if is_local(fs):
         return fs.open(path, "rb")  # type: ignore[no-any-return]
     if hasattr(fs, "_call_s3") and hasattr(fs, "split_path"):

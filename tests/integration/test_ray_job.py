@@ -228,8 +228,8 @@ def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlf
     killed attempts do not stay RUNNING."""
     from mlflow.tracking import MlflowClient
 
+    from resumer.formats.native.verify import read_manifest
     from resumer.jobs.launcher import RayLauncher
-    from resumer.storage.store import read_manifest
     from resumer.testing.mlflow import local_mlflow
     from resumer.tracking.history import read_history
     from resumer.tracking.recorder import MlflowRecorder

@@ -17,7 +17,8 @@ from resumer.checkpoints.retention import RetentionPolicy, prune
 from resumer.core.errors import CheckpointError
 from resumer.formats.native.manifest import MANIFEST
 from resumer.runtime import save as save_mod
-from resumer.storage.store import commit_bytes, get_fs
+from resumer.storage.fs import get_fs
+from resumer.storage.store import commit_bytes
 
 S3Root = tuple[str, dict[str, Any]]
 

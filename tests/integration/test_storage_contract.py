@@ -52,7 +52,7 @@ class Saved:
 
     def fs(self) -> tuple[Any, str]:
         """The filesystem as resumer opens it (on S3: no listing cache), to read or damage files directly."""
-        return resumer.storage.store.get_fs(self.root, self.options)
+        return resumer.storage.fs.get_fs(self.root, self.options)
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> State:

@@ -9,7 +9,7 @@ import torch
 
 import resumer
 import resumer.formats.native.source
-import resumer.storage.store
+import resumer.formats.native.verify
 from resumer import examples as ex
 
 
@@ -17,13 +17,13 @@ from resumer import examples as ex
 def checksummed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the files that get a separate checksum pass."""
     seen: list[int] = []
-    real = resumer.storage.store.header_and_checksum
+    real = resumer.formats.native.verify.header_and_checksum
 
     def counting(f, size, uri, on_bytes=None):  # noqa: ANN001, ANN202
         seen.append(size)
         return real(f, size, uri, on_bytes)
 
-    monkeypatch.setattr(resumer.storage.store, "header_and_checksum", counting)
+    monkeypatch.setattr(resumer.formats.native.verify, "header_and_checksum", counting)
     return seen
 
 

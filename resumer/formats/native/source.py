@@ -18,9 +18,10 @@ from resumer.formats.native.manifest import Manifest, state_key
 from resumer.formats.native.prefault import FreshTensors
 from resumer.formats.native.readpass import read_file
 from resumer.formats.native.safetensors_io import TensorLocation, tensor_bytes
+from resumer.formats.native.verify import verify
 from resumer.runtime import rng
 from resumer.runtime.capture import torch_dtype
-from resumer.storage.store import get_fs, join, verify
+from resumer.storage.fs import get_fs, join
 from resumer.storage.transfer import open_for_scan
 
 Layout = list[tuple[str, list[tuple[str, TensorLocation]]]]
