@@ -7,6 +7,8 @@ the stable, versioned JSON form (``PLAN_FORMAT_VERSION``); ``Plan.from_dict`` re
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -217,6 +219,14 @@ class Plan:
         else:
             lines.append("No policy or rename resumes this as is: fix the code or pass explicit --rename rules.")
         return "\n".join(lines)
+
+    def digest(self) -> str:
+        """What every rank must agree on before it loads: entries, renames, refusals and where position-keyed
+        optimizer state goes (notes may differ per rank). 16 hex digits of a SHA-256."""
+        d = self.to_dict()
+        core = {k: d[k] for k in ("policy", "checkpoint", "step", "entries", "renames", "refusals",
+                                  "optimizer_positions")}
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
         return self.summary() if self.ok else self.summary() + "\n" + self.describe_refusal()

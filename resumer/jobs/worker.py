@@ -23,7 +23,6 @@ several ranks are notified at once, the first to claim the step on the progress 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -58,12 +57,8 @@ def _parse(raw: str) -> dict[str, Any]:
 
 
 def plan_hash(plan: Any) -> str:
-    """What every rank must agree on: the entries, renames, refusals and where position-keyed optimizer state
-    goes (notes may differ per rank)."""
-    d = plan.to_dict()
-    core = {k: d[k] for k in ("policy", "checkpoint", "step", "entries", "renames", "refusals",
-                              "optimizer_positions")}
-    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+    """``Plan.digest()``: what every rank must agree on before it loads."""
+    return str(plan.digest())
 
 
 def rank() -> int:

@@ -103,8 +103,12 @@ def _world_size() -> int:
 
 def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
            scheduler: Any = None, *, policy: Policy | str = "strict", renames: Any = None,
-           storage_options: dict[str, Any] | None = None, verify: bool = True, progress: Any = None) -> ResumeResult:
+           storage_options: dict[str, Any] | None = None, verify: bool = True, progress: Any = None,
+           expect_plan: str | None = None) -> ResumeResult:
     """Plan, verify, and apply: the model, optimizer, scheduler and RNG continue from the checkpoint.
+
+    ``expect_plan``: the ``Plan.digest()`` another process (a job's controller) made for this checkpoint;
+    a plan that differs is refused (CheckpointError) before anything is read or changed.
 
     From a root, the newest committed checkpoint is read once, its checksums checked on the way; one found
     corrupt is quarantined and passed over for the next newest, before anything live was touched.
@@ -121,6 +125,10 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
                      else contextlib.nullcontext())
             with guard:
                 the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
+                if expect_plan is not None and the_plan.digest() != expect_plan:
+                    raise CheckpointError(f"This process planned {source.uri} differently from the controller "
+                                          f"({the_plan.summary()}); refusing to train on split state. Nothing "
+                                          "was changed.", uri=source.uri, quarantine=False)
                 try:
                     staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler)
                 except CheckpointError as exc:

@@ -135,6 +135,25 @@ def test_a_rank_that_plans_differently_from_the_controller_refuses_before_loadin
     assert resumer.jobs.worker.restore(model) == 4
 
 
+def test_resume_with_another_process_plan_digest_refuses_before_reading(tmp_path: Any) -> None:
+    import torch
+
+    import resumer
+    from resumer import examples as ex
+    from resumer.core.errors import CheckpointError
+
+    saved = ex.mlp_v1()
+    uri = resumer.save_checkpoint(str(tmp_path), 4, saved)
+    model = ex.mlp_v1()
+    other = resumer.plan(uri, model, policy="partial")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match="differently from the controller"):
+        resumer.resume(uri, model, policy="strict", expect_plan=other.digest())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert resumer.resume(uri, model, expect_plan=resumer.plan(uri, model).digest()).step == 4
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved.parameters(), strict=True))
+
+
 def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
     budget = Budget(max_restarts=9, backoff_s=1.5, max_backoff_s=20.0)
     assert [budget.delay(n) for n in range(0, 7)] == [1.5, 1.5, 3.0, 6.0, 12.0, 20.0, 20.0]
