@@ -11,8 +11,6 @@ See the README for a tour; DESIGN.md for the architecture. The public contract::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from resumer.checkpoints.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints, select
 from resumer.checkpoints.watch import Watcher, WatchEvent
 from resumer.core.decision import Decision, FailureClass, Outcome
@@ -27,6 +25,7 @@ from resumer.core.errors import (
 from resumer.core.plan import Action, Plan, PlanEntry, Policy, Refusal, Rename, Section
 from resumer.core.reconcile import reconcile
 from resumer.core.signature import Signature, TensorSpec
+from resumer.core.version import __version__ as __version__
 from resumer.formats.native.verify import read_manifest, verify
 from resumer.runtime.api import open_source, plan, resume
 from resumer.runtime.apply import ResumeResult

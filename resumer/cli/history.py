@@ -1,7 +1,5 @@
 """``resumer history JOB``: the attempts of a training job and the decision behind each, read from MLflow.
 
-Registered into ``resumer.cli.main.cli`` by ``cli.add_command``; imports ``resumer.cli.main`` only inside the command.
-
 Exit codes: 0 printed; 1 the tracking server did not answer; 2 no such job, experiment or tracking database
 (the message names the jobs there are), or a bad option.
 """
@@ -12,6 +10,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from resumer.cli.common import EXIT_OK, out, run_command
 from resumer.cli.output import emit_json, json_option
 from resumer.render.text import printable
 from resumer.tracking.history import JobHistory
@@ -57,7 +56,6 @@ def history_table(history: JobHistory) -> Table:
 @json_option
 def history_command(job: str, tracking_uri: str | None, experiment: str, as_json: bool) -> None:
     """Print the attempts of JOB and the decision behind each (outcome, failure, policy, checkpoint, plan counts)."""
-    from resumer.cli.main import EXIT_OK, _run, out
     from resumer.tracking.history import read_history
 
     def run() -> int:
@@ -72,4 +70,4 @@ def history_command(job: str, tracking_uri: str | None, experiment: str, as_json
                 out.print(Text(text, style="red"), highlight=False)
         return EXIT_OK
 
-    _run(run)
+    run_command(run)

@@ -9,17 +9,12 @@ from typing import Any
 
 import click
 
+from resumer.cli.common import EXIT_OK, EXIT_REFUSED, out, run_command
 from resumer.cli.output import emit_json, json_option
 from resumer.render.text import printable
 
 ADDRESS_HELP = "Ray cluster address (http://HOST:8265 for the Jobs API); default: $RAY_ADDRESS, else embedded Ray."
 EXIT_FAILED = 1
-
-
-def _cli() -> Any:
-    import resumer.cli.main as cli  # imported lazily: resumer.cli.main registers these commands
-
-    return cli
 
 
 @click.command()
@@ -37,8 +32,6 @@ def submit(spec_path: str, address: str | None, timeout_s: float | None, no_mlfl
     Every decision is recorded in MLflow (the spec's mlflow section; default: the embedded SQLite store)
     before its attempt launches: `resumer history NAME` reads them back.
     """
-    cli = _cli()
-
     def run() -> int:
         from resumer.jobs import spec as jobspec
         spec = jobspec.load(spec_path)
@@ -52,20 +45,20 @@ def submit(spec_path: str, address: str | None, timeout_s: float | None, no_mlfl
             emit_json(result.to_dict())
         else:
             for d in result.decisions:
-                cli.out.print(printable(d.summary(), keep_newlines=True), markup=False, highlight=False)
-            cli.out.print(printable(f"job {spec.name}: {result.state.value} after {result.attempts} attempt(s)"
+                out.print(printable(d.summary(), keep_newlines=True), markup=False, highlight=False)
+            out.print(printable(f"job {spec.name}: {result.state.value} after {result.attempts} attempt(s)"
                                     + (f"\n{result.message}" if result.message else ""), keep_newlines=True),
                           markup=False, highlight=False)
             if result.tracking_uri:
                 where = _redact_uri(result.tracking_uri)
                 hint = "" if spec.tracking_uri is None else f" --tracking-uri {where}"
-                cli.out.print(f"recorded in MLflow ({where}): resumer history {spec.name}{hint}",
+                out.print(f"recorded in MLflow ({where}): resumer history {spec.name}{hint}",
                               markup=False, highlight=False)
         if result.state is State.SUCCEEDED:
-            return cli.EXIT_OK
-        return cli.EXIT_REFUSED if result.state is State.REFUSED else EXIT_FAILED
+            return EXIT_OK
+        return EXIT_REFUSED if result.state is State.REFUSED else EXIT_FAILED
 
-    cli._run(run)
+    run_command(run)
 
 
 def _redact_uri(uri: str) -> str:
@@ -92,8 +85,8 @@ def _submit_remote(spec_path: str, name: str, address: str, as_json: bool, no_ml
     if as_json:
         emit_json({"submission_id": job_id, "address": address}, indent=None)
     else:
-        _cli().out.print(f"submitted {job_id} to {address}\n  resumer status {job_id} --address {address}",
-                         markup=False, highlight=False)
+        out.print(f"submitted {job_id} to {address}\n  resumer status {job_id} --address {address}",
+                  markup=False, highlight=False)
     return 0
 
 
@@ -113,8 +106,6 @@ def _client(address: str | None) -> Any:
 @json_option
 def status(job_id: str, address: str | None, as_json: bool) -> None:
     """Show the state of a submitted job."""
-    cli = _cli()
-
     def run() -> int:
         info = _client(address).get_job_info(job_id)
         row = {"submission_id": job_id, "status": str(info.status), "message": info.message}
@@ -122,9 +113,9 @@ def status(job_id: str, address: str | None, as_json: bool) -> None:
             emit_json(row, indent=None)
         else:
             click.echo(printable(f"{job_id}: {row['status']} {row['message'] or ''}"))
-        return cli.EXIT_OK
+        return EXIT_OK
 
-    cli._run(run)
+    run_command(run)
 
 
 @click.command()
@@ -132,14 +123,12 @@ def status(job_id: str, address: str | None, as_json: bool) -> None:
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
 def stop(job_id: str, address: str | None) -> None:
     """Stop a submitted job (its controller ends the running attempt as KILLED)."""
-    cli = _cli()
-
     def run() -> int:
         stopped = _client(address).stop_job(job_id)
         click.echo(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
-        return cli.EXIT_OK
+        return EXIT_OK
 
-    cli._run(run)
+    run_command(run)
 
 
 @click.command()
@@ -147,10 +136,8 @@ def stop(job_id: str, address: str | None) -> None:
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
 def logs(job_id: str, address: str | None) -> None:
     """Print a submitted job's controller log."""
-    cli = _cli()
-
     def run() -> int:
         click.echo(_client(address).get_job_logs(job_id))
-        return cli.EXIT_OK
+        return EXIT_OK
 
-    cli._run(run)
+    run_command(run)

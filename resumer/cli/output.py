@@ -4,8 +4,8 @@ Ray's log monitor prints ``(raylet) ...`` lines to the process's stdout, C exten
 descriptor 1 and user factories call ``print()``. So while a ``--json`` command works, file descriptor 1
 (``os.dup2``) and ``sys.stdout`` both point at stderr, and the JSON goes to the real stdout, saved aside.
 
-Commands opt in with ``json_option`` and write with ``emit_json``; ``resumer.cli.main._run`` wraps the work in
-``json_stdout``. This module imports nothing from ``resumer.cli.main``, so every command module can use it.
+Commands opt in with ``json_option`` and write with ``emit_json``; ``resumer.cli.common.run_command`` wraps
+the work in ``json_stdout``. This module imports no other module of ``resumer.cli``: every command can use it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""``resumer prune ROOT``: delete old checkpoints by a retention policy, never the newest valid or a leased one.
-
-Registered into ``resumer.cli.main.cli`` by ``cli.add_command``. This module imports ``resumer.cli.main`` only inside
-the command, so either module may be imported first without an import cycle.
-"""
+"""``resumer prune ROOT``: delete old checkpoints by a retention policy, never the newest valid or a leased one."""
 
 from __future__ import annotations
 
 import click
 
+from resumer.cli.common import EXIT_CHECKPOINT, EXIT_OK, out, parse_storage_options, run_command
 from resumer.cli.output import emit_json, json_option
 from resumer.core.errors import UsageError
 from resumer.render.text import printable
@@ -35,7 +32,6 @@ def prune(root: str, keep_last: int | None, keep_every: int | None, dry_run: boo
     """
     from resumer.checkpoints.retention import RetentionPolicy
     from resumer.checkpoints.retention import prune as prune_root
-    from resumer.cli.main import EXIT_CHECKPOINT, EXIT_OK, _run, out, parse_storage_options
 
     def run() -> int:
         if keep_last is None and keep_every is None:
@@ -56,4 +52,4 @@ def prune(root: str, keep_last: int | None, keep_every: int | None, dry_run: boo
             out.print(printable(result.summary()), markup=False, highlight=False, soft_wrap=True)
         return EXIT_CHECKPOINT if result.failed else EXIT_OK
 
-    _run(run)
+    run_command(run)

@@ -1,8 +1,5 @@
 """``resumer watch ROOT``: report checkpoints as they appear (new, invalid, torn, quarantined) and stalls.
 
-Registered into ``resumer.cli.main.cli`` by ``cli.add_command``. This module imports ``resumer.cli.main`` only
-inside the command, so either module may be imported first without an import cycle.
-
 Exit codes: 0 normally (a loop ends at ``--timeout`` or on Ctrl-C); with ``--once``, 1 when the newest
 committed checkpoint did not verify (invalid, quarantined, or unreadable right now: a resume would fall back
 to an older one), 0 when it verified or there is none yet; 1 also when the listing itself fails; 2 on a
@@ -16,6 +13,7 @@ import sys
 import click
 
 from resumer.checkpoints.watch import Watcher, WatchEvent, watch
+from resumer.cli.common import EXIT_CHECKPOINT, EXIT_OK, err, out, parse_storage_options, run_command
 from resumer.cli.output import emit_json, json_option
 from resumer.render.text import printable
 
@@ -23,7 +21,6 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
 def _emit(event: WatchEvent, as_json: bool) -> None:
-    from resumer.cli.main import out
 
     if as_json:
         emit_json(event.to_dict(), indent=None)  # one line per event, on the real stdout only
@@ -33,7 +30,6 @@ def _emit(event: WatchEvent, as_json: bool) -> None:
 
 
 def _once(watcher: Watcher, as_json: bool) -> int:
-    from resumer.cli.main import EXIT_CHECKPOINT, EXIT_OK, err
 
     events = watcher.poll()
     for event in events:
@@ -64,7 +60,6 @@ def watch_command(root: str, interval: float, stall_after: float | None, checksu
                   timeout: float | None, as_json: bool, storage: tuple[str, ...]) -> None:
     """Watch ROOT and report each checkpoint as it appears: new, invalid (corrupt or torn), quarantined;
     and stalls in training progress. Reports what already exists first."""
-    from resumer.cli.main import EXIT_OK, _run, err, parse_storage_options
 
     def run() -> int:
         options = parse_storage_options(storage)
@@ -81,5 +76,5 @@ def watch_command(root: str, interval: float, stall_after: float | None, checksu
             pass  # stopping a watcher is how it normally ends
         return EXIT_OK
 
-    _run(run)
+    run_command(run)
 

@@ -1,7 +1,7 @@
 """The one dtype table: a dtype's name (as torch spells it, without ``torch.``), its size, its safetensors code.
 
 Pure (no torch): the signature, the manifest and the safetensors reader use it as is; the torch side
-(``torch.dtype`` <-> name) lives in ``resumer.runtime.capture``, an edge module, and looks names up here.
+(``torch.dtype`` <-> name) lives in ``resumer.formats.torch_dtypes``, and looks names up here.
 
 Safetensors has no code for some dtypes torch holds (complex128, complex32, float8_e8m0fnu,
 float4_e2m1fn_x2; the ``safetensors`` library's torch binding does not map ``F8_E8M0``). Those are stored

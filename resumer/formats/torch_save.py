@@ -30,7 +30,7 @@ from resumer.core.signature import (
     TensorSpec,
 )
 from resumer.formats.jsonvalue import encode, walk_refused
-from resumer.runtime.capture import dtype_name
+from resumer.formats.torch_dtypes import dtype_name
 from resumer.storage.fs import get_fs
 
 logger = logging.getLogger(__name__)

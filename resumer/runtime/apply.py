@@ -22,8 +22,9 @@ from torch import nn
 
 from resumer.core.errors import PlanRefused
 from resumer.core.plan import Action, Plan, Section
+from resumer.formats import rng
 from resumer.formats.native.source import CheckpointSource
-from resumer.runtime import preflight, rng
+from resumer.runtime import preflight
 from resumer.runtime.capture import live_tensors, optimizer_param_names
 
 logger = logging.getLogger(__name__)

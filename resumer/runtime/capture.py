@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from resumer.core import dtypes
 from resumer.core.errors import UsageError
 from resumer.core.signature import (
     BUFFER,
@@ -25,6 +24,7 @@ from resumer.core.signature import (
     TensorSpec,
 )
 from resumer.formats.jsonvalue import encode
+from resumer.formats.torch_dtypes import dtype_name
 
 COMPILE_SEGMENT = "_orig_mod."
 
@@ -44,20 +44,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 def canonical_name(name: str) -> str:
     """Strip ``_orig_mod.`` segments left by compiling a submodule."""
     return name.replace(COMPILE_SEGMENT, "") if COMPILE_SEGMENT in name else name
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The name of a torch dtype in resumer.core.dtypes' table (and in manifests): ``float32``, ``complex128``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a name in resumer.core.dtypes' table; ValueError for a name the table or this torch lacks."""
-    dtypes.lookup(name)
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype {name!r} is not available in torch {torch.__version__}")
-    return dtype
 
 
 @dataclass(slots=True)

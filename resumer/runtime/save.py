@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-import resumer
 from resumer.core.errors import AlreadyCommitted, CheckpointError, StorageFullError, TransientStorageError, UsageError
 from resumer.core.signature import Signature
+from resumer.core.version import __version__
+from resumer.formats import rng
 from resumer.formats.jsonvalue import encode
 from resumer.formats.native.manifest import (
     FORMAT,
@@ -32,7 +33,6 @@ from resumer.formats.native.manifest import (
     state_key,
 )
 from resumer.formats.native.safetensors_io import TensorLocation, write_file
-from resumer.runtime import rng
 from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
 from resumer.storage import retry
 from resumer.storage.fs import get_fs, is_local, join
@@ -221,7 +221,7 @@ def _write_and_commit(snap: Snapshot, fs: Any, path: str, uri: str, written: lis
     raw = {
         "format": FORMAT, "version": FORMAT_VERSION, "step": snap.step,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-        "resumer_version": resumer.__version__, "torch_version": torch.__version__,
+        "resumer_version": __version__, "torch_version": torch.__version__,
         "signature": snap.meta["signature"],
         "files": files,
         "tensors": {n: loc.to_dict() for n, loc in index.items()},

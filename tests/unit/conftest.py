@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from resumer.cli import main as cli_module
+from resumer.cli import common as cli_module
 from resumer.cli.main import cli
 
 RunCli = Callable[..., Result]

@@ -12,7 +12,7 @@ from torch import nn
 
 import resumer
 from resumer.core import dtypes
-from resumer.runtime.capture import dtype_name, torch_dtype
+from resumer.formats.torch_dtypes import dtype_name, torch_dtype
 
 NAMES = [d.name for d in dtypes.TABLE if isinstance(getattr(torch, d.name, None), torch.dtype)]
 

@@ -477,15 +477,8 @@ def test_cli_dry_run_then_prune_with_json(cli_root: str) -> None:
 
 
 def test_cli_through_the_real_entry_point(cli_root: str) -> None:
-    from resumer.cli.main import cli
-
-    if "prune" in cli.commands:
-        cmd = [sys.executable, "-m", "resumer"]
-    else:  # not registered yet: register it the way resumer.cli.main will
-        cmd = [sys.executable, "-c", "from resumer.cli.main import cli; from resumer.cli.prune import prune; "
-               "cli.add_command(prune); cli(prog_name='resumer')"]
-    r = subprocess.run([*cmd, "-v", "prune", cli_root, "--keep-last", "1", "--json"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-m", "resumer", "-v", "prune", cli_root, "--keep-last", "1", "--json"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["deleted"] == [f"{cli_root}/step-0000000002", f"{cli_root}/step-0000000001"]  # newest first

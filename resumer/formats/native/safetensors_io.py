@@ -22,7 +22,7 @@ from resumer.core import dtypes
 from resumer.core.errors import CheckpointError, UsageError
 from resumer.core.signature import dtype_size
 from resumer.formats.jsonvalue import JSONRefused, strict_loads
-from resumer.runtime.capture import dtype_name
+from resumer.formats.torch_dtypes import dtype_name
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Memory the header's JSON may take, estimated from its bytes before parsing (resumer.formats.jsonvalue.parse_cost).

@@ -1,55 +1,32 @@
-"""Where a resume reads from: a resumer checkpoint (streamed by byte range) or a foreign file.
+"""The native reader: a resumer checkpoint directory, streamed by byte range.
 
-``CheckpointSource`` is the whole surface ``apply`` needs; ``NativeSource`` implements it for the
-resumer format, ``resumer.formats.torch_save.ForeignSource`` for plain ``torch.save`` files.
+``NativeSource`` implements ``resumer.formats.source.CheckpointSource``. Its ``load`` is where the native
+format's performance choreography lives: each data file is read once, in order, into fresh memory, its
+header checked and every byte hashed in that same pass (model and optimizer files side by side, the
+optimizer state's memory faulted in on a helper thread meanwhile). ``READER`` is the registry's entry point.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from resumer.core.errors import CheckpointError, ResumerError
-from resumer.core.signature import Signature
+from resumer.formats import rng
 from resumer.formats.jsonvalue import decode
-from resumer.formats.native.manifest import Manifest, state_key
+from resumer.formats.native.manifest import MANIFEST, Manifest, state_key
 from resumer.formats.native.prefault import FreshTensors
 from resumer.formats.native.readpass import read_file
 from resumer.formats.native.safetensors_io import TensorLocation, tensor_bytes
-from resumer.formats.native.verify import verify
-from resumer.runtime import rng
-from resumer.runtime.capture import torch_dtype
-from resumer.storage.fs import get_fs, join
-from resumer.storage.transfer import open_for_scan
+from resumer.formats.native.verify import read_manifest, verify
+from resumer.formats.source import CheckpointSource, Probe, ReadOptions
+from resumer.formats.torch_dtypes import torch_dtype
+from resumer.storage.store import Store
 
 Layout = list[tuple[str, list[tuple[str, TensorLocation]]]]
-
-
-class CheckpointSource(Protocol):
-    """What apply reads from. ``prepare`` checks everything that needs no tensor bytes; ``load_model`` and
-    ``load_optimizer_state`` read what the plan needs into fresh memory (nothing live is touched), so that
-    ``copy_into`` and ``state`` only copy memory and cannot fail on storage. ``reserve`` (optional work
-    ahead, e.g. memory for the optimizer state) reads nothing. ``verify`` checks the whole checkpoint
-    (for ``inspect``); a resume does not call it."""
-
-    uri: str
-    signature: Signature
-    bytes_read: int
-
-    def reserve(self, params: set[str]) -> None: ...
-    def verify(self) -> None: ...
-    def prepare(self) -> None: ...
-    def load_model(self, names: set[str]) -> None: ...
-    def load_optimizer_state(self, params: set[str]) -> None: ...
-    def copy_into(self, name: str, dest: torch.Tensor) -> None: ...
-    def state(self, param: str) -> dict[str, Any]: ...
-    def group_hyperparams(self, index: int) -> dict[str, Any]: ...
-    def scheduler_state(self) -> Any: ...
-    def rng_state(self) -> dict[str, Any] | None: ...
-    def extra(self) -> dict[str, Any]: ...
-    def close(self) -> None: ...
 
 
 def _locked(progress: Any) -> Any:
@@ -62,20 +39,26 @@ def _locked(progress: Any) -> Any:
     return call
 
 
-class NativeSource:
+class NativeSource(CheckpointSource):
     """A resumer checkpoint: each data file is read once, in order, into fresh memory; the live model and
-    optimizer are written only from that memory, after every check has passed."""
+    optimizer are written only from that memory, after every check has passed.
+
+    ``store``: where the checkpoint is (opened from ``manifest.uri`` and ``storage_options`` when not given).
+    ``verified``: selection already checked its checksums, so loading does not hash it all a second time.
+    """
+
+    format = "native"
 
     def __init__(self, manifest: Manifest, storage_options: dict[str, Any] | None = None, *,
-                 checksums: bool = True, progress: Any = None, verified: bool = False) -> None:
+                 store: Store | None = None, checksums: bool = True, progress: Any = None,
+                 verified: bool = False) -> None:
         self.manifest = manifest
         self.uri = manifest.uri
         self.signature = manifest.signature
-        self.storage_options = storage_options
+        self.store = store if store is not None else Store.open(manifest.uri, storage_options)
         self.checksums = checksums
         self.progress = _locked(progress) if progress is not None else None  # model and optimizer load side by side
         self.bytes_read = 0
-        self._fs, self._path = get_fs(manifest.uri, storage_options)
         self._files: dict[str, Any] = {}
         self._plain: dict[str, Any] | None = None
         self._state_specs = self.signature.optimizer.state_by_param() if self.signature.optimizer else {}
@@ -88,7 +71,7 @@ class NativeSource:
     def verify(self) -> None:
         """Sizes of every file; headers and checksums (unless turned off) of every file, read whole."""
         if not self._verified:
-            verify(self.manifest, self.storage_options, checksums=self.checksums, progress=self.progress)
+            verify(self.manifest, store=self.store, checksums=self.checksums, progress=self.progress)
 
     def _locs(self, wanted: set[str], locations: dict[str, TensorLocation], *,
               whole: set[str] | None = None) -> Layout:
@@ -107,6 +90,27 @@ class NativeSource:
 
     def _hashing(self) -> bool:
         return self.checksums and not self._verified
+
+    def load(self, tensors: set[str], optimizer_params: set[str]) -> None:
+        """Read the model ``tensors`` and the optimizer state of ``optimizer_params`` into fresh memory, side by
+        side.
+
+        Neither touches the model, and the two read different files, so they overlap: storage stays busy
+        while the other side hashes or copies, and the state's memory is faulted in meanwhile (``reserve``).
+        Both must succeed; the model files' error is raised first when both fail.
+        """
+        if not optimizer_params:
+            self.load_model(tensors)
+            return
+        self.reserve(optimizer_params)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumer-load") as pool:
+            loaded = pool.submit(self.load_model, tensors)
+            try:
+                self.load_optimizer_state(optimizer_params)
+            except BaseException:
+                loaded.result()  # the model files' verdict first: it names the file at fault when both are bad
+                raise
+            loaded.result()
 
     def reserve(self, params: set[str]) -> None:
         """Start faulting in fresh memory for the optimizer state of ``params`` on a helper thread (see
@@ -155,7 +159,7 @@ class NativeSource:
         """One pass over file ``name``: the ``chosen`` tensors (in file order) land in tensors ``first``,
         ``first + 1``, ... of ``fresh``; returned only when the header and checksum check out."""
         entry = self.manifest.file(name)
-        furi = join(self.uri, name)
+        furi = self.store.uri_of(name)
         tensors: dict[str, torch.Tensor] = {}
 
         def into(i: int) -> memoryview:
@@ -182,7 +186,7 @@ class NativeSource:
         file has its size, and every plain value (hyperparameters, scalars, scheduler, RNG, extra) decodes."""
         m = self.manifest
         check_manifest(m)
-        verify(m, self.storage_options, checksums=False)  # sizes (fs.info), whatever ``checksums`` says
+        verify(m, store=self.store, checksums=False)  # sizes (fs.info), whatever ``checksums`` says
         opt = self.signature.optimizer
         self._plain = {
             "groups": [self._decode(dict(g.hyperparams), f"optimizer param group {i}")
@@ -215,19 +219,17 @@ class NativeSource:
     def _file(self, name: str) -> Any:
         f = self._files.get(name)
         if f is None:
-            size = self.manifest.file(name).size
-            f = self._files[name] = open_for_scan(self._fs, join(self._path, name), size)
+            f = self._files[name] = self.store.open_read(name, size=self.manifest.file(name).size)
         return f
 
-    def copy_into(self, name: str, dest: torch.Tensor) -> None:
-        """Copy saved tensor ``name``, read by :meth:`load_model`, into ``dest`` (memory to memory)."""
-        src = self._model.get(name)  # kept until close(): tied names may copy it more than once
+    def tensor(self, name: str) -> torch.Tensor:
+        """Saved tensor ``name``, read by :meth:`load` (kept until close(): tied names may copy it more than once)."""
+        src = self._model.get(name)
         if src is None:
-            raise ResumerError(f"{self.uri}: '{name}' was not loaded before it was applied (load_model first).")
-        with torch.no_grad():
-            dest.detach().copy_(src)
+            raise ResumerError(f"{self.uri}: '{name}' was not loaded before it was applied (load first).")
+        return src
 
-    def state(self, param: str) -> dict[str, Any]:
+    def optimizer_state(self, param: str) -> dict[str, Any]:
         """Saved optimizer state of ``param`` (by saved name): the tensors :meth:`load_optimizer_state` read,
         plus plain values."""
         out: dict[str, Any] = dict(self._decoded("scalars").get(param, {}))
@@ -240,7 +242,7 @@ class NativeSource:
                 t = self._handed[key].clone()  # asked again (tied names): a copy of its own, never shared
             if t is None:
                 raise ResumerError(f"{self.uri}: optimizer state '{param}/{entry.key}' was not loaded before it "
-                                   "was applied (load_optimizer_state first).")
+                                   "was applied (load first).")
             out[entry.key] = t
         return out
 
@@ -251,11 +253,17 @@ class NativeSource:
         return self._decoded("scheduler")
 
     def rng_state(self) -> dict[str, Any] | None:
-        """RNG state already parsed by :func:`resumer.runtime.rng.parse`."""
+        """RNG state already parsed by :func:`resumer.formats.rng.parse`."""
         return self._decoded("rng")
 
     def extra(self) -> dict[str, Any]:
         return self._decoded("extra")
+
+    def details(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"kind": "resumer", "format_version": m.raw.get("version"), "time": m.time,
+                "files": [f.to_dict() for f in m.files], "total_bytes": m.total_bytes, "code": m.code,
+                "world": m.raw.get("world")}
 
     def close(self) -> None:
         self._release()
@@ -303,4 +311,19 @@ def check_manifest(m: Manifest) -> None:
                                   uri=m.uri) from None
 
 
-__all__ = ["CheckpointSource", "NativeSource", "torch_dtype"]
+class NativeReader:
+    """The registry's entry for the native format: a directory holding ``manifest.json``, or that file."""
+
+    def detect(self, probe: Probe) -> bool:
+        if probe.kind == "file":
+            return probe.name == MANIFEST
+        return probe.kind == "directory" and MANIFEST in probe.names()
+
+    def open(self, store: Store, options: ReadOptions) -> NativeSource:
+        if store.name == MANIFEST and store.isfile():
+            store = store.parent()
+        return NativeSource(read_manifest(store), store=store, checksums=options.checksums,
+                            progress=options.progress)
+
+
+READER = NativeReader()
