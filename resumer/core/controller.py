@@ -3,7 +3,7 @@
 The controller owns no IO of its own. It reaches the world through three small protocols — a
 ``Planner`` (select a checkpoint and plan it against the current code), a ``DecisionRecorder`` (MLflow)
 and a ``Launcher`` (Ray Train workers) — so tests drive it one step at a time with fakes
-(``resumer.testing_fakes``) and production wires in the real ones.
+(``resumer.testing``) and production wires in the real ones.
 
 Order of side effects, and why: the decision is RECORDED before anything is launched, so every
 attempt that ran has a record; a refused plan stops the job before any accelerator time is spent.
@@ -24,7 +24,10 @@ from resumer.core.failures import Failure, FailurePolicy, Verdict
 logger = logging.getLogger(__name__)
 
 
-class RunStatus(str, enum.Enum):
+class Observed(str, enum.Enum):
+    """What the launcher sees of the running attempt (not an MLflow run's status: that is
+    ``resumer.tracking.base.RunStatus``)."""
+
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -34,7 +37,7 @@ class RunStatus(str, enum.Enum):
 class Observation:
     """What the launcher sees: running (with the last step and when it was reported), done, or failed."""
 
-    status: RunStatus
+    status: Observed
     step: int | None = None
     reported_at: float | None = None  # clock() time of the last step report
     failure: Failure | None = None
@@ -135,7 +138,7 @@ class Controller:
     def _observe(self) -> StepResult:
         obs = self.launcher.poll()
         now = self.clock()
-        if obs.status is RunStatus.RUNNING:
+        if obs.status is Observed.RUNNING:
             start_step = self.decision.step if self.decision and self.decision.step is not None else 0
             if not self._recovered and obs.step is not None and obs.step > start_step and self._failed_at is not None:
                 self._recovered = True
@@ -150,7 +153,7 @@ class Controller:
                 self.launcher.stop(cause)
                 return self._failed(Failure(cls=FailureClass.HUNG, step=obs.step, cause=cause), "KILLED")
             return StepResult(action="observe", state=self.state, detail=f"running at step {obs.step}")
-        if obs.status is RunStatus.SUCCEEDED:
+        if obs.status is Observed.SUCCEEDED:
             self.state = State.SUCCEEDED
             self.recorder.end_attempt(self.attempt, "FINISHED")
             return StepResult(action="finish", state=self.state, detail=f"finished at step {obs.step}")
@@ -175,18 +178,3 @@ class Controller:
             self.launcher.stop(reason)
             self.recorder.end_attempt(self.attempt, "KILLED")
         self.state, self.message = State.STOPPED, reason
-
-    def run(self, *, poll_s: float = 0.5, sleep: Callable[[float], None] = time.sleep,
-            timeout_s: float | None = None) -> State:
-        """Step until a terminal state (or ``timeout_s``); returns the final state."""
-        deadline = None if timeout_s is None else self.clock() + timeout_s
-        while not self.state.terminal:
-            result = self.step()
-            if result.action not in ("observe", "wait"):
-                logger.info("[controller] %s: %s", result.action, result.detail)
-            if deadline is not None and self.clock() > deadline:
-                self.stop(f"timed out after {timeout_s}s")
-                break
-            if result.action in ("observe", "wait"):
-                sleep(poll_s)
-        return self.state

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from resumer.core.controller import Observation, RunStatus
+from resumer.core.controller import Observation, Observed
 from resumer.core.decision import Decision, FailureClass
 from resumer.core.failures import Failure
 from resumer.jobs.board import (
@@ -171,15 +171,15 @@ class RayLauncher:
         if failed is not None and failed[0] == self._attempt and not self._reported:
             return self._failure(FailureClass(failed[1]), failed[2], step)
         if self._thread is not None and self._thread.is_alive():
-            return Observation(status=RunStatus.RUNNING, step=step, reported_at=at)
+            return Observation(status=Observed.RUNNING, step=step, reported_at=at)
         if "error" in self._result and not self._reported:
             return self._failure(*classify(self._result["error"]), step)
-        return Observation(status=RunStatus.SUCCEEDED, step=step)
+        return Observation(status=Observed.SUCCEEDED, step=step)
 
     def _failure(self, cls: FailureClass, cause: str, step: int | None) -> Observation:
         self._reported = True
         logger.warning("[launcher] attempt %d failed: %s", self._attempt, cause)
-        return Observation(status=RunStatus.FAILED, step=step, failure=Failure(cls=cls, step=step, cause=cause))
+        return Observation(status=Observed.FAILED, step=step, failure=Failure(cls=cls, step=step, cause=cause))
 
     def _relay(self, snap: dict[str, Any]) -> None:
         self.last_metrics.extend(snap["metrics"])

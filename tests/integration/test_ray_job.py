@@ -120,9 +120,9 @@ def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFact
             self.launched.append(decision)
 
         def poll(self) -> object:
-            from resumer.core.controller import Observation, RunStatus
+            from resumer.core.controller import Observation, Observed
 
-            return Observation(status=RunStatus.SUCCEEDED, step=24)
+            return Observation(status=Observed.SUCCEEDED, step=24)
 
         def stop(self, reason: str) -> None:
             raise AssertionError(reason)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from resumer.core.controller import Controller, Observation, RunStatus, State
+from resumer.core.controller import Controller, Observation, Observed, State
 from resumer.core.decision import Decision, FailureClass, Outcome
 from resumer.core.failures import Budget, Failure, FailurePolicy
 from resumer.testing import FakeClock, FakeLauncher, FakePlanner, FakeRecorder
@@ -12,11 +12,11 @@ RESUME = Decision(job="j", attempt=2, outcome=Outcome.RESUMED, checkpoint="mem:/
 
 
 def running(step: int, at: float) -> Observation:
-    return Observation(status=RunStatus.RUNNING, step=step, reported_at=at)
+    return Observation(status=Observed.RUNNING, step=step, reported_at=at)
 
 
 def failed(cls: FailureClass, step: int, cause: str = "boom") -> Observation:
-    return Observation(status=RunStatus.FAILED, failure=Failure(cls=cls, step=step, cause=cause))
+    return Observation(status=Observed.FAILED, failure=Failure(cls=cls, step=step, cause=cause))
 
 
 def make(*obs: Observation, planner: FakePlanner | None = None, **kw: object) -> tuple[Controller, FakeRecorder,
@@ -28,7 +28,7 @@ def make(*obs: Observation, planner: FakePlanner | None = None, **kw: object) ->
 
 
 def test_start_run_finish_records_before_launch() -> None:
-    ctl, rec, launcher, _ = make(running(5, 0.0), Observation(status=RunStatus.SUCCEEDED, step=20))
+    ctl, rec, launcher, _ = make(running(5, 0.0), Observation(status=Observed.SUCCEEDED, step=20))
     r = ctl.step()
     assert (r.action, r.state) == ("launch", State.RUNNING)
     assert rec.events[0][0] == "decision" and launcher.launches == [rec.events[0][1]]
@@ -116,7 +116,7 @@ def test_user_stop() -> None:
 
 
 def test_startup_has_its_own_timeout() -> None:
-    not_started = Observation(status=RunStatus.RUNNING, step=None, reported_at=None)
+    not_started = Observation(status=Observed.RUNNING, step=None, reported_at=None)
     ctl, _, launcher, clock = make(not_started, hang_timeout_s=10.0, startup_timeout_s=100.0)
     ctl.step()
     clock.advance(50)

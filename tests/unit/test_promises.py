@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from resumer.core.controller import Controller, Observation, RunStatus, State
+from resumer.core.controller import Controller, Observation, Observed, State
 from resumer.core.decision import Decision, FailureClass, Outcome
 from resumer.core.failures import Budget, Failure, FailurePolicy, Verdict
 from resumer.testing import FakeClock, FakeLauncher, FakePlanner, FakeRecorder
@@ -30,9 +30,9 @@ class OrderCheckingLauncher(FakeLauncher):
 
 def test_every_attempt_is_recorded_before_it_launches() -> None:
     rec = FakeRecorder()
-    crash = Observation(status=RunStatus.FAILED, failure=Failure(cls=FailureClass.CRASHED, step=3, cause="x"))
-    launcher = OrderCheckingLauncher(rec, crash, Observation(status=RunStatus.RUNNING, step=4, reported_at=0.0),
-                                     Observation(status=RunStatus.SUCCEEDED, step=9))
+    crash = Observation(status=Observed.FAILED, failure=Failure(cls=FailureClass.CRASHED, step=3, cause="x"))
+    launcher = OrderCheckingLauncher(rec, crash, Observation(status=Observed.RUNNING, step=4, reported_at=0.0),
+                                     Observation(status=Observed.SUCCEEDED, step=9))
     ctl = Controller(planner=FakePlanner(START, RESUME), recorder=rec, launcher=launcher, clock=FakeClock(),
                      policy=FailurePolicy(budgets={FailureClass.CRASHED: Budget(max_restarts=3, backoff_s=0.0)}))
     for _ in range(10):
@@ -187,7 +187,7 @@ def _controller(*obs: Observation, **kw: Any) -> tuple[Controller, FakeRecorder,
 
 
 def test_a_hang_is_timed_from_the_last_step_report_not_the_launch() -> None:
-    ctl, _, launcher, clock = _controller(Observation(status=RunStatus.RUNNING, step=3, reported_at=50.0),
+    ctl, _, launcher, clock = _controller(Observation(status=Observed.RUNNING, step=3, reported_at=50.0),
                                           hang_timeout_s=60.0)
     ctl.step()  # launch at t=0
     clock.advance(110)  # 110 s after the launch, 60 s after the last report: not hung yet
@@ -200,7 +200,7 @@ def test_a_hang_is_timed_from_the_last_step_report_not_the_launch() -> None:
 
 def test_hangs_at_one_step_are_a_crash_loop() -> None:
     """A hung attempt's failure carries the step it hung at, so three hangs there stop the job."""
-    ctl, _, launcher, clock = _controller(Observation(status=RunStatus.RUNNING, step=3, reported_at=0.0),
+    ctl, _, launcher, clock = _controller(Observation(status=Observed.RUNNING, step=3, reported_at=0.0),
                                           hang_timeout_s=10.0,
                                           policy=FailurePolicy(budgets={FailureClass.HUNG: Budget(
                                               max_restarts=9, backoff_s=0.0)}))
@@ -216,10 +216,10 @@ def test_hangs_at_one_step_are_a_crash_loop() -> None:
 
 
 def test_time_to_recover_is_from_the_failure_to_the_first_new_step() -> None:
-    crash = Observation(status=RunStatus.FAILED, failure=Failure(cls=FailureClass.CRASHED, step=12, cause="x"))
-    ctl, rec, _, clock = _controller(Observation(status=RunStatus.RUNNING, step=12, reported_at=0.0), crash,
-                                     Observation(status=RunStatus.RUNNING, step=10, reported_at=4.0),
-                                     Observation(status=RunStatus.RUNNING, step=11, reported_at=7.5),
+    crash = Observation(status=Observed.FAILED, failure=Failure(cls=FailureClass.CRASHED, step=12, cause="x"))
+    ctl, rec, _, clock = _controller(Observation(status=Observed.RUNNING, step=12, reported_at=0.0), crash,
+                                     Observation(status=Observed.RUNNING, step=10, reported_at=4.0),
+                                     Observation(status=Observed.RUNNING, step=11, reported_at=7.5),
                                      policy=FailurePolicy(budgets={FailureClass.CRASHED: Budget(
                                          max_restarts=3, backoff_s=2.0)}))
     ctl.step()  # launch
