@@ -24,7 +24,8 @@ from resumer import examples as ex
 def _inject(config: dict[str, Any], step: int) -> None:
     if step == config.get("crash_at"):
         raise RuntimeError(f"injected crash at step {step}")
-    attempt = (resumer.train.attempt_config() or {}).get("attempt", 1)
+    cfg = resumer.train.attempt_config()
+    attempt = cfg.attempt if cfg is not None else 1
     if step == config.get("hang_at") and attempt == 1:
         time.sleep(3600)  # a hung collective, a stuck data loader...
 

@@ -2,9 +2,10 @@
 
 The board is where the controller and the workers meet without blocking each other:
 
-* the launcher POSTS each attempt's config (the checkpoint and plan the controller chose and recorded);
-  the workers of a worker group TAKE it before they train — workers that Ray Train restarted after a
-  failure wait there until the controller has planned and recorded the next attempt, or posts an abort;
+* the launcher POSTS each attempt's ``AttemptConfig`` (the checkpoint and plan the controller chose and
+  recorded); the workers of a worker group TAKE it before they train — workers that Ray Train restarted
+  after a failure wait there until the controller has planned and recorded the next attempt, or posts
+  ``ABORT`` (the job ended);
 * workers BEAT each step (rank, step, pid, node, rank 0's metrics) and note COMMITTED checkpoints and
   emergency CLAIMS;
 * ``FailureRelay``, a Ray Train ``UserCallback`` running in the Train controller, marks the posted attempt
@@ -17,8 +18,10 @@ import time
 from typing import Any
 
 from resumer.core.decision import FailureClass
+from resumer.jobs.attempt import AttemptConfig
 
 NAMESPACE = "resumer"
+ABORT = "abort"  # posted instead of an attempt when the job ends: a waiting worker group returns
 
 
 def board_name(job: str) -> str:
@@ -44,7 +47,7 @@ class ProgressBoard:
     """The posted attempt, its failure, and per attempt: steps, pids, metrics, commits, claims."""
 
     def __init__(self) -> None:
-        self.posted: tuple[int, dict[str, Any]] | None = None
+        self.posted: tuple[int, AttemptConfig | str] | None = None
         self.failed: tuple[int, str, str] | None = None  # (attempt, failure class, cause)
         self.takers: dict[int, int] = {}  # rank -> pid of the worker group running the posted attempt
         self.clear()
@@ -58,12 +61,12 @@ class ProgressBoard:
         self.last_commit: tuple[int, str] | None = None
         self.claims: dict[int, int] = {}
 
-    def post(self, attempt: int, cfg: dict[str, Any]) -> None:
+    def post(self, attempt: int, cfg: AttemptConfig | str) -> None:
         """A new attempt (metrics of the last one were drained by the launcher's poll first)."""
         self.clear()
         self.posted, self.takers = (attempt, cfg), {}
 
-    def take(self, rank: int, pid: int) -> dict[str, Any] | None:
+    def take(self, rank: int, pid: int) -> AttemptConfig | str | None:
         """The attempt a starting worker group is to run, or None while the controller decides.
 
         A posted attempt runs in ONE worker group: a rank asking again from another process means Ray
@@ -145,14 +148,17 @@ def failure_relay(board: str) -> Any:
     return FailureRelay(board)
 
 
-def wait_for_attempt(board: Any, rank: int, *, poll_s: float = 0.05) -> dict[str, Any]:
-    """On a worker: block until the controller has posted the attempt this worker group is to run."""
+def wait_for_attempt(board: Any, rank: int, *, poll_s: float = 0.05) -> AttemptConfig | None:
+    """On a worker: block until the controller has posted the attempt this worker group is to run
+    (None: the job ended)."""
     import os
 
     import ray
 
     while True:
-        cfg = ray.get(board.take.remote(rank, os.getpid()), timeout=60)
-        if cfg is not None:
-            return dict(cfg)
+        posted = ray.get(board.take.remote(rank, os.getpid()), timeout=60)
+        if isinstance(posted, AttemptConfig):
+            return posted
+        if posted == ABORT:
+            return None
         time.sleep(poll_s)

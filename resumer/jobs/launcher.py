@@ -4,8 +4,9 @@ One ``fit()`` runs a job's attempts while it can: when a worker raises or dies, 
 Train callback) marks the attempt failed on the job's ``ProgressBoard`` with its class, and Ray Train
 restarts the worker group (its controller stays up: measured faster than a new ``fit()``, see
 ``bench/recover_ray.py``). The restarted workers wait on the board until resumer's controller has
-classified the failure, planned the next attempt and recorded it, then take that attempt's config
-(``resumer.jobs.worker.ENV``, set by the function each worker runs) — or return, when the job ends. Ray's own
+classified the failure, planned the next attempt and recorded it, then take that attempt's ``AttemptConfig``
+(handed to the entrypoint in ``resumer.jobs.attempt.ENV`` by the function each worker runs) — or return, when
+the job ends. Ray's own
 restart never reuses a checkpoint without planning: a group that restarts unannounced is caught by the
 board (a rank taking an attempt from a second process). A new ``fit()`` starts only when none runs.
 Progress (steps, metrics, commits) comes back through the same board, pinged without blocking.
@@ -14,7 +15,6 @@ Progress (steps, metrics, commits) comes back through the same board, pinged wit
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -28,7 +28,9 @@ from typing import Any
 from resumer.core.controller import Observation, Observed
 from resumer.core.decision import Decision, FailureClass
 from resumer.core.failures import Failure
+from resumer.jobs.attempt import ENV, AttemptConfig
 from resumer.jobs.board import (
+    ABORT,
     NAMESPACE,
     board_name,
     classify_causes,
@@ -37,7 +39,6 @@ from resumer.jobs.board import (
     wait_for_attempt,
 )
 from resumer.jobs.spec import JobSpec
-from resumer.jobs.worker import ENV
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ def _run_entrypoint(ref: str, board: str, config: dict[str, Any]) -> None:
     from resumer.jobs.factories import resolve
 
     cfg = wait_for_attempt(ray.get_actor(board, namespace=NAMESPACE), ray.train.get_context().get_world_rank())
-    if cfg.get("abort"):
+    if cfg is None:
         return
-    os.environ[ENV] = json.dumps(cfg)
+    os.environ[ENV] = cfg.to_json()
     resolve(ref, "entrypoint")(config)
 
 
@@ -109,22 +110,12 @@ class RayLauncher:
         self._reported = False  # the current attempt's failure went to the controller
         self.last_metrics: list[tuple[int, dict[str, float]]] = []
 
-    def _attempt_config(self, decision: Decision, plan_hash: str | None) -> dict[str, Any]:
-        return {"job": self.spec.name, "attempt": decision.attempt, "root": self.spec.root,
-                "storage_options": self.spec.storage_options, "checkpoint": decision.checkpoint
-                if decision.step is not None else None, "policy": decision.policy,
-                "renames": list(self.spec.renames), "plan_hash": plan_hash, "every": self.spec.every,
-                "grace_s": self.spec.grace_s, "keep_last": self.spec.keep_last, "keep_every": self.spec.keep_every,
-                "model": self.spec.model, "optimizer": self.spec.optimizer, "scheduler": self.spec.scheduler}
-
     def launch(self, decision: Decision) -> None:
         """Post the recorded decision; start a fit when none is running (else Ray Train's restarted group,
         waiting on the board, takes it)."""
         import ray
 
-        from resumer.jobs.worker import plan_hash
-
-        cfg = self._attempt_config(decision, plan_hash(decision.plan) if decision.plan is not None else None)
+        cfg = AttemptConfig.for_decision(self.spec, decision)
         self._attempt, self._reported = decision.attempt, False
         self._relayed_commit = None
         ray.get(self.board.post.remote(decision.attempt, cfg), timeout=30)
@@ -238,7 +229,7 @@ class RayLauncher:
         import ray
 
         if self._thread is not None and self._thread.is_alive():
-            ray.get(self.board.post.remote(self._attempt + 1, {"abort": True}), timeout=30)
+            ray.get(self.board.post.remote(self._attempt + 1, ABORT), timeout=30)
             if ray.get(self.board.snapshot_nodes.remote(), timeout=30):
                 self.stop("shutting down")
             self._thread.join(timeout=120)

@@ -8,9 +8,11 @@
             loss = train_step(model, opt, step)              # data position = global step, not a per-rank counter
             resumer.jobs.worker.save(step, model, opt, sched, metrics={"loss": loss})   # writes every N steps
 
-``restore`` applies the checkpoint and plan the controller chose, on every rank, after checking that
-this rank plans exactly the same thing (a checkpoint committed between two ranks' listings cannot split
-them: the controller names the checkpoint URI, not the root). ``save`` reports progress every call
+Both read the attempt's ``AttemptConfig`` (``resumer.jobs.attempt``), parsed once per process from the
+environment the launcher set. ``restore`` applies the checkpoint the controller chose, on every rank, planning
+it once and refusing before it reads anything when this rank's plan differs from the controller's
+(``resume(expect_plan=...)``; a checkpoint committed between two ranks' listings cannot split them: the
+controller names the checkpoint URI, not the root). ``save`` reports progress every call
 (heartbeat for hang detection, metrics) and writes on rank 0 every ``checkpoint.every`` steps
 (replicated DDP state). Outside a resumer-launched job both calls are harmless no-ops (restore returns 0).
 
@@ -23,7 +25,6 @@ several ranks are notified at once, the first to claim the step on the progress 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import socket
@@ -35,25 +36,27 @@ from torch import nn
 
 from resumer.core.errors import AlreadyCommitted, CheckpointError, Preempted
 from resumer.jobs import preemption
+from resumer.jobs.attempt import ENV, AttemptConfig
 from resumer.jobs.board import NAMESPACE as BOARD_NAMESPACE
 from resumer.jobs.board import board_name
 
 logger = logging.getLogger(__name__)
 
-ENV = "RESUMER_ATTEMPT"
+__all__ = ["ENV", "AttemptConfig", "attempt_config", "build", "plan_hash", "rank", "report", "restore", "save"]
+
 _board: Any = None
 
 
-def attempt_config() -> dict[str, Any] | None:
+def attempt_config() -> AttemptConfig | None:
     """The attempt this worker belongs to, as set by the launcher, or None outside resumer."""
     raw = os.environ.get(ENV)
     return _parse(raw) if raw else None
 
 
 @functools.lru_cache(maxsize=4)
-def _parse(raw: str) -> dict[str, Any]:
-    # Parsed once per attempt, not twice per training step (report + save); callers only read it.
-    return dict(json.loads(raw))
+def _parse(raw: str) -> AttemptConfig:
+    # Parsed and validated once per attempt, not twice per training step (report + save).
+    return AttemptConfig.from_json(raw)
 
 
 def plan_hash(plan: Any) -> str:
@@ -67,7 +70,7 @@ def rank() -> int:
     return 0
 
 
-def _get_board(cfg: dict[str, Any]) -> Any:
+def _get_board(cfg: AttemptConfig) -> Any:
     global _board
     if _board is None:
         import ray
@@ -75,7 +78,7 @@ def _get_board(cfg: dict[str, Any]) -> Any:
         if not ray.is_initialized():  # a plain local run: never start a Ray just to report progress
             return None
         try:
-            _board = ray.get_actor(board_name(cfg["job"]), namespace=BOARD_NAMESPACE)
+            _board = ray.get_actor(board_name(cfg.job), namespace=BOARD_NAMESPACE)
         except ValueError:
             _board = False  # no controller listening (e.g. a manual run): keep training
     return _board or None
@@ -88,7 +91,7 @@ def build() -> tuple[nn.Module, Any, Any]:
     cfg = attempt_config()
     if cfg is None:
         raise CheckpointError("resumer.jobs.worker.build() runs inside a job launched by resumer (no attempt config).")
-    model = build_from_refs(cfg["model"])[0]
+    model = build_from_refs(cfg.model)[0]
     try:
         import ray.train.torch
 
@@ -99,11 +102,11 @@ def build() -> tuple[nn.Module, Any, Any]:
     return model, optimizer, scheduler
 
 
-def _optimizer_for(model: nn.Module, cfg: dict[str, Any]) -> tuple[nn.Module, Any, Any]:
+def _optimizer_for(model: nn.Module, cfg: AttemptConfig) -> tuple[nn.Module, Any, Any]:
     from resumer.jobs.factories import resolve
 
-    optimizer = resolve(cfg["optimizer"], "optimizer")(model) if cfg.get("optimizer") else None
-    scheduler = resolve(cfg["scheduler"], "scheduler")(optimizer) if cfg.get("scheduler") and optimizer else None
+    optimizer = resolve(cfg.optimizer, "optimizer")(model) if cfg.optimizer else None
+    scheduler = resolve(cfg.scheduler, "scheduler")(optimizer) if cfg.scheduler and optimizer else None
     return model, optimizer, scheduler
 
 
@@ -112,18 +115,26 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, sc
     import resumer
 
     cfg = attempt_config()
-    if cfg is not None:
-        preemption.install(float(cfg.get("grace_s", 30.0)))
-    if cfg is None or not cfg.get("checkpoint"):
+    if cfg is None:
         return 0
-    kw = {"policy": cfg["policy"], "renames": cfg["renames"] or None, "storage_options": cfg.get("storage_options")}
-    mine = resumer.plan(cfg["checkpoint"], model, optimizer, scheduler, **kw)
-    if plan_hash(mine) != cfg["plan_hash"]:
-        raise CheckpointError(f"rank {rank()} planned {cfg['checkpoint']} differently from the controller "
-                              f"({mine.summary()}); refusing to train on split state.", uri=cfg["checkpoint"])
-    res = resumer.resume(cfg["checkpoint"], model, optimizer, scheduler, **kw)
+    preemption.install(cfg.grace_s)
+    if cfg.checkpoint is None:
+        return 0
+    try:
+        # One plan per rank: resume() plans, and refuses before reading anything if that plan's digest is not
+        # the one the controller recorded.
+        res = resumer.resume(cfg.checkpoint, model, optimizer, scheduler, policy=cfg.policy,
+                             renames=list(cfg.renames) or None, storage_options=cfg.storage_options or None,
+                             expect_plan=cfg.plan_hash)
+    except CheckpointError as exc:
+        raise _restore_failed(cfg, cfg.checkpoint, exc) from exc
     logger.info("[restore] rank %d: %s", rank(), res.plan.summary())
     return res.step
+
+
+def _restore_failed(cfg: AttemptConfig, uri: str, exc: CheckpointError) -> CheckpointError:
+    """The error this rank's failed restore ends the attempt with (naming the rank)."""
+    return CheckpointError(f"rank {rank()}: {exc}", uri=exc.uri or uri, quarantine=exc.quarantine)
 
 
 def report(step: int, metrics: dict[str, float] | None = None) -> None:
@@ -158,12 +169,12 @@ def save(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     if preemption.noticed() is not None:
         uri = _emergency(cfg, step, model, optimizer, scheduler, metrics) if _claim(cfg, step) else None
         raise Preempted(step, uri)
-    if (not force and step % int(cfg["every"]) != 0) or rank() != 0:
+    if (not force and step % cfg.every != 0) or rank() != 0:
         return None
     return _write(cfg, step, model, optimizer, scheduler, metrics)
 
 
-def _emergency(cfg: dict[str, Any], step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+def _emergency(cfg: AttemptConfig, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
                metrics: dict[str, float] | None) -> str:
     """The emergency checkpoint of ``step``. On a cadence step, rank 0's regular save of the same (replicated)
     state may commit first: that checkpoint stands and serves, so the notice still ends as a preemption."""
@@ -175,7 +186,7 @@ def _emergency(cfg: dict[str, Any], step: int, model: nn.Module, optimizer: Any,
         return str(exc.uri)
 
 
-def _claim(cfg: dict[str, Any], step: int) -> bool:
+def _claim(cfg: AttemptConfig, step: int) -> bool:
     """Whether this rank writes the emergency checkpoint of ``step`` (the first notified rank does)."""
     board = _get_board(cfg)
     if board is None:
@@ -189,16 +200,16 @@ def _claim(cfg: dict[str, Any], step: int) -> bool:
         return True
 
 
-def _write(cfg: dict[str, Any], step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+def _write(cfg: AttemptConfig, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
            metrics: dict[str, float] | None, *, emergency: bool = False) -> str:
     import resumer
 
     started = time.monotonic()
-    extra = {"metrics": metrics or {}, "job": cfg["job"], "attempt": cfg["attempt"]}
+    extra = {"metrics": metrics or {}, "job": cfg.job, "attempt": cfg.attempt}
     if emergency:
         extra |= {"emergency": True, "rank": rank()}
-    uri = resumer.save_checkpoint(cfg["root"], step, model, optimizer, scheduler, extra=extra,
-                                  storage_options=cfg.get("storage_options"))
+    uri = resumer.save_checkpoint(cfg.root, step, model, optimizer, scheduler, extra=extra,
+                                  storage_options=cfg.storage_options or None)
     if emergency:
         notice = preemption.noticed() or time.time()
         logger.warning("[preemption] rank %d: emergency checkpoint %s committed %.1fs after the notice (%.1fs)",
@@ -206,19 +217,19 @@ def _write(cfg: dict[str, Any], step: int, model: nn.Module, optimizer: Any, sch
     board = _get_board(cfg)
     if board is not None:
         board.committed.remote(step, uri)
-    if not emergency and (cfg.get("keep_last") or cfg.get("keep_every")):
+    if not emergency and (cfg.keep_last or cfg.keep_every):
         _prune(cfg)
     return uri
 
 
-def _prune(cfg: dict[str, Any]) -> None:
+def _prune(cfg: AttemptConfig) -> None:
     """Retention after a commit (never before: the new checkpoint must exist first). Sizes, not checksums:
     this process just wrote the newest one, checksumming as it wrote; a failure here never stops training."""
     from resumer.checkpoints.retention import RetentionPolicy, prune
     from resumer.core.errors import ResumerError
 
     try:
-        prune(cfg["root"], RetentionPolicy(keep_last=cfg.get("keep_last"), keep_every=cfg.get("keep_every")),
-              storage_options=cfg.get("storage_options"), checksums=False)
+        prune(cfg.root, RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every),
+              storage_options=cfg.storage_options or None, checksums=False)
     except (OSError, ResumerError) as exc:
-        logger.warning("[retention] pruning %s failed (the next save tries again): %s", cfg["root"], exc)
+        logger.warning("[retention] pruning %s failed (the next save tries again): %s", cfg.root, exc)

@@ -4,7 +4,6 @@ checkpoint. In integration because ``build()`` imports Ray Train (seconds); noth
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 import resumer
 import resumer.jobs.worker
 from resumer.jobs import spec as jobspec
+from resumer.jobs.attempt import AttemptConfig
 from resumer.jobs.factories import build
 
 pytestmark = pytest.mark.slow
@@ -25,11 +25,10 @@ def spec(name: str) -> jobspec.JobSpec:
 
 def _attempt(s: jobspec.JobSpec, root: Path, every: int, checkpoint: str | None = None,
              plan_hash: str | None = None) -> str:
-    """The attempt config, as resumer.jobs.launcher.RayLauncher._env builds it."""
-    return json.dumps({"job": s.name, "attempt": 1, "root": str(root), "storage_options": {},
-                       "checkpoint": checkpoint, "policy": s.policy.value, "renames": list(s.renames),
-                       "plan_hash": plan_hash, "every": every, "model": s.model, "optimizer": s.optimizer,
-                       "scheduler": s.scheduler})
+    """The attempt config, as the launcher hands it to a worker."""
+    return AttemptConfig(job=s.name, attempt=1, root=str(root), checkpoint=checkpoint, policy=s.policy,
+                         renames=s.renames, plan_hash=plan_hash, every=every, model=s.model, optimizer=s.optimizer,
+                         scheduler=s.scheduler).to_json()
 
 
 @pytest.mark.parametrize("name", ["cnn", "charlm"])

@@ -327,19 +327,18 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
     """The shipped jobs/ examples: a v1 checkpoint at step 4, then its v2 resubmitted on 2 Ray workers under
     each policy (each from a copy of the same v1 root): refused before anything launches, or resumed with
     exactly the plan an offline ``resumer.core.plan`` makes, training on from step 5."""
-    import json as json_
     import shutil
 
+    from resumer.jobs.attempt import ENV, AttemptConfig
     from resumer.jobs.factories import build, resolve
 
     jobs = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
     base = jobspec.load(os.path.join(jobs, f"{v1}.yaml"))
-    monkeypatch.setenv(resumer.jobs.worker.ENV, json_.dumps({  # the v1 checkpoint, trained in-process (no Ray needed)
-        "job": base.name, "attempt": 1, "root": str(tmp_path / "v1"), "storage_options": {}, "checkpoint": None,
-        "policy": "strict", "renames": [], "plan_hash": None, "every": 4, "model": base.model,
-        "optimizer": base.optimizer, "scheduler": base.scheduler}))
+    monkeypatch.setenv(ENV, AttemptConfig(  # the v1 checkpoint, trained in-process (no Ray needed)
+        job=base.name, attempt=1, root=str(tmp_path / "v1"), every=4, model=base.model,
+        optimizer=base.optimizer, scheduler=base.scheduler).to_json())
     resolve(base.entrypoint, "entrypoint")({**base.config, "total_steps": 4})
-    monkeypatch.delenv(resumer.jobs.worker.ENV)
+    monkeypatch.delenv(ENV)
     v1_uri = resumer.latest_checkpoint(str(tmp_path / "v1")).uri  # type: ignore[union-attr]
     with open(os.path.join(jobs, f"{v2}.yaml")) as f:
         import yaml

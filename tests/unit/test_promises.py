@@ -108,7 +108,8 @@ def test_resume_holds_a_reader_lease_while_it_reads(tmp_path: Any) -> None:
 
 def test_a_rank_that_plans_differently_from_the_controller_refuses_before_loading(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
+    import dataclasses
+    import os
 
     import torch
 
@@ -116,22 +117,23 @@ def test_a_rank_that_plans_differently_from_the_controller_refuses_before_loadin
     import resumer.jobs.worker
     from resumer import examples as ex
     from resumer.core.errors import CheckpointError
+    from resumer.core.plan import Policy
+    from resumer.jobs.attempt import ENV, AttemptConfig
 
     monkeypatch.setattr(resumer.jobs.preemption, "install", lambda grace_s=30.0: True)  # no SIGTERM handler in pytest
     uri = resumer.save_checkpoint(str(tmp_path), 4, ex.mlp_v1())
     model = ex.mlp_v1()
     controller_plan = resumer.plan(uri, model, policy="partial")  # the controller planned under another policy
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setenv(resumer.jobs.worker.ENV, json.dumps({
-        "job": "j", "attempt": 2, "root": str(tmp_path), "storage_options": {}, "checkpoint": uri,
-        "policy": "strict", "renames": [], "plan_hash": resumer.jobs.worker.plan_hash(controller_plan), "every": 5}))
-    with pytest.raises(CheckpointError, match="rank 0 planned .* differently from the controller"):
+    attempt = AttemptConfig(job="j", attempt=2, root=str(tmp_path), model="resumer.examples:mlp_v1", every=5,
+                            checkpoint=uri, policy=Policy.STRICT, plan_hash=controller_plan.digest())
+    monkeypatch.setenv(ENV, attempt.to_json())
+    with pytest.raises(CheckpointError, match="rank 0: .*planned .* differently from the controller"):
         resumer.jobs.worker.restore(model)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert not os.path.exists(os.path.join(uri, "quarantine.json"))  # a plan that differs is no corrupt checkpoint
     same = resumer.plan(uri, model, policy="strict")
-    monkeypatch.setenv(resumer.jobs.worker.ENV, json.dumps({
-        "job": "j", "attempt": 2, "root": str(tmp_path), "storage_options": {}, "checkpoint": uri,
-        "policy": "strict", "renames": [], "plan_hash": resumer.jobs.worker.plan_hash(same), "every": 5}))
+    monkeypatch.setenv(ENV, dataclasses.replace(attempt, plan_hash=same.digest()).to_json())
     assert resumer.jobs.worker.restore(model) == 4
 
 
@@ -240,19 +242,17 @@ def test_an_emergency_save_on_a_step_another_rank_committed_is_still_a_preemptio
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a cadence step, rank 0's regular save may commit first: the notified rank resumes from that one,
     and the attempt ends as a preemption, not as a crash."""
-    import json
-
     import resumer
     import resumer.jobs.worker
     from resumer import examples as ex
     from resumer.core.errors import Preempted
+    from resumer.jobs.attempt import ENV, AttemptConfig
 
     root = str(tmp_path)
     model = ex.mlp_v1()
     committed = resumer.save_checkpoint(root, 5, model)  # rank 0's cadence save of step 5 landed first
-    monkeypatch.setenv(resumer.jobs.worker.ENV, json.dumps({"job": "j", "attempt": 1, "root": root,
-                                                      "storage_options": {}, "checkpoint": None, "policy": "strict",
-                                                      "renames": [], "plan_hash": None, "every": 5}))
+    monkeypatch.setenv(ENV, AttemptConfig(job="j", attempt=1, root=root, model="resumer.examples:mlp_v1",
+                                          every=5).to_json())
     monkeypatch.setattr(resumer.jobs.preemption, "noticed", lambda: 1.0)
     with pytest.raises(Preempted) as err:
         resumer.jobs.worker.save(5, model)
