@@ -3,6 +3,12 @@
 The model is built on the meta device (planning allocates no model memory) from the job's factories;
 the optimizer and scheduler factories run on it too. The checkpoint is chosen once, here, by URI: every
 rank then applies exactly that checkpoint and checks it plans the same (``resumer.jobs.worker.restore``).
+
+Selection checks manifests and file sizes, not checksums: every rank checks the checksums of what it reads
+as it reads it (one pass), and a rank that finds the checkpoint corrupt quarantines it, so the next
+attempt's selection here passes over it and falls back to the previous one. Checksumming here too would
+read the whole checkpoint once more, in this process, before every attempt, recovery included
+(``bench/planner_select.py`` measures it).
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ logger = logging.getLogger(__name__)
 
 
 class JobPlanner:
-    def __init__(self, spec: JobSpec) -> None:
+    """``checksums``: also verify the chosen checkpoint's checksums here (a full read); off by default."""
+
+    def __init__(self, spec: JobSpec, *, checksums: bool = False) -> None:
         self.spec = spec
+        self.checksums = checksums
 
     def _current(self) -> tuple[Any, Any, Any]:
         with torch.device("meta"):
@@ -37,7 +46,7 @@ class JobPlanner:
     def decide(self, attempt: int, previous: FailureClass) -> Decision:
         spec = self.spec
         started = time.perf_counter()
-        sel = select(spec.root, storage_options=spec.storage_options or None, checksums=True)
+        sel = select(spec.root, storage_options=spec.storage_options or None, checksums=self.checksums)
         rejected = tuple(r.to_dict() for r in sel.rejected)
         model, optimizer, scheduler = self._current()
         base: dict[str, Any] = {"job": spec.name, "attempt": attempt, "previous_failure": previous,
@@ -45,7 +54,7 @@ class JobPlanner:
         if sel.chosen is None:
             outcome = Outcome.STARTED if attempt == 1 and not rejected else Outcome.FRESH_START
             return Decision(outcome=outcome, metrics={"plan_seconds": time.perf_counter() - started}, **base)
-        source = NativeSource(sel.chosen.manifest, spec.storage_options or None, verified=True)
+        source = NativeSource(sel.chosen.manifest, spec.storage_options or None, verified=self.checksums)
         plan = _plan_for(source, model, optimizer, scheduler, spec.policy, list(spec.renames) or None,
                          world_size=spec.workers)  # the job's world, not this controller process's
         saved_code = sel.chosen.manifest.code.get("fingerprint")

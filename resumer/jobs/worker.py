@@ -12,7 +12,9 @@ Both read the attempt's ``AttemptConfig`` (``resumer.jobs.attempt``), parsed onc
 environment the launcher set. ``restore`` applies the checkpoint the controller chose, on every rank, planning
 it once and refusing before it reads anything when this rank's plan differs from the controller's
 (``resume(expect_plan=...)``; a checkpoint committed between two ranks' listings cannot split them: the
-controller names the checkpoint URI, not the root). ``save`` reports progress every call
+controller names the checkpoint URI, not the root). The controller chose it by sizes, not checksums: each
+rank checks the checksums as it reads, and one that finds the checkpoint corrupt quarantines it, so the
+controller's next attempt falls back to the previous checkpoint. ``save`` reports progress every call
 (heartbeat for hang detection, metrics) and writes on rank 0 every ``checkpoint.every`` steps
 (replicated DDP state). Outside a resumer-launched job both calls are harmless no-ops (restore returns 0).
 
@@ -122,7 +124,7 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, sc
         return 0
     try:
         # One plan per rank: resume() plans, and refuses before reading anything if that plan's digest is not
-        # the one the controller recorded.
+        # the one the controller recorded; it checks the checksums as it reads (the controller checked sizes).
         res = resumer.resume(cfg.checkpoint, model, optimizer, scheduler, policy=cfg.policy,
                              renames=list(cfg.renames) or None, storage_options=cfg.storage_options or None,
                              expect_plan=cfg.plan_hash)
@@ -133,8 +135,26 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, sc
 
 
 def _restore_failed(cfg: AttemptConfig, uri: str, exc: CheckpointError) -> CheckpointError:
-    """The error this rank's failed restore ends the attempt with (naming the rank)."""
+    """The error this rank's failed restore ends the attempt with. A checkpoint found bad (corrupt, torn; not
+    a plan that differs, nor one a newer resumer can read) is quarantined first: the controller selected it by
+    sizes, and its next attempt must fall back to the previous checkpoint instead of choosing this one again."""
+    if exc.quarantine and _still_committed(uri, cfg.storage_options or None):
+        from resumer.checkpoints.catalog import quarantine
+
+        quarantine(uri, f"rank {rank()} could not restore it: {exc}", cfg.storage_options or None)
     return CheckpointError(f"rank {rank()}: {exc}", uri=exc.uri or uri, quarantine=exc.quarantine)
+
+
+def _still_committed(uri: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether ``uri`` still has its manifest (a mark is never written into a directory that is gone)."""
+    from resumer.formats.native.manifest import MANIFEST
+    from resumer.storage.fs import get_fs, join
+
+    try:
+        fs, path = get_fs(uri, storage_options)
+        return bool(fs.exists(join(path, MANIFEST)))
+    except OSError:
+        return False
 
 
 def report(step: int, metrics: dict[str, float] | None = None) -> None:

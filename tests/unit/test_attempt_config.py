@@ -1,9 +1,11 @@
 """An attempt's config is one typed value: built by the launcher from the spec and the recorded decision,
 validated once when a worker parses it (errors name the field), and read by the worker as that type. Each
-rank plans once."""
+rank plans once; a checkpoint a rank finds corrupt is quarantined, so the next attempt falls back."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import resumer
 import resumer.jobs.worker
 import resumer.runtime.api
 from resumer.core.decision import Decision, FailureClass, Outcome
-from resumer.core.errors import UsageError
+from resumer.core.errors import CheckpointError, UsageError
 from resumer.core.plan import Policy
 from resumer.jobs import spec as jobspec
 from resumer.jobs.attempt import ENV, AttemptConfig
@@ -128,3 +130,57 @@ def test_each_rank_plans_once_against_the_controllers_digest(tmp_path: Path, mon
         model, optimizer, scheduler = build(MODEL, OPTIMIZER)
         assert resumer.jobs.worker.restore(model, optimizer, scheduler) == 4
     assert calls == [decision.checkpoint] * 2
+
+
+def _corrupt(uri: str) -> None:
+    """Flip bytes at the end of the model's data file: sizes unchanged, checksums broken."""
+    name = next(f for f in sorted(os.listdir(uri)) if f.startswith("model") and f.endswith(".safetensors"))
+    with open(os.path.join(uri, name), "r+b") as f:
+        f.seek(-16, os.SEEK_END)
+        data = f.read(16)
+        f.seek(-16, os.SEEK_END)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_a_checkpoint_a_rank_finds_corrupt_is_passed_over_by_the_next_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller selects by sizes (no full read); the rank's one read checks the checksums, refuses before
+    touching anything, and quarantines the checkpoint: the next attempt resumes the previous one, no crash loop."""
+    spec = _spec(tmp_path)
+    _save(tmp_path, 4)
+    bad = _save(tmp_path, 8)
+    _corrupt(bad)
+    planner = JobPlanner(spec)
+    first = planner.decide(2, FailureClass.PREEMPTED)
+    assert first.checkpoint == bad and first.step == 8  # sizes only: the controller does not read the data
+    monkeypatch.setenv(ENV, AttemptConfig.for_decision(spec, first).to_json())
+    model, optimizer, scheduler = build(MODEL, OPTIMIZER)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match="rank 0: .*checksum") as err:
+        resumer.jobs.worker.restore(model, optimizer, scheduler)
+    assert err.value.uri == bad
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert os.path.exists(os.path.join(bad, "quarantine.json"))
+    second = planner.decide(3, FailureClass.CRASHED)
+    assert second.step == 4 and [r["uri"] for r in second.rejected] == [bad]
+    monkeypatch.setenv(ENV, AttemptConfig.for_decision(spec, second).to_json())
+    assert resumer.jobs.worker.restore(model, optimizer, scheduler) == 4
+
+
+def test_a_vanished_checkpoint_is_not_marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint gone before the rank read it gets no quarantine mark: on an object store (memory:// here, as
+    on S3) writing the mark would bring its prefix back as a stray step directory."""
+    import fsspec
+
+    root = f"memory://attempt-config/{tmp_path.name}"
+    spec = _spec(tmp_path)
+    spec = dataclasses.replace(spec, root=root)
+    model, optimizer, _ = build(MODEL, OPTIMIZER)
+    gone = resumer.save_checkpoint(root, 4, model, optimizer)
+    decision = JobPlanner(spec).decide(2, FailureClass.PREEMPTED)
+    fs = fsspec.filesystem("memory")
+    fs.rm(gone.split("://", 1)[1], recursive=True)
+    monkeypatch.setenv(ENV, AttemptConfig.for_decision(spec, decision).to_json())
+    with pytest.raises(CheckpointError, match="rank 0: "):
+        resumer.jobs.worker.restore(model, optimizer)
+    assert not fs.find(root.split("://", 1)[1])
