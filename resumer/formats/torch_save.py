@@ -30,8 +30,9 @@ from resumer.core.signature import (
     TensorSpec,
 )
 from resumer.formats.jsonvalue import encode, walk_refused
+from resumer.formats.source import CheckpointSource, Probe, ReadOptions
 from resumer.formats.torch_dtypes import dtype_name
-from resumer.storage.fs import get_fs
+from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,15 @@ MIN_FOREIGN_VALUES = 10_000
 MAX_FOREIGN_VALUES = 4_000_000
 
 
-def _load(uri: str, storage_options: dict[str, Any] | None) -> Any:
+def _load(store: Store) -> Any:
     """The file's object, loaded with weights_only=True; refused unless its plain (non-tensor) values can be
     walked in a number of steps about the file's size: shared references make a tiny pickle describe a huge
     structure, and every later walk (encoding hyperparameters, copying groups) would pay for all of it."""
-    fs, path = get_fs(uri, storage_options)
-    size = int(fs.size(path))
+    uri = store.uri
+    size = store.size()
     if size > MAX_FOREIGN_BYTES:
         raise CheckpointError(f"{uri} is larger than {MAX_FOREIGN_BYTES} bytes; refusing to load it whole.", uri=uri)
-    obj = _unpickle(fs, path, uri)
+    obj = _unpickle(store)
     why = walk_refused(obj, max_values=MIN_FOREIGN_VALUES + min(size, MAX_FOREIGN_VALUES))
     if why:
         raise CheckpointError(f"Refused {uri}: {why}. A state_dict of this size ({size} bytes) cannot hold that "
@@ -64,18 +65,16 @@ def _load(uri: str, storage_options: dict[str, Any] | None) -> Any:
     return obj
 
 
-def _unpickle(fs: Any, path: str, uri: str) -> Any:
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+def _unpickle(store: Store) -> Any:
+    uri = store.uri
     try:
-        if local:
+        if store.local:
             try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(store.path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
                 if "mmap" not in str(exc):  # legacy (non-zip) files cannot be mapped
                     raise
-        with fs.open(path, "rb") as f:
-            data = f.read()
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(store.read()), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
@@ -187,8 +186,11 @@ def _scheduler_class(state: Mapping[str, Any]) -> str:
     return "unknown"
 
 
-class ForeignSource:
-    """A plain torch.save checkpoint, loaded safely and seen through a Signature."""
+class TorchSaveSource(CheckpointSource):
+    """A plain torch.save checkpoint, loaded safely and seen through a Signature. Everything is in memory
+    once it is open, so it keeps the defaults for ``prepare``, ``load`` and ``verify``."""
+
+    format = "torch-save"
 
     def __init__(self, uri: str, model: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, step: int | None,
                  extra: dict[str, Any], notes: list[str]) -> None:
@@ -238,8 +240,9 @@ class ForeignSource:
         return OptimizerSpec(cls=cls, groups=tuple(specs), state=state, inferred=how, positional=True)
 
     @classmethod
-    def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> ForeignSource:
-        obj = _load(uri, storage_options)
+    def open(cls, store: Store) -> TorchSaveSource:
+        uri = store.uri
+        obj = _load(store)
         if _is_state_dict(obj):
             model, notes = _strip_prefixes(obj)
             return cls(uri, model, None, None, None, {}, ["a bare model state_dict (torch.save)"] + notes)
@@ -259,28 +262,12 @@ class ForeignSource:
         extra = {str(k): v for k, v in obj.items() if isinstance(v, (int, float, str, bool)) and k != step_key}
         return cls(uri, model, opt, sched, step, extra, notes)
 
-    def reserve(self, params: set[str]) -> None:
-        """Nothing to make room for: the state is already in memory."""
-
-    def verify(self) -> None:
-        """Nothing more to check: the file was parsed whole, with weights_only=True, before planning."""
-
-    def prepare(self) -> None:
-        """Its values are already Python objects from the weights-only unpickler."""
-
-    def load_model(self, names: set[str]) -> None:
-        """Already in memory."""
-
-    def load_optimizer_state(self, params: set[str]) -> None:
-        """Already in memory."""
-
-    def copy_into(self, name: str, dest: torch.Tensor) -> None:
+    def tensor(self, name: str) -> torch.Tensor:
         src = self._model[name]
-        with torch.no_grad():
-            dest.detach().copy_(src)
         self.bytes_read += src.numel() * src.element_size()
+        return src
 
-    def state(self, param: str) -> dict[str, Any]:
+    def optimizer_state(self, param: str) -> dict[str, Any]:
         return dict(self._by_name[param])
 
     def group_hyperparams(self, index: int) -> dict[str, Any]:
@@ -289,11 +276,35 @@ class ForeignSource:
     def scheduler_state(self) -> Any:
         return self._scheduler
 
-    def rng_state(self) -> dict[str, Any] | None:
-        return None
-
     def extra(self) -> dict[str, Any]:
         return dict(self._extra)
 
+    def details(self) -> dict[str, Any]:
+        return {"kind": "torch.save"}
+
     def close(self) -> None:
         self._model = {}
+
+
+_ZIP = b"PK\x03\x04"  # a zip's first local file header; torch.save's first entry is ``<archive>/data.pkl``
+_PROTO = 0x80  # a pickle's first opcode (protocol 2 and later): the legacy torch.save format, or a bare pickle
+
+
+class TorchSaveReader:
+    """The registry's entry for plain torch.save files: recognised by their first bytes, never unpickled to be
+    recognised. A bare pickle counts too: opening it refuses anything but tensors and plain values, and says so."""
+
+    def detect(self, probe: Probe) -> bool:
+        if probe.kind != "file":
+            return False
+        head = probe.head()
+        if head.startswith(_ZIP) and len(head) >= 30:
+            name_len = int.from_bytes(head[26:28], "little")
+            return head[30:30 + name_len].endswith(b"data.pkl")
+        return len(head) >= 2 and head[0] == _PROTO and 2 <= head[1] <= 5
+
+    def open(self, store: Store, options: ReadOptions) -> TorchSaveSource:
+        return TorchSaveSource.open(store)
+
+
+READER = TorchSaveReader()

@@ -1,4 +1,8 @@
-"""The public entry points: plan() and resume() on a checkpoint URI, a root, or a torch.save file."""
+"""The public entry points: plan() and resume() on a checkpoint of any registered format, or a root.
+
+Which format a checkpoint is, and how it is read, is ``resumer.formats.registry``'s to say; a root of native
+checkpoints (the newest valid one is used) is checkpoint selection, ``resumer.checkpoints.catalog``'s.
+"""
 
 from __future__ import annotations
 
@@ -16,61 +20,68 @@ from resumer.checkpoints.catalog import list_checkpoints, quarantine, select
 from resumer.core.errors import CheckpointError
 from resumer.core.plan import Plan, Policy
 from resumer.core.reconcile import reconcile
-from resumer.formats.native.manifest import MANIFEST
-from resumer.formats.native.source import CheckpointSource, NativeSource
-from resumer.formats.native.verify import read_manifest
+from resumer.formats import registry
+from resumer.formats.native.source import NativeSource
+from resumer.formats.source import CheckpointSource, ReadOptions
 from resumer.runtime.apply import ResumeResult, commit, stage
 from resumer.runtime.capture import signature
-from resumer.storage.fs import get_fs, join
+from resumer.storage.store import STEP_DIR, Store
 
 logger = logging.getLogger(__name__)
 
 
-def open_source(checkpoint: str, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
+def open_source(checkpoint: str | Store, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
                 select_verified: bool = True, progress: Any = None) -> CheckpointSource:
-    """A checkpoint URI, a root (its newest valid checkpoint), or a plain torch.save file."""
-    return _open(checkpoint, storage_options, checksums=checksums, select_verified=select_verified,
+    """A checkpoint of any registered format (``resumer.formats.registry``), or a root (its newest valid
+    checkpoint); ``checkpoint`` is a URI (with ``storage_options``) or a Store."""
+    return _open(Store.of(checkpoint, storage_options), checksums=checksums, select_verified=select_verified,
                  progress=progress)[0]
 
 
-def _open(checkpoint: str, storage_options: dict[str, Any] | None, *, checksums: bool, select_verified: bool = True,
-          progress: Any = None, defer: bool = False,
-          passed_over: Mapping[str, str] | None = None) -> tuple[CheckpointSource, bool]:
+def _open(store: Store, *, checksums: bool, select_verified: bool = True, progress: Any = None,
+          defer: bool = False, passed_over: Mapping[str, str] | None = None) -> tuple[CheckpointSource, bool]:
     """``open_source``, and whether the source was chosen from a root.
 
     ``defer``: choose a root's checkpoint by its manifest and file sizes only; its checksums are then
     checked as it is read (one pass instead of two), and a caller that finds it bad passes it over
     (``passed_over``: URI -> why) and asks again.
     """
-    checkpoint = str(checkpoint)
-    fs, path = get_fs(checkpoint, storage_options)
-    if fs.isfile(path):
-        if path.endswith(f"/{MANIFEST}") or path == MANIFEST:
-            return _open(checkpoint.rsplit("/", 1)[0], storage_options, checksums=checksums, progress=progress)
-        from resumer.formats.torch_save import ForeignSource
+    options = ReadOptions(checksums=checksums, progress=progress)
+    found = registry.detect(store)
+    if found is not None:
+        return registry.open(store, options, format=found), False
+    if not store.isdir():
+        if store.exists():
+            raise registry.unrecognised(store)
+        raise CheckpointError(f"No checkpoint at {store.uri}: the path does not exist.", uri=store.uri)
+    return _open_root(store, options, select_verified=select_verified, defer=defer, passed_over=passed_over), True
 
-        return ForeignSource.open(checkpoint, storage_options), False
-    if fs.exists(join(path, MANIFEST)):
-        return NativeSource(read_manifest(checkpoint, storage_options), storage_options, checksums=checksums,
-                            progress=progress), False
-    if not fs.exists(path):
-        raise CheckpointError(f"No checkpoint at {checkpoint}: the path does not exist.", uri=checkpoint)
+
+def _open_root(store: Store, options: ReadOptions, *, select_verified: bool, defer: bool,
+               passed_over: Mapping[str, str] | None) -> CheckpointSource:
+    """The newest committed (and, with ``select_verified``, verified) native checkpoint under the root ``store``."""
+    root = store.uri
     if select_verified:
-        info = select(checkpoint, storage_options=storage_options, checksums=checksums and not defer,
-                      progress=progress, exclude=passed_over).chosen
+        info = select(root, storage_options=store.options, checksums=options.checksums and not defer,
+                      progress=options.progress, exclude=passed_over).chosen
     else:
-        infos = list_checkpoints(checkpoint, storage_options=storage_options)
+        infos = list_checkpoints(root, storage_options=store.options)
         info = infos[0] if infos else None
     if info is None:
-        has_data = any(str(p).endswith(".safetensors") for p in fs.ls(path, detail=False))
-        why = ("it holds data files but no manifest.json: a torn checkpoint (the writer stopped before committing)"
-               if has_data else "no committed, valid checkpoint lies under it")
+        names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in store.ls()]
         if passed_over:
             why = f"every committed checkpoint failed verification ({len(passed_over)} passed over; see the log)"
-        raise CheckpointError(f"Cannot resume from {checkpoint}: {why}. Nothing was loaded or deleted.",
-                              uri=checkpoint)
-    return NativeSource(info.manifest, storage_options, checksums=checksums, progress=progress,
-                        verified=select_verified and not defer), True
+        elif any(n.endswith(".safetensors") for n in names):
+            why = "it holds data files but no manifest.json: a torn checkpoint (the writer stopped before committing)"
+        elif any(STEP_DIR.match(n) for n in names):
+            why = "no committed, valid checkpoint lies under it"
+        else:
+            raise registry.unrecognised(store, "it is no checkpoint of a known format, and no root of resumer "
+                                               "checkpoints (no step-N directory under it)")
+        raise CheckpointError(f"Cannot resume from {root}: {why}. Nothing was loaded or deleted.", uri=root)
+    return NativeSource(info.manifest, store=store.child(info.uri.rstrip("/").rsplit("/", 1)[-1]),
+                        checksums=options.checksums, progress=options.progress,
+                        verified=select_verified and not defer)
 
 
 def plan(checkpoint: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
@@ -115,13 +126,14 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
     Raises PlanRefused (with ``.plan``) when the plan is not ok under ``policy``, and CheckpointError
     when the checkpoint is torn, corrupt or unsafe; in both cases nothing was changed.
     """
+    store = Store.open(checkpoint_or_root, storage_options)
     passed_over: dict[str, str] = {}
     while True:
-        source, from_root = _open(checkpoint_or_root, storage_options, checksums=verify, progress=progress,
-                                  defer=True, passed_over=passed_over)
+        source, from_root = _open(store, checksums=verify, progress=progress, defer=True, passed_over=passed_over)
         try:
-            # Leased for the whole read, so retention cannot delete it under us (see resumer.checkpoints.lease.reading).
-            guard = (lease.reading(source.uri, storage_options) if isinstance(source, NativeSource)
+            # Retention manages native checkpoints: one is leased for the whole read, so a prune cannot delete it
+            # under us (see resumer.checkpoints.lease.reading). Other formats are not retention's to delete.
+            guard = (lease.reading(source.uri, store.options) if source.format == registry.NATIVE
                      else contextlib.nullcontext())
             with guard:
                 the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
@@ -137,7 +149,7 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
                     # Nothing live was touched yet: mark it (never delete) and take the next newest.
                     logger.warning("[select] passed over %s: %s", source.uri, exc)
                     if exc.quarantine:  # not for what a newer resumer can read, or a copied step dir
-                        quarantine(source.uri, str(exc), storage_options)
+                        quarantine(source.uri, str(exc), store.options)
                     passed_over[source.uri] = str(exc)
                     continue
                 return commit(staged, model, optimizer, scheduler)

@@ -1,19 +1,19 @@
 """apply: execute a Plan on live objects, in two steps, so a failed resume changes nothing.
 
-``stage`` does everything that can fail: the manifest's own consistency, file sizes, the saved values
-against the live objects (resumer.runtime.preflight), and the model tensors and carried optimizer state read
-into fresh memory, each file once, header checked and checksummed as it is read (model and optimizer
-side by side). ``commit`` then only copies memory: model tensors in place, the optimizer state re-keyed
-from saved names to the current optimizer's positions, scheduler and RNG. Storage that fails mid-read
-(a killed server) fails ``stage``, before anything live changed. The cost: fresh memory for the model
-tensors (the model's size) until ``commit`` has copied them.
+``stage`` does everything that can fail: the source's own checks (``prepare``: for the native format the
+manifest's consistency and file sizes), the saved values against the live objects (resumer.runtime.preflight),
+and the model tensors and carried optimizer state read into fresh memory (``load``: for the native format
+each file once, header checked and checksummed as it is read). ``commit`` then only copies memory: model
+tensors in place, the optimizer state re-keyed from saved names to the current optimizer's positions,
+scheduler and RNG. Storage that fails mid-read (a killed server) fails ``stage``, before anything live
+changed. The cost: fresh memory for the model tensors (the model's size) until ``commit`` has copied them.
+It works on any ``resumer.formats.source.CheckpointSource``: nothing here knows a format.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch import nn
 from resumer.core.errors import PlanRefused
 from resumer.core.plan import Action, Plan, Section
 from resumer.formats import rng
-from resumer.formats.native.source import CheckpointSource
+from resumer.formats.source import CheckpointSource
 from resumer.runtime import preflight
 from resumer.runtime.capture import live_tensors, optimizer_param_names
 
@@ -78,7 +78,7 @@ def stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer
         assert optimizer is not None
         preflight.check_groups(plan, source, optimizer)
     preflight.check_scheduler(plan, source, scheduler)
-    _stage(source, copies, carried)
+    source.load(copies, carried)
     return Staged(plan=plan, source=source, carry=carry, started=started)
 
 
@@ -88,9 +88,10 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
     plan, source = staged.plan, staged.source
     tensors = live_tensors(model)
     by_name = {lt.name: lt.tensor for lt in tensors}
-    for e in plan.section(Section.MODEL):
-        if e.copies:
-            source.copy_into(e.source or e.name, by_name[e.name])
+    with torch.no_grad():
+        for e in plan.section(Section.MODEL):
+            if e.copies:
+                by_name[e.name].detach().copy_(source.tensor(e.source or e.name))
     if staged.carry:
         assert optimizer is not None
         _apply_optimizer(plan, source, optimizer, {id(lt.tensor): lt.name for lt in tensors})
@@ -104,28 +105,6 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
     logger.info("%s", plan.summary())
     return ResumeResult(step=plan.step or 0, plan=plan, checkpoint=source.uri, bytes_read=source.bytes_read,
                         load_seconds=seconds, extra=source.extra())
-
-
-def _stage(source: CheckpointSource, copies: set[str], carried: set[str]) -> None:
-    """Read the model tensors and the carried optimizer state into fresh memory, side by side.
-
-    Neither touches the model, and the two read different files, so they overlap: storage stays busy
-    while the other side hashes or copies, and the state's memory is faulted in meanwhile (``reserve``).
-    Both must succeed; the model files' error is raised first when both fail.
-    """
-    if carried:
-        source.reserve(carried)
-    if not carried:
-        source.load_model(copies)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumer-load") as pool:
-        loaded = pool.submit(source.load_model, copies)
-        try:
-            source.load_optimizer_state(carried)
-        except BaseException:
-            loaded.result()  # the model files' verdict first: it names the file at fault when both are bad
-            raise
-        loaded.result()
 
 
 def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,
@@ -147,7 +126,7 @@ def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.opti
     state = {}
     for e in plan.section(Section.OPTIMIZER_STATE):
         if e.action is Action.CARRY and e.source is not None:
-            state[position[e.name]] = source.state(plan.state_key(e.source))
+            state[position[e.name]] = source.optimizer_state(plan.state_key(e.source))
     # load_state_dict matches this structure exactly (we built it from the live optimizer) and casts
     # state to each parameter's dtype and device, as torch does for any resume.
     optimizer.load_state_dict({"state": state, "param_groups": groups})

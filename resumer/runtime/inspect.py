@@ -1,4 +1,4 @@
-"""Summaries of a checkpoint, a root of checkpoints, or a torch.save file (for ``resumer inspect``)."""
+"""Summaries of a checkpoint of any registered format, or a root of checkpoints (for ``resumer inspect``)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ from typing import Any
 
 from resumer.checkpoints.catalog import list_checkpoints
 from resumer.core.signature import Signature
-from resumer.formats.native.manifest import MANIFEST
-from resumer.formats.native.source import NativeSource
+from resumer.formats import registry
 from resumer.render.text import printable
 from resumer.runtime.api import open_source
-from resumer.storage.fs import get_fs, join
+from resumer.storage.store import Store
 
 
 def _signature_summary(sig: Signature) -> dict[str, Any]:
@@ -34,27 +33,20 @@ def _signature_summary(sig: Signature) -> dict[str, Any]:
 def inspect_checkpoint(uri: str, storage_options: dict[str, Any] | None = None, *, verify: bool = False
                        ) -> dict[str, Any]:
     """A JSON-ready summary; for a root, the committed checkpoints and the newest one's summary."""
-    fs, path = get_fs(uri, storage_options)
+    store = target = Store.open(uri, storage_options)
     info: dict[str, Any] = {"uri": uri}
-    if fs.isdir(path) and not fs.exists(join(path, MANIFEST)):
-        infos = list_checkpoints(uri, storage_options=storage_options)
+    if registry.detect(store) is None and store.isdir():  # a root: its checkpoints, and the newest one
+        infos = list_checkpoints(store.uri, storage_options=store.options)
         info["checkpoints"] = [{"uri": i.uri, "step": i.step, "time": i.time, "bytes": i.total_bytes} for i in infos]
         if not infos:
-            open_source(uri, storage_options, checksums=False)  # raises the clear "nothing committed here"
+            open_source(store, checksums=False)  # raises the clear "nothing committed here"
             return info
-        uri = infos[0].uri
-    source = open_source(uri, storage_options, checksums=verify, select_verified=False)
+        target = store.child(infos[0].uri.rstrip("/").rsplit("/", 1)[-1])
+    source = open_source(target, checksums=verify, select_verified=False)
     try:
-        if verify:
-            source.verify()
-        summary = {"checkpoint": source.uri, **_signature_summary(source.signature)}
-        if isinstance(source, NativeSource):
-            m = source.manifest
-            summary.update(kind="resumer", format_version=m.raw.get("version"), time=m.time,
-                           files=[f.to_dict() for f in m.files], total_bytes=m.total_bytes, code=m.code,
-                           world=m.raw.get("world"), extra=source.extra(), verified=verify)
-        else:
-            summary.update(kind="torch.save", extra=source.extra(), verified=False)
+        verified = source.verify() if verify else False
+        summary = {"checkpoint": source.uri, "format": source.format, **_signature_summary(source.signature),
+                   **source.details(), "extra": source.extra(), "verified": verified}
     finally:
         source.close()
     info.update(summary)

@@ -17,7 +17,7 @@ from torch import nn
 
 from resumer.core.errors import CheckpointError
 from resumer.core.plan import Action, Plan, Section
-from resumer.formats.native.source import CheckpointSource
+from resumer.formats.source import CheckpointSource
 from resumer.runtime.capture import live_tensors
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import resumer
-import resumer.formats.native.source
+import resumer.storage.store
 import resumer.storage.transfer
 from resumer import examples as ex
 
@@ -231,7 +231,7 @@ def test_each_data_file_is_opened_and_read_once(tmp_path: Path, monkeypatch: pyt
         return real(fs, path, size)
 
     monkeypatch.setattr(resumer.storage.transfer, "open_for_scan", counting)
-    monkeypatch.setattr(resumer.formats.native.source, "open_for_scan", counting)
+    monkeypatch.setattr(resumer.storage.store, "open_for_scan", counting)  # Store.open_read
     seen: list[int] = []
     live = Live()
     res = resumer.resume(uri, live.model, live.opt, live.sched, progress=seen.append)

@@ -68,10 +68,11 @@ class NativeSource(CheckpointSource):
         self._verified = verified  # selection already checked it this way: do not hash it all twice
         self._reserved: tuple[frozenset[str], FreshTensors] | None = None  # see reserve()
 
-    def verify(self) -> None:
+    def verify(self) -> bool:
         """Sizes of every file; headers and checksums (unless turned off) of every file, read whole."""
         if not self._verified:
             verify(self.manifest, store=self.store, checksums=self.checksums, progress=self.progress)
+        return self.checksums
 
     def _locs(self, wanted: set[str], locations: dict[str, TensorLocation], *,
               whole: set[str] | None = None) -> Layout:

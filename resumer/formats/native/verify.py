@@ -9,29 +9,28 @@ from resumer.core.errors import CheckpointError
 from resumer.formats.native.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, oversized, parse
 from resumer.formats.native.safetensors_io import header_and_checksum
 from resumer.storage import retry
-from resumer.storage.fs import get_fs, is_local, join
-from resumer.storage.store import read_bytes
-from resumer.storage.transfer import open_for_scan
+from resumer.storage.store import Store
 
 
-def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, *, size: int | None = None) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``uri`` (reads no tensor bytes).
+def read_manifest(uri: str | Store, storage_options: dict[str, Any] | None = None, *,
+                  size: int | None = None) -> Manifest:
+    """Read and validate the manifest of the checkpoint at ``uri`` (a URI or a Store; reads no tensor bytes).
 
     The size limit holds before anything is read: ``size`` (the manifest's size as listed, when the caller
     has a listing) or a stat on a local disk is checked first; elsewhere at most one byte more than the limit
     is read.
     """
-    fs, path = get_fs(uri, storage_options)
-    mpath = join(path, MANIFEST)
+    store = Store.of(uri, storage_options)
+    uri = store.uri
     try:
-        if size is None and is_local(fs):
-            size = int(fs.size(mpath))
+        if size is None and store.local:
+            size = store.size(MANIFEST)
         if size is not None and size > MAX_MANIFEST_BYTES:
             raise oversized(uri, size)
         # One byte more than expected: a file that grew since it was listed is seen to be longer, and refused.
-        data = read_bytes(fs, mpath, uri, limit=(MAX_MANIFEST_BYTES if size is None else size) + 1)
+        data = store.read(MANIFEST, limit=(MAX_MANIFEST_BYTES if size is None else size) + 1)
     except FileNotFoundError:
-        if fs.exists(path) and fs.isdir(path):
+        if store.isdir():
             raise CheckpointError(f"{uri} has no {MANIFEST}: it is a torn checkpoint (the writer stopped before "
                                   "committing) or not a checkpoint. It is not used and nothing was deleted.",
                                   uri=uri) from None
@@ -39,20 +38,20 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, *, si
     return parse(data, uri)
 
 
-def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
-           progress: Any = None, sizes: dict[str, int] | None = None,
+def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None, *, store: Store | None = None,
+           checksums: bool = True, progress: Any = None, sizes: dict[str, int] | None = None,
            checksum_files: set[str] | None = None) -> None:
     """Check the checkpoint's files against its manifest; CheckpointError names the first problem.
 
-    Sizes always (from ``sizes``, a listing already made, when given). With ``checksums`` also every
+    ``store``: the checkpoint's location (opened from ``manifest.uri`` and ``storage_options`` when not
+    given). Sizes always (from ``sizes``, a listing already made, when given). With ``checksums`` also every
     safetensors header and every byte's checksum (a full read) of every file, or of ``checksum_files``
     only (the caller checksums the others while it reads them).
     """
-    fs, path = get_fs(manifest.uri, storage_options)
+    store = store if store is not None else Store.open(manifest.uri, storage_options)
     for entry in manifest.files:
-        fpath = join(path, entry.path)
-        furi = join(manifest.uri, entry.path)
-        size = sizes.get(entry.path) if sizes is not None else _size(fs, fpath, furi)
+        furi = store.uri_of(entry.path)
+        size = sizes.get(entry.path) if sizes is not None else _size(store, entry.path)
         if size is None:
             raise CheckpointError(f"{furi} is missing: the checkpoint is incomplete. Nothing was loaded.",
                                   uri=manifest.uri)
@@ -60,21 +59,21 @@ def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None, *,
             raise CheckpointError(f"{furi} has {size} bytes, the manifest says {entry.size}: the file is truncated "
                                   "or was replaced. Nothing was loaded.", uri=manifest.uri)
         if checksums and (checksum_files is None or entry.path in checksum_files):
-            def check(e: Any = entry, fp: str = fpath, fu: str = furi, n: int = size) -> None:
-                _check_file(fs, fp, fu, n, e, manifest, progress)
+            def check(e: Any = entry, fu: str = furi, n: int = size) -> None:
+                _check_file(store, fu, n, e, manifest, progress)
 
             retry.call(check, what="verifying", uri=furi)
 
 
-def _size(fs: Any, fpath: str, furi: str) -> int | None:
+def _size(store: Store, name: str) -> int | None:
     try:
-        return int(retry.call(lambda: fs.size(fpath), what="stat", uri=furi))
+        return store.size(name)
     except FileNotFoundError:
         return None
 
 
-def _check_file(fs: Any, fpath: str, furi: str, size: int, entry: Any, manifest: Manifest, progress: Any) -> None:
-    with open_for_scan(fs, fpath, size) as f:
+def _check_file(store: Store, furi: str, size: int, entry: Any, manifest: Manifest, progress: Any) -> None:
+    with store.open_read(entry.path, size=size) as f:
         header, got = header_and_checksum(f, size, furi, progress)
     if got != entry.checksum:
         raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed after "
