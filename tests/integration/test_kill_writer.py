@@ -25,7 +25,7 @@ from writer_script import state_for
 import resumer
 
 WRITER = os.path.join(os.path.dirname(__file__), "writer_script.py")
-TRIALS = 6  # kills at random points; more (up to MAX_TRIALS) until one has landed inside a save
+TRIALS = 3  # kills at random points; more (up to MAX_TRIALS) until one has landed inside a save
 MAX_TRIALS = 20
 MAX_DELAY_S = 0.6
 
