@@ -9,16 +9,16 @@ plus AdamW state (``exp_avg``, ``exp_avg_sq``, ``step``) for every parameter. It
 Measured (median of ``--runs`` runs, milliseconds):
 
 * ``reconcile``: ``resumer.reconcile(saved, current, "strict")`` on in-memory Signatures;
-* ``read_manifest`` + ``signature`` + ``reconcile``: what ``resumer.core.plan`` does, step by step;
+* ``read_manifest`` + ``signature`` + ``reconcile``: what ``resumer.plan`` does, step by step;
 * ``resumer.plan(uri, model, optimizer)``: the public call end to end;
 * ``reconcile_refused``: the saved side against code with one layer fewer (refused under ``strict``, so
   the suggestion search re-plans under the other policies and renames).
 
 Proof that no tensor byte is read: the data files do not exist, every file opened during one
-``resumer.core.plan`` call is recorded, and the bytes read by the process (``rchar`` in /proc/self/io) are
+``resumer.plan`` call is recorded, and the bytes read by the process (``rchar`` in /proc/self/io) are
 compared with the manifest's size.
 
-Target: the manifest path (read + signature + reconcile), ``resumer.core.plan`` and the refused reconcile each
+Target: the manifest path (read + signature + reconcile), ``resumer.plan`` and the refused reconcile each
 take under 100 ms (median).
 Run: ``python bench/plan_70b.py [--runs N] [--json] [--no-check]``.
 """
@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import resumer
 from resumer.core.signature import OptimizerSpec, ParamState, Signature, StateEntry, dtype_size
+from resumer.formats import rng
 from resumer.formats.native.manifest import FORMAT, FORMAT_VERSION, MANIFEST, dumps, state_key
 from resumer.formats.native.safetensors_io import CHECKSUM_ALGO
-from resumer.runtime import rng
 
 TARGET_MS = 100.0
 STEP = 120_000
@@ -204,7 +204,7 @@ def recording_opens() -> Iterator[list[str]]:
 
 
 def io_proof(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Run resumer.core.plan once while recording opened files and syscall read bytes."""
+    """Run resumer.plan once while recording opened files and syscall read bytes."""
     before = rchar()
     with recording_opens() as opened:
         resumer.plan(uri, model, optimizer)
@@ -235,7 +235,7 @@ def measure(runs: int) -> dict[str, Any]:
             "read_manifest": median_ms(lambda: resumer.read_manifest(uri), runs),
             "signature": median_ms(lambda: resumer.signature(model, optimizer), runs),
             "manifest_path_total": median_ms(manifest_path, runs),
-            "resumer.core.plan": median_ms(lambda: resumer.plan(uri, model, optimizer), runs),
+            "resumer.plan": median_ms(lambda: resumer.plan(uri, model, optimizer), runs),
         }
         proof = io_proof(uri, model, optimizer)
     changed = resumer.signature(*build_meta(LAYERS - 1))
@@ -263,7 +263,7 @@ def failures(r: dict[str, Any]) -> list[str]:
                    f"optimizer carried {r['optimizer_carried']} of {r['tensors']}")
     if r["refused_case"]["ok"]:
         out.append("the plan for code with one layer fewer was not refused")
-    for key in ("manifest_path_total", "resumer.core.plan", "reconcile_refused"):
+    for key in ("manifest_path_total", "resumer.plan", "reconcile_refused"):
         if r["median_ms"][key] >= TARGET_MS:
             out.append(f"{key} median {r['median_ms'][key]} ms >= {TARGET_MS} ms")
     io_ = r["io"]
@@ -293,7 +293,7 @@ def summary(r: dict[str, Any], missed: list[str]) -> str:
         f"  I/O of one resumer.plan: files opened {io_['files_opened']}",
         f"    bytes read by syscalls {io_['bytes_read_by_syscalls']} (manifest {r['manifest_bytes']}); "
         f"data files present: {io_['data_files_present'] or 'none'}; tensor bytes read: {io_['tensor_bytes_read']}",
-        f"  target: manifest path, resumer.core.plan and the refused reconcile < {TARGET_MS:.0f} ms: "
+        f"  target: manifest path, resumer.plan and the refused reconcile < {TARGET_MS:.0f} ms: "
         + ("MET" if not missed else "MISSED"),
     ]
     lines += [f"  - {m}" for m in missed]

@@ -326,7 +326,7 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
         ray_cluster: None, tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, v1: str, v2: str) -> None:
     """The shipped jobs/ examples: a v1 checkpoint at step 4, then its v2 resubmitted on 2 Ray workers under
     each policy (each from a copy of the same v1 root): refused before anything launches, or resumed with
-    exactly the plan an offline ``resumer.core.plan`` makes, training on from step 5."""
+    exactly the plan an offline ``resumer.plan`` makes, training on from step 5."""
     import shutil
 
     from resumer.jobs.attempt import ENV, AttemptConfig
