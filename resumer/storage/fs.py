@@ -42,6 +42,11 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
+def basename(uri: str) -> str:
+    """The last component of a URI or path (``step-0000000012`` for ``s3://runs/a/step-0000000012/``)."""
+    return uri.rstrip("/").rpartition("/")[2]
+
+
 def protocols(fs: Any) -> set[str]:
     protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     return set(protocol)

@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from resumer.core.errors import UsageError
 from resumer.storage import retry
-from resumer.storage.fs import get_fs, is_local, join, protocols
+from resumer.storage.fs import basename, get_fs, is_local, join, protocols
 from resumer.storage.transfer import open_for_scan
 
 logger = logging.getLogger(__name__)
@@ -142,9 +143,10 @@ def fsync_dir(path: str) -> None:
 class Store:
     """One storage location: its URI, the fsspec filesystem and path it resolves to, and the options used.
 
-    Made once at the edge (``Store.open``) and handed to whoever reads or writes; ``child`` names a
-    location below it on the same filesystem, with no second resolution. Options are never shown (they
-    can hold credentials).
+    Made once at the edge (``Store.open``, or ``Store.of`` for an argument that may already be one) and
+    handed to whoever reads or writes; ``child`` names a location below it on the same filesystem, with no
+    second resolution. Options are never shown (they can hold credentials). Calls that can fail transiently
+    are retried (``resumer.storage.retry``); FileNotFoundError always passes through at once.
     """
 
     uri: str
@@ -159,9 +161,34 @@ class Store:
         fs, path = get_fs(uri, storage_options)
         return cls(uri=uri, fs=fs, path=path, options=storage_options)
 
+    @classmethod
+    def of(cls, root: str | Store, storage_options: dict[str, Any] | None = None) -> Store:
+        """``root`` as a store: a Store as it is, a URI opened with ``storage_options``.
+
+        Raises:
+            UsageError: ``root`` is a Store and other storage options are given too (they would be ignored).
+        """
+        if not isinstance(root, Store):
+            return cls.open(root, storage_options)
+        if storage_options and storage_options != root.options:
+            raise UsageError(f"Storage options were given with a Store for {root.uri}; a Store already holds its "
+                             "options. Pass either a URI and storage options, or a Store alone.")
+        return root
+
     def child(self, *parts: str) -> Store:
         """The location ``parts`` below this one (same filesystem and options)."""
         return Store(uri=join(self.uri, *parts), fs=self.fs, path=join(self.path, *parts), options=self.options)
+
+    def parent(self) -> Store:
+        """The location one level up (same filesystem and options)."""
+        uri, path = self.uri.rstrip("/").rpartition("/")[0], self.path.rstrip("/").rpartition("/")[0]
+        return Store(uri=uri, fs=self.fs, path=path or ("/" if self.path.startswith("/") else ""),
+                     options=self.options)
+
+    @property
+    def name(self) -> str:
+        """The last component of the URI (``step-0000000012`` for ``s3://runs/a/step-0000000012``)."""
+        return basename(self.uri)
 
     def uri_of(self, *parts: str) -> str:
         return join(self.uri, *parts) if parts else self.uri
@@ -174,13 +201,16 @@ class Store:
         return is_local(self.fs)
 
     def exists(self, *parts: str) -> bool:
-        return bool(self.fs.exists(self.path_of(*parts)))
+        path = self.path_of(*parts)
+        return bool(retry.call(lambda: self.fs.exists(path), what="checking", uri=self.uri_of(*parts)))
 
     def isfile(self, *parts: str) -> bool:
-        return bool(self.fs.isfile(self.path_of(*parts)))
+        path = self.path_of(*parts)
+        return bool(retry.call(lambda: self.fs.isfile(path), what="checking", uri=self.uri_of(*parts)))
 
     def isdir(self, *parts: str) -> bool:
-        return bool(self.fs.isdir(self.path_of(*parts)))
+        path = self.path_of(*parts)
+        return bool(retry.call(lambda: self.fs.isdir(path), what="checking", uri=self.uri_of(*parts)))
 
     def size(self, *parts: str) -> int:
         """The size in bytes, with retries. FileNotFoundError passes through."""
@@ -190,6 +220,15 @@ class Store:
     def ls(self, *parts: str, detail: bool = False) -> list[Any]:
         path = self.path_of(*parts)
         return list(retry.call(lambda: self.fs.ls(path, detail=detail), what="listing", uri=self.uri_of(*parts)))
+
+    def find(self) -> dict[str, dict[str, Any]]:
+        """Every file below this location (full path -> fsspec info) from one recursive listing."""
+        base = self.path.rstrip("/")
+        return dict(retry.call(lambda: self.fs.find(base, detail=True), what="listing", uri=self.uri))
+
+    def invalidate_cache(self, *parts: str) -> None:
+        """Forget cached listings here: a file another process made a moment ago must show in the next one."""
+        self.fs.invalidate_cache(self.path_of(*parts))
 
     def read(self, *parts: str, limit: int | None = None) -> bytes:
         """A whole small object (or its first ``limit`` bytes), with retries."""
@@ -208,3 +247,41 @@ class Store:
 
     def create(self, *parts: str) -> contextlib.AbstractContextManager[BinaryIO]:
         return create_file(self.fs, self.path_of(*parts))
+
+    def makedirs(self, *parts: str) -> None:
+        """Create the directory (and its parents) if missing; object stores need none, and do nothing."""
+        path = self.path_of(*parts)
+        retry.call(lambda: self.fs.makedirs(path, exist_ok=True), what="creating", uri=self.uri_of(*parts))
+
+    def move(self, src: str, dst: str, *, what: str = "moving") -> None:
+        """Rename ``src`` to ``dst`` (both below this location), with retries; ``what`` names it in errors."""
+        a, b = self.path_of(src), self.path_of(dst)
+        retry.call(lambda: self.fs.mv(a, b), what=what, uri=self.uri_of(src))
+
+    def rm(self, *parts: str, missing_ok: bool = False, what: str = "removing") -> None:
+        """Remove one file (a symlink itself, never what it points to), with retries.
+
+        Raises:
+            FileNotFoundError: nothing is there, unless ``missing_ok`` (S3 never says so: it deletes nothing).
+        """
+        path = self.path_of(*parts)
+        try:
+            retry.call(lambda: self.fs.rm_file(path), what=what, uri=self.uri_of(*parts))
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def rmdir_if_empty(self, *parts: str) -> bool:
+        """Remove the directory if it is there and empty; whether it did. Local folders and memory:// keep
+        empty directories, object stores have none. Tidying only: one try, OSError passes through."""
+        path = self.path_of(*parts)
+        if self.fs.exists(path) and not self.fs.ls(path, detail=False):
+            self.fs.rmdir(path)
+            return True
+        return False
+
+    def fsync_dir(self, *parts: str) -> None:
+        """Make a local directory's entries durable (files created, renamed or removed in it); elsewhere there
+        is nothing to sync (object stores have no directory entries, each PUT is durable on its own)."""
+        if self.local:
+            fsync_dir(self.path_of(*parts) or "/")

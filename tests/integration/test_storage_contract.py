@@ -29,6 +29,8 @@ from torch import nn
 
 import resumer
 from resumer import examples
+from resumer.storage.fs import basename
+from resumer.storage.store import Store
 
 Backend = tuple[str, "dict[str, Any] | None"]
 
@@ -302,6 +304,39 @@ def test_a_step_committed_by_another_writer_is_seen(backend: Backend, request: p
         fresh, fresh_opt = _fresh()
         assert resumer.resume(target, fresh, fresh_opt, storage_options=options).checkpoint == uri2
         _assert_holds(fresh, fresh_opt, _state(model, opt), assert_same_tree)
+
+
+# ------------------------------------------------------------------------------------------------ the Store
+
+
+def test_store_primitives_behave_alike_on_every_backend(backend: Backend) -> None:
+    """What the checkpoint modules rely on from a Store, the same on a local folder, memory:// and S3."""
+    root, options = backend
+    store = Store.open(root, options)
+    step = store.child("step-0000000001")
+    assert (step.uri, step.name, step.parent().uri, step.parent().path) == (
+        f"{root.rstrip('/')}/step-0000000001", "step-0000000001", store.uri, store.path.rstrip("/"))
+    step.makedirs()
+    step.write_atomic("a.bin", data=b"abc")
+    step.commit("manifest.json", data=b"{}")
+    step.commit("manifest.json", data=b"{}")  # the same bytes again: a retried PUT that had landed
+    with pytest.raises(FileExistsError):
+        step.commit("manifest.json", data=b"{ }")  # exclusive: another writer's commit is never replaced
+    assert step.read("manifest.json") == b"{}" and step.read("a.bin", limit=2) == b"ab"
+    assert step.size("a.bin") == 3 and step.exists("a.bin") and step.isfile("a.bin") and step.isdir()
+    assert not step.exists("b.bin")
+    step.move("a.bin", "b.bin", what="renaming")
+    assert sorted(basename(n) for n in step.ls()) == ["b.bin", "manifest.json"]
+    found = {p[len(store.path.rstrip("/")):]: info["size"] for p, info in store.find().items()}
+    assert found == {"/step-0000000001/b.bin": 3, "/step-0000000001/manifest.json": 2}
+    step.rm("a.bin", missing_ok=True)  # gone already (S3 never says so; the others raise FileNotFoundError)
+    assert not step.rmdir_if_empty()  # not empty: kept
+    step.fsync_dir()  # a no-op off local disks
+    step.rm("b.bin")
+    step.rm("manifest.json")
+    step.rmdir_if_empty()
+    store.invalidate_cache()
+    assert store.find() == {} and not step.exists("manifest.json")
 
 
 # ------------------------------------------------------------------------------------------------ secrets
