@@ -22,9 +22,8 @@ from resumer.core.errors import CheckpointError, TransientStorageError
 from resumer.formats.jsonvalue import strict_loads
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE, Manifest
 from resumer.formats.native.verify import read_manifest, verify
-from resumer.storage import retry
-from resumer.storage.fs import get_fs, join
-from resumer.storage.store import STEP_DIR, read_bytes, write_bytes_atomic
+from resumer.storage.fs import basename
+from resumer.storage.store import STEP_DIR, Store
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +35,11 @@ class Candidate:
     step: int
     uri: str
     sizes: dict[str, int]
+
+    @property
+    def name(self) -> str:
+        """The directory's name under the root (``step-0000001200``)."""
+        return basename(self.uri)
 
     @property
     def committed(self) -> bool:
@@ -85,12 +89,12 @@ class Selection:
     manifests_read: int = 0
 
 
-def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Candidate]:
+def scan(root: str | Store, storage_options: dict[str, Any] | None = None) -> list[Candidate]:
     """Every ``step-N`` directory under ``root``, newest first, from ONE recursive listing."""
-    fs, path = get_fs(root, storage_options)
-    base = path.rstrip("/")
+    store = Store.of(root, storage_options)
+    base = store.path.rstrip("/")
     try:
-        found = retry.call(lambda: fs.find(base, detail=True), what="listing", uri=root)
+        found = store.find()
     except FileNotFoundError:
         return []
     by_dir: dict[str, dict[str, int]] = {}
@@ -99,7 +103,7 @@ def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Candi
         parts = rel.split("/")
         if len(parts) == 2 and STEP_DIR.match(parts[0]) and info.get("type", "file") != "directory":
             by_dir.setdefault(parts[0], {})[parts[1]] = int(info.get("size") or 0)
-    out = [Candidate(step=int(STEP_DIR.match(d).group(1)), uri=join(root, d), sizes=sizes)  # type: ignore[union-attr]
+    out = [Candidate(step=int(STEP_DIR.match(d).group(1)), uri=store.uri_of(d), sizes=sizes)  # type: ignore[union-attr]
            for d, sizes in by_dir.items()]
     return sorted(out, key=lambda c: c.step, reverse=True)
 
@@ -113,12 +117,11 @@ def misplaced(uri: str, dir_step: int, manifest_step: int) -> str:
             "renamed?). It is not used and not marked; move it back to its step's directory name to use it.")
 
 
-def quarantine_reason(candidate: Candidate, storage_options: dict[str, Any] | None = None) -> str:
+def quarantine_reason(checkpoint: Store) -> str:
     """The reason recorded in a checkpoint's quarantine mark; "unknown" when it cannot be read or makes no sense
     (the mark lies in storage like everything else: read a bounded amount, parse it strictly)."""
-    fs, path = get_fs(candidate.uri, storage_options)
     try:
-        data = read_bytes(fs, join(path, QUARANTINE), candidate.uri, limit=MAX_QUARANTINE_BYTES)
+        data = checkpoint.read(QUARANTINE, limit=MAX_QUARANTINE_BYTES)
         record = strict_loads(data, max_cost=64 * MAX_QUARANTINE_BYTES)
     except (FileNotFoundError, ValueError):
         return "unknown"
@@ -126,19 +129,24 @@ def quarantine_reason(candidate: Candidate, storage_options: dict[str, Any] | No
     return reason if isinstance(reason, str) else "unknown"
 
 
-def list_checkpoints(root: str, *, storage_options: dict[str, Any] | None = None,
+def read_listed_manifest(store: Store, c: Candidate) -> Manifest:
+    """The manifest of a listed checkpoint under the root ``store``, held to its listed size."""
+    return read_manifest(c.uri, store.options, size=c.sizes[MANIFEST])
+
+
+def list_checkpoints(root: str | Store, *, storage_options: dict[str, Any] | None = None,
                      include_quarantined: bool = False) -> list[CheckpointInfo]:
     """Committed checkpoints under ``root``, newest first; directories without a valid manifest are skipped.
 
     Quarantined ones are left out unless ``include_quarantined`` (then ``.quarantine`` holds the reason).
     """
-    candidates = [c for c in scan(root, storage_options)
-                  if c.committed and (include_quarantined or not c.quarantined)]
+    store = Store.of(root, storage_options)
+    candidates = [c for c in scan(store) if c.committed and (include_quarantined or not c.quarantined)]
 
     def load(c: Candidate) -> CheckpointInfo | None:
-        reason = quarantine_reason(c, storage_options) if c.quarantined else None
+        reason = quarantine_reason(store.child(c.name)) if c.quarantined else None
         try:
-            m = read_manifest(c.uri, storage_options, size=c.sizes[MANIFEST])
+            m = read_listed_manifest(store, c)
             if m.step != c.step:
                 raise CheckpointError(misplaced(c.uri, c.step, m.step), uri=c.uri, quarantine=False)
         except CheckpointError as exc:
@@ -168,27 +176,28 @@ def health_problem(manifest: Manifest) -> str | None:
     return None
 
 
-def quarantine(uri: str, reason: str, storage_options: dict[str, Any] | None = None) -> None:
+def quarantine(checkpoint: str | Store, reason: str, storage_options: dict[str, Any] | None = None) -> None:
     """Mark a checkpoint as bad, with the reason. Never deletes anything; failures to mark are logged."""
-    fs, path = get_fs(uri, storage_options)
+    store = Store.of(checkpoint, storage_options)
     record = {"reason": reason, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     try:
-        write_bytes_atomic(fs, join(path, QUARANTINE), json.dumps(record).encode(), uri)
-        logger.warning("[quarantine] %s: %s", uri, reason)
+        store.write_atomic(QUARANTINE, data=json.dumps(record).encode())
+        logger.warning("[quarantine] %s: %s", store.uri, reason)
     except (OSError, TransientStorageError) as exc:
-        logger.warning("[quarantine] could not mark %s (%s): %s", uri, exc, reason)
+        logger.warning("[quarantine] could not mark %s (%s): %s", store.uri, exc, reason)
 
 
-def select(root: str, *, storage_options: dict[str, Any] | None = None, checksums: bool = True,
+def select(root: str | Store, *, storage_options: dict[str, Any] | None = None, checksums: bool = True,
            healthy: bool = False, mark: bool = True, progress: Any = None,
            exclude: Mapping[str, str] | None = None) -> Selection:
     """The newest committed, verified (and, if asked, healthy) checkpoint, with everything passed over.
 
     ``exclude`` maps URIs the caller already found bad to why; they are passed over with that reason.
     """
+    store = Store.of(root, storage_options)
     rejected: list[Rejected] = []
     reads = 0
-    for c in scan(root, storage_options):
+    for c in scan(store):
         if exclude and c.uri in exclude:
             rejected.append(Rejected(uri=c.uri, step=c.step, reason=exclude[c.uri]))
             continue
@@ -200,16 +209,16 @@ def select(root: str, *, storage_options: dict[str, Any] | None = None, checksum
             continue
         try:
             reads += 1
-            m = read_manifest(c.uri, storage_options, size=c.sizes[MANIFEST])
+            m = read_listed_manifest(store, c)
             if m.step != c.step:  # never the newest on the strength of its name alone; a copy is not corrupt
                 rejected.append(Rejected(uri=c.uri, step=c.step, reason=misplaced(c.uri, c.step, m.step),
                                          manifest_step=m.step))
                 continue
-            verify(m, storage_options, checksums=checksums, progress=progress, sizes=c.sizes)
+            verify(m, store.options, checksums=checksums, progress=progress, sizes=c.sizes)
         except CheckpointError as exc:
             rejected.append(Rejected(uri=c.uri, step=c.step, reason=str(exc)))
             if mark and exc.quarantine:  # a newer format is fine for a newer resumer: never marked corrupt
-                quarantine(c.uri, str(exc), storage_options)
+                quarantine(store.child(c.name), str(exc))
             continue
         problem = health_problem(m) if healthy else None
         if problem:
@@ -222,7 +231,7 @@ def select(root: str, *, storage_options: dict[str, Any] | None = None, checksum
     return Selection(chosen=None, rejected=tuple(rejected), manifests_read=reads)
 
 
-def latest_checkpoint(root: str, *, storage_options: dict[str, Any] | None = None, checksums: bool = True,
+def latest_checkpoint(root: str | Store, *, storage_options: dict[str, Any] | None = None, checksums: bool = True,
                       healthy: bool = False, progress: Any = None) -> CheckpointInfo | None:
     """The newest checkpoint under ``root`` that is committed AND verifies; falls back past bad ones."""
     return select(root, storage_options=storage_options, checksums=checksums, healthy=healthy,

@@ -36,9 +36,7 @@ from typing import Any
 
 from resumer.core.errors import CheckpointError, TransientStorageError, UsageError
 from resumer.formats.native.manifest import MANIFEST
-from resumer.storage import retry
-from resumer.storage.fs import get_fs, join
-from resumer.storage.store import STEP_DIR, read_bytes, write_bytes_atomic
+from resumer.storage.store import STEP_DIR, Store
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +100,24 @@ def split_checkpoint(checkpoint_uri: str) -> tuple[str, str]:
         uri = uri[: -len(MANIFEST) - 1]
     root, _, name = uri.rpartition("/")
     if not root or not STEP_DIR.match(name):
-        raise UsageError(f"Cannot lease {checkpoint_uri}: a lease names one checkpoint directory "
-                         "(ROOT/step-NNNNNNNNNN), not a root or a file. Lease the checkpoint you are about to read.")
+        raise _not_a_checkpoint(checkpoint_uri)
     return root, name
+
+
+def _not_a_checkpoint(uri: str) -> UsageError:
+    return UsageError(f"Cannot lease {uri}: a lease names one checkpoint directory (ROOT/step-NNNNNNNNNN), not a "
+                      "root or a file. Lease the checkpoint you are about to read.")
+
+
+def _locate(checkpoint: str | Store, storage_options: dict[str, Any] | None) -> tuple[Store, str]:
+    """(root store, step-dir name) of the checkpoint to lease; anything but a checkpoint directory is a UsageError."""
+    if not isinstance(checkpoint, Store):
+        root, name = split_checkpoint(checkpoint)
+        return Store.open(root, storage_options), name
+    store = Store.of(checkpoint, storage_options)
+    if not STEP_DIR.match(store.name):
+        raise _not_a_checkpoint(store.uri)
+    return store.parent(), store.name
 
 
 def default_holder() -> str:
@@ -112,13 +125,13 @@ def default_holder() -> str:
 
 
 @contextlib.contextmanager
-def hold(checkpoint_uri: str, storage_options: dict[str, Any] | None = None, *, ttl_s: float = DEFAULT_TTL_S,
-         holder: str | None = None) -> Iterator[Held]:
+def hold(checkpoint_uri: str | Store, storage_options: dict[str, Any] | None = None, *,
+         ttl_s: float = DEFAULT_TTL_S, holder: str | None = None) -> Iterator[Held]:
     """Hold a lease on ``checkpoint_uri`` for the duration of the block, renewed every ``ttl_s / 3``.
 
     Args:
-        checkpoint_uri: the checkpoint directory (``ROOT/step-N``) about to be read.
-        storage_options: fsspec options for the root.
+        checkpoint_uri: the checkpoint directory (``ROOT/step-N``) about to be read, or its Store.
+        storage_options: fsspec options for the root (with a URI).
         ttl_s: how long the lease lasts without renewal (how long a dead reader blocks retention).
         holder: who holds it, for humans; ``hostname:pid`` by default.
 
@@ -132,19 +145,18 @@ def hold(checkpoint_uri: str, storage_options: dict[str, Any] | None = None, *, 
     """
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0:
         raise UsageError(f"ttl_s must be a positive number of seconds, got {ttl_s!r}.")
-    root, name = split_checkpoint(checkpoint_uri)
-    fs, root_path = get_fs(root, storage_options)
+    root, name = _locate(checkpoint_uri, storage_options)
+    leases = root.child(LEASES)
     file = f"{name}.{uuid.uuid4().hex}.json"
-    path = join(root_path, LEASES, file)
     created = utcnow()
-    held = Held(Lease(step_dir=name, holder=holder or default_holder(), checkpoint=join(root, name),
+    held = Held(Lease(step_dir=name, holder=holder or default_holder(), checkpoint=root.uri_of(name),
                       created=_iso(created), expires=_iso(created + dt.timedelta(seconds=ttl_s)),
-                      uri=join(root, LEASES, file)))
-    retry.call(lambda: fs.makedirs(join(root_path, LEASES), exist_ok=True), what="creating", uri=root)
-    write_bytes_atomic(fs, path, json.dumps(held.lease.to_dict()).encode(), held.lease.uri)
+                      uri=leases.uri_of(file)))
+    leases.makedirs()
+    leases.write_atomic(file, data=json.dumps(held.lease.to_dict()).encode())
     logger.debug("[lease] took %s: %s", held.lease.uri, held.lease.describe())
     stop = threading.Event()
-    thread = threading.Thread(target=_renew_loop, args=(fs, path, held, ttl_s, stop), daemon=True,
+    thread = threading.Thread(target=_renew_loop, args=(leases, file, held, ttl_s, stop), daemon=True,
                               name=f"resumer-lease-{name}")
     thread.start()
     try:
@@ -153,7 +165,7 @@ def hold(checkpoint_uri: str, storage_options: dict[str, Any] | None = None, *, 
         stop.set()
         thread.join()  # a renewal in flight must land before the removal, or it would re-create the file
         try:
-            _remove(fs, path, held.lease.uri)
+            leases.rm(file)
             logger.debug("[lease] released %s", held.lease.uri)
         except FileNotFoundError:
             pass
@@ -163,7 +175,7 @@ def hold(checkpoint_uri: str, storage_options: dict[str, Any] | None = None, *, 
 
 
 @contextlib.contextmanager
-def reading(checkpoint_uri: str, storage_options: dict[str, Any] | None = None, *,
+def reading(checkpoint_uri: str | Store, storage_options: dict[str, Any] | None = None, *,
             ttl_s: float = DEFAULT_TTL_S) -> Iterator[Held | None]:
     """Lease a checkpoint whose manifest was already read, for the rest of the read (``resume`` uses it).
 
@@ -177,31 +189,29 @@ def reading(checkpoint_uri: str, storage_options: dict[str, Any] | None = None, 
     Yields:
         the ``Held`` lease, or None when none is held.
     """
-    root, name = str(checkpoint_uri).rstrip("/").rpartition("/")[::2]
+    uri = checkpoint_uri.uri if isinstance(checkpoint_uri, Store) else str(checkpoint_uri)
+    root, name = uri.rstrip("/").rpartition("/")[::2]
     if not root or not STEP_DIR.match(name):
         yield None
         return
+    checkpoint = Store.of(checkpoint_uri, storage_options)
     with contextlib.ExitStack() as stack:
         try:
-            held: Held | None = stack.enter_context(hold(checkpoint_uri, storage_options, ttl_s=ttl_s))
+            held: Held | None = stack.enter_context(hold(checkpoint, ttl_s=ttl_s))
         except (OSError, TransientStorageError) as exc:
-            logger.warning("[lease] reading %s without a lease (%s): a concurrent prune could remove it",
-                           checkpoint_uri, exc)
+            logger.warning("[lease] reading %s without a lease (%s): a concurrent prune could remove it", uri, exc)
             held = None
-        if held is not None:
-            fs, path = get_fs(checkpoint_uri, storage_options)
-            if not retry.call(lambda: fs.exists(join(path, MANIFEST)), what="checking", uri=checkpoint_uri):
-                raise CheckpointError(f"{checkpoint_uri} was removed by retention while it was being opened. "
-                                      "Nothing was loaded; resume again to pick the newest valid checkpoint.",
-                                      uri=checkpoint_uri)
+        if held is not None and not checkpoint.exists(MANIFEST):
+            raise CheckpointError(f"{uri} was removed by retention while it was being opened. "
+                                  "Nothing was loaded; resume again to pick the newest valid checkpoint.", uri=uri)
         yield held
 
 
-def _renew_loop(fs: Any, path: str, held: Held, ttl_s: float, stop: threading.Event) -> None:
+def _renew_loop(leases: Store, file: str, held: Held, ttl_s: float, stop: threading.Event) -> None:
     while not stop.wait(ttl_s / 3):
         lease = replace(held.lease, expires=_iso(utcnow() + dt.timedelta(seconds=ttl_s)))
         try:
-            write_bytes_atomic(fs, path, json.dumps(lease.to_dict()).encode(), lease.uri)
+            leases.write_atomic(file, data=json.dumps(lease.to_dict()).encode())
         except (OSError, TransientStorageError) as exc:
             held.error = exc
             logger.warning("[lease] could not renew %s (valid until %s): %s", lease.uri, held.lease.expires, exc)
@@ -210,13 +220,12 @@ def _renew_loop(fs: Any, path: str, held: Held, ttl_s: float, stop: threading.Ev
         held.renewals += 1
 
 
-def read_leases(root: str, storage_options: dict[str, Any] | None = None) -> list[Lease]:
+def read_leases(root: str | Store, storage_options: dict[str, Any] | None = None) -> list[Lease]:
     """Every readable lease file under ``root``, expired or not (fresh listing, no cache)."""
-    fs, root_path = get_fs(root, storage_options)
-    base = join(root_path.rstrip("/"), LEASES)
-    fs.invalidate_cache(base)  # a cached listing would hide a lease taken a moment ago
+    leases = Store.of(root, storage_options).child(LEASES)
+    leases.invalidate_cache()  # a cached listing would hide a lease taken a moment ago
     try:
-        names = retry.call(lambda: fs.ls(base, detail=False), what="listing", uri=join(root, LEASES))
+        names = leases.ls()
     except FileNotFoundError:
         return []
     out = []
@@ -225,9 +234,9 @@ def read_leases(root: str, storage_options: dict[str, Any] | None = None) -> lis
         m = _LEASE_FILE.match(file)
         if not m:
             continue  # temporary files of an atomic write, or foreign files
-        lease_uri = join(root, LEASES, file)
+        lease_uri = leases.uri_of(file)
         try:
-            raw = json.loads(read_bytes(fs, join(base, file), lease_uri))
+            raw = json.loads(leases.read(file))
             lease = Lease(step_dir=m.group(1), holder=str(raw["holder"]), checkpoint=str(raw["checkpoint"]),
                           created=str(raw.get("created", "")), expires=str(raw["expires"]), uri=lease_uri)
             _parse_time(lease.expires)  # a bad time is found here, not later in a comparison
@@ -241,7 +250,7 @@ def read_leases(root: str, storage_options: dict[str, Any] | None = None) -> lis
     return out
 
 
-def active_leases(root: str, storage_options: dict[str, Any] | None = None,
+def active_leases(root: str | Store, storage_options: dict[str, Any] | None = None,
                   now: dt.datetime | None = None) -> dict[str, list[Lease]]:
     """Step-dir name -> its unexpired leases under ``root``. Expired leases are ignored."""
     now = now or utcnow()
@@ -252,19 +261,20 @@ def active_leases(root: str, storage_options: dict[str, Any] | None = None,
     return out
 
 
-def sweep_expired(root: str, storage_options: dict[str, Any] | None = None, *, now: dt.datetime | None = None,
+def sweep_expired(root: str | Store, storage_options: dict[str, Any] | None = None, *, now: dt.datetime | None = None,
                   older_than_s: float = 3600.0) -> list[str]:
     """Remove lease files that expired more than ``older_than_s`` ago (crashed readers); returns their URIs.
 
     The margin keeps a lease whose holder's clock runs behind from being swept while still renewed.
     """
     now = now or utcnow()
-    fs, root_path = get_fs(root, storage_options)
+    store = Store.of(root, storage_options)
+    leases = store.child(LEASES)
     removed = []
-    for lease in read_leases(root, storage_options):
+    for lease in read_leases(store):
         if lease.expires_at + dt.timedelta(seconds=older_than_s) < now:
             try:
-                _remove(fs, join(root_path.rstrip("/"), LEASES, lease.uri.rsplit("/", 1)[-1]), lease.uri)
+                leases.rm(lease.uri.rsplit("/", 1)[-1])
             except FileNotFoundError:
                 continue
             except (OSError, TransientStorageError) as exc:
@@ -272,7 +282,3 @@ def sweep_expired(root: str, storage_options: dict[str, Any] | None = None, *, n
                 continue
             removed.append(lease.uri)
     return removed
-
-
-def _remove(fs: Any, path: str, uri: str) -> None:
-    retry.call(lambda: fs.rm_file(path), what="removing", uri=uri)

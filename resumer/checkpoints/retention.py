@@ -28,7 +28,6 @@ lead into it. Then, per checkpoint, in this order, and why:
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
@@ -40,9 +39,8 @@ from resumer.checkpoints.catalog import Candidate, CheckpointInfo, scan, select
 from resumer.checkpoints.lease import Lease, active_leases, sweep_expired
 from resumer.core.errors import CheckpointError, TransientStorageError, UsageError
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE, parse
-from resumer.storage import retry
-from resumer.storage.fs import get_fs, is_local, join
-from resumer.storage.store import STEP_DIR, read_bytes
+from resumer.storage.fs import basename, join
+from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +129,6 @@ class PruneResult:
                 "note": self.note, "decisions": [d.to_dict() for d in self.decisions]}
 
 
-def dir_name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
-
-
 def describe_leases(leases: Sequence[Lease]) -> str:
     last = max(leases, key=lambda lease: lease.expires_at)
     more = f" (and {len(leases) - 1} more)" if len(leases) > 1 else ""
@@ -167,7 +161,7 @@ def decide(candidates: Sequence[Candidate], policy: RetentionPolicy, newest_vali
             out.append(Decision(step=c.step, uri=c.uri, verdict=Verdict.KEEP, reason=suspicious[c.uri],
                                 bytes=sum(c.sizes.values())))
             continue
-        verdict, reason = _judge(c, policy, newest_valid_step, leased_dirs.get(dir_name(c.uri)) or (), rank)
+        verdict, reason = _judge(c, policy, newest_valid_step, leased_dirs.get(c.name) or (), rank)
         out.append(Decision(step=c.step, uri=c.uri, verdict=verdict, reason=reason, bytes=sum(c.sizes.values())))
     return out
 
@@ -196,14 +190,14 @@ def _judge(c: Candidate, policy: RetentionPolicy, newest: int | None, leases: Se
     return Verdict.DELETE, "outside the policy"
 
 
-def prune(root: str, policy: RetentionPolicy, *, storage_options: dict[str, Any] | None = None,
+def prune(root: str | Store, policy: RetentionPolicy, *, storage_options: dict[str, Any] | None = None,
           dry_run: bool = False, checksums: bool = True) -> PruneResult:
     """Delete the checkpoints under ``root`` that ``policy`` does not keep, safely (see the module doc).
 
     Args:
-        root: the checkpoint root (any fsspec URI).
+        root: the checkpoint root (any fsspec URI), or its Store.
         policy: what to keep.
-        storage_options: fsspec options.
+        storage_options: fsspec options (with a URI).
         dry_run: decide and report only; write and delete nothing (no quarantine marks either).
         checksums: verify the newest checkpoint's checksums (a full read) when finding the newest valid
             one; without, sizes only.
@@ -213,26 +207,24 @@ def prune(root: str, policy: RetentionPolicy, *, storage_options: dict[str, Any]
     """
     if not isinstance(policy, RetentionPolicy):
         raise UsageError(f"policy must be a RetentionPolicy, got {type(policy).__name__}.")
-    root = str(root)
+    store = Store.of(root, storage_options)
     # Select first: checkpoints it finds corrupt are quarantined, and the listing below shows them so.
-    chosen, suspicious = _newest_valid(root, storage_options, checksums=checksums, mark=not dry_run)
-    fs, root_path = get_fs(root, storage_options)
-    fs.invalidate_cache(root_path)
-    candidates = scan(root, storage_options)
+    chosen, suspicious = _newest_valid(store, checksums=checksums, mark=not dry_run)
+    store.invalidate_cache()
+    candidates = scan(store)
     newest = next((c for c in candidates if chosen is not None and c.uri == chosen.uri), None)
     note = None
     if newest is None:
-        note = f"no committed, verified checkpoint under {root}: nothing was deleted"
+        note = f"no committed, verified checkpoint under {store.uri}: nothing was deleted"
         logger.warning("[retention] %s", note)
     by_uri = {c.uri: c for c in candidates}
-    decisions = decide(candidates, policy, newest.step if newest else None, active_leases(root, storage_options),
-                       suspicious)
-    decisions = _second_look(decisions, by_uri, storage_options)
+    decisions = decide(candidates, policy, newest.step if newest else None, active_leases(store), suspicious)
+    decisions = _second_look(decisions, by_uri, store)
     final, deleted, failed = [], [], []
     for d in decisions:
         if d.delete and not dry_run:
             try:
-                d = _delete(by_uri[d.uri], d, root, storage_options)
+                d = _delete(by_uri[d.uri], d, store)
             except (OSError, TransientStorageError) as exc:
                 logger.warning("[retention] could not delete %s (the next prune finishes it): %s", d.uri, exc)
                 d = replace(d, verdict=Verdict.KEEP, reason=f"deletion failed: {exc}")
@@ -242,10 +234,10 @@ def prune(root: str, policy: RetentionPolicy, *, storage_options: dict[str, Any]
         final.append(d)
     if not dry_run:
         try:
-            sweep_expired(root, storage_options)
+            sweep_expired(store)
         except (OSError, TransientStorageError) as exc:  # tidying only: the deletions above stand
-            logger.warning("[retention] could not sweep expired leases under %s: %s", root, exc)
-    result = PruneResult(root=root, policy=policy, dry_run=dry_run, newest_valid=newest.uri if newest else None,
+            logger.warning("[retention] could not sweep expired leases under %s: %s", store.uri, exc)
+    result = PruneResult(root=store.uri, policy=policy, dry_run=dry_run, newest_valid=newest.uri if newest else None,
                          decisions=tuple(final), deleted=tuple(deleted),
                          bytes_freed=sum(d.bytes for d in final if d.delete and not dry_run), failed=tuple(failed),
                          note=note)
@@ -253,11 +245,10 @@ def prune(root: str, policy: RetentionPolicy, *, storage_options: dict[str, Any]
     return result
 
 
-def _newest_valid(root: str, storage_options: dict[str, Any] | None, *, checksums: bool, mark: bool
-                  ) -> tuple[CheckpointInfo | None, dict[str, str]]:
+def _newest_valid(store: Store, *, checksums: bool, mark: bool) -> tuple[CheckpointInfo | None, dict[str, str]]:
     """The newest committed, verified checkpoint whose manifest names the step of its directory, and the
     suspicious ones passed over on the way (URI -> why). A copy of step 10 named step-99 is not newer."""
-    selection = select(root, storage_options=storage_options, checksums=checksums, mark=mark)
+    selection = select(store, checksums=checksums, mark=mark)
     suspicious = {r.uri: _mismatch(r.uri, r.manifest_step) for r in selection.rejected
                   if r.manifest_step is not None}  # selection passes such copies over, never marking them
     for uri, why in suspicious.items():
@@ -265,30 +256,25 @@ def _newest_valid(root: str, storage_options: dict[str, Any] | None, *, checksum
     return selection.chosen, suspicious
 
 
-def _dir_step(uri: str) -> int | None:
-    m = STEP_DIR.match(dir_name(uri))
-    return int(m.group(1)) if m else None
-
-
 def _mismatch(uri: str, manifest_step: int) -> str:
-    return (f"suspicious: its manifest says step {manifest_step} but the directory is {dir_name(uri)} (copied or "
+    return (f"suspicious: its manifest says step {manifest_step} but the directory is {basename(uri)} (copied or "
             "renamed?); never deleted by prune and never taken as the newest")
 
 
-def _second_look(decisions: list[Decision], by_uri: Mapping[str, Candidate],
-                 storage_options: dict[str, Any] | None) -> list[Decision]:
+def _second_look(decisions: list[Decision], by_uri: Mapping[str, Candidate], store: Store
+                 ) -> list[Decision]:
     """Keep a doomed checkpoint whose manifest cannot be read or names another step, or (local disks) into
     which a symlink of a kept checkpoint leads. Repeated until stable: a newly kept one may hold links too."""
-    out = [_check_manifest(d, by_uri[d.uri], storage_options) if d.delete and by_uri[d.uri].committed else d
+    out = [_check_manifest(d, store.child(by_uri[d.uri].name)) if d.delete and by_uri[d.uri].committed else d
            for d in decisions]
-    if not out or not is_local(get_fs(out[0].uri, storage_options)[0]):
+    if not out or not store.local:
         return out  # symlinks exist on local disks only
     changed = True
     while changed:
         changed = False
-        targets = _link_targets([by_uri[d.uri] for d in out if not d.delete], storage_options)
+        targets = _link_targets([by_uri[d.uri] for d in out if not d.delete], store)
         for i, d in enumerate(out):
-            hit = _linked_into(by_uri[d.uri], targets, storage_options) if d.delete else None
+            hit = _linked_into(by_uri[d.uri], targets, store) if d.delete else None
             if hit:
                 out[i] = replace(d, verdict=Verdict.KEEP,
                                  reason=f"the kept {hit[0]} is a symlink leading to its {hit[1]}: deleting it would "
@@ -297,15 +283,14 @@ def _second_look(decisions: list[Decision], by_uri: Mapping[str, Candidate],
     return out
 
 
-def _check_manifest(d: Decision, c: Candidate, storage_options: dict[str, Any] | None) -> Decision:
-    fs, path = get_fs(c.uri, storage_options)
+def _check_manifest(d: Decision, checkpoint: Store) -> Decision:
     try:
-        step = parse(read_bytes(fs, join(path, MANIFEST), c.uri), c.uri).step
+        step = parse(checkpoint.read(MANIFEST), checkpoint.uri).step
     except FileNotFoundError:
         return d  # un-committed since the listing: the deletion handles it
     except CheckpointError as exc:
         return replace(d, verdict=Verdict.KEEP, reason=f"its manifest cannot be read, so it is kept: {exc}")
-    return d if step == c.step else replace(d, verdict=Verdict.KEEP, reason=_mismatch(c.uri, step))
+    return d if step == d.step else replace(d, verdict=Verdict.KEEP, reason=_mismatch(checkpoint.uri, step))
 
 
 def _canonical(path: str) -> str:
@@ -313,11 +298,11 @@ def _canonical(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
-def _link_targets(kept: Sequence[Candidate], storage_options: dict[str, Any] | None) -> dict[str, str]:
+def _link_targets(kept: Sequence[Candidate], store: Store) -> dict[str, str]:
     """Every path that a symlink chain starting in a kept checkpoint passes through -> that kept file's URI."""
     out: dict[str, str] = {}
     for c in kept:
-        path = get_fs(c.uri, storage_options)[1]
+        path = store.path_of(c.name)
         for name in c.sizes:
             p = os.path.join(path, name)
             for _ in range(40):  # the kernel's own bound on a symlink chain
@@ -328,10 +313,9 @@ def _link_targets(kept: Sequence[Candidate], storage_options: dict[str, Any] | N
     return out
 
 
-def _linked_into(c: Candidate, targets: Mapping[str, str], storage_options: dict[str, Any] | None
-                 ) -> tuple[str, str] | None:
+def _linked_into(c: Candidate, targets: Mapping[str, str], store: Store) -> tuple[str, str] | None:
     """(kept file URI, this file's name) when deleting one of ``c``'s files would break a kept symlink."""
-    path = get_fs(c.uri, storage_options)[1]
+    path = store.path_of(c.name)
     for name in sorted(c.sizes):
         kept = targets.get(_canonical(os.path.join(path, name)))
         if kept is not None:
@@ -339,53 +323,42 @@ def _linked_into(c: Candidate, targets: Mapping[str, str], storage_options: dict
     return None
 
 
-def _leases_now(root: str, name: str, storage_options: dict[str, Any] | None) -> list[Lease]:
-    return active_leases(root, storage_options).get(name, [])
+def _leases_now(root: Store, name: str) -> list[Lease]:
+    return active_leases(root).get(name, [])
 
 
-def _rm(fs: Any, path: str, uri: str) -> None:
-    with contextlib.suppress(FileNotFoundError):  # already gone: a re-run, or another pruner
-        retry.call(lambda: fs.rm_file(path), what="deleting", uri=uri)
-
-
-def _delete(c: Candidate, d: Decision, root: str, storage_options: dict[str, Any] | None) -> Decision:
+def _delete(c: Candidate, d: Decision, root: Store) -> Decision:
     """Delete one checkpoint in the safe order (module doc); returns the decision as it finally stands."""
-    fs, path = get_fs(c.uri, storage_options)
-    name = dir_name(c.uri)
-    leases = _leases_now(root, name, storage_options)
+    ckpt = root.child(c.name)
+    leases = _leases_now(root, c.name)
     if leases:
         return replace(d, verdict=Verdict.KEEP, reason=f"{describe_leases(leases)} (taken during prune)")
-    if retry.call(lambda: fs.exists(join(path, QUARANTINE)), what="checking", uri=c.uri):
+    if ckpt.exists(QUARANTINE):
         return replace(d, verdict=Verdict.KEEP, reason="quarantined: kept for inspection (marked during prune)")
     if c.committed:
-        manifest, retiring = join(path, MANIFEST), join(path, RETIRING)
         try:
             # Un-commit first (no new reader can pick it from here on) by a rename: no bytes written, so a
             # full disk cannot stop it, and the tombstone left behind is the manifest itself.
-            retry.call(lambda: fs.mv(manifest, retiring), what="un-committing", uri=c.uri)
+            ckpt.move(MANIFEST, RETIRING, what="un-committing")
         except FileNotFoundError:
             return replace(d, verdict=Verdict.KEEP, reason="its manifest vanished during prune: left alone")
         try:
-            leases = _leases_now(root, name, storage_options)
+            leases = _leases_now(root, c.name)
         except BaseException:
-            retry.call(lambda: fs.mv(retiring, manifest), what="re-committing", uri=c.uri)  # cannot tell: keep it
+            ckpt.move(RETIRING, MANIFEST, what="re-committing")  # cannot tell: keep it
             raise
         if leases:
-            retry.call(lambda: fs.mv(retiring, manifest), what="re-committing", uri=c.uri)  # the same bytes
+            ckpt.move(RETIRING, MANIFEST, what="re-committing")  # the same bytes
             logger.info("[retention] kept step=%d uri=%s: a reader leased it during prune", c.step, c.uri)
             return replace(d, verdict=Verdict.KEEP, reason=f"{describe_leases(leases)} (taken during prune)")
+    # Already gone is fine (a re-run, or another pruner). A symlink is removed, never what it points to.
     for file in sorted(set(c.sizes) - {MANIFEST, RETIRING}):
-        _rm(fs, join(path, file), join(c.uri, file))
-    _rm(fs, join(path, RETIRING), c.uri)  # last: until here a crash leaves a recognisable unfinished deletion
-    _remove_empty_dir(fs, path, c.uri)
+        ckpt.rm(file, missing_ok=True, what="deleting")
+    # The tombstone last: until here a crash leaves a recognisable unfinished deletion.
+    ckpt.rm(RETIRING, missing_ok=True, what="deleting")
+    try:
+        ckpt.rmdir_if_empty()
+    except OSError as exc:
+        logger.debug("[retention] left the directory %s: %s", c.uri, exc)
     logger.info("[retention] deleted step=%d uri=%s (%s)", c.step, c.uri, d.reason)
     return d
-
-
-def _remove_empty_dir(fs: Any, path: str, uri: str) -> None:
-    """Local folders and memory:// keep empty directories; object stores have none to remove."""
-    try:
-        if fs.exists(path) and not fs.ls(path, detail=False):
-            fs.rmdir(path)
-    except OSError as exc:
-        logger.debug("[retention] left the directory %s: %s", uri, exc)

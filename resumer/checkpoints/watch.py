@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from resumer.checkpoints.catalog import Candidate, quarantine_reason, scan
+from resumer.checkpoints.catalog import Candidate, quarantine_reason, read_listed_manifest, scan
 from resumer.core.errors import CheckpointError, TransientStorageError, UsageError
-from resumer.formats.native.manifest import MANIFEST
-from resumer.formats.native.verify import read_manifest, verify
+from resumer.formats.native.verify import verify
+from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class Watcher:
     """Polls one checkpoint root and reports what changed since the last poll.
 
     Args:
-        root: the checkpoint root URI (local path or any fsspec URI).
-        storage_options: fsspec options for ``root``.
+        root: the checkpoint root URI (local path or any fsspec URI), or its Store.
+        storage_options: fsspec options for ``root`` (with a URI).
         stall_after_s: report ``stall`` when no new valid checkpoint appeared for this long (None: never).
         checksums: verify every byte of each new checkpoint (a full read); sizes are always checked.
         torn_after_s: how long a directory may stay without a manifest before it is reported torn. Give
@@ -87,7 +87,7 @@ class Watcher:
         clock: monotonic seconds; tests pass a fake.
     """
 
-    def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None,
+    def __init__(self, root: str | Store, *, storage_options: dict[str, Any] | None = None,
                  stall_after_s: float | None = None, checksums: bool = False,
                  torn_after_s: float = DEFAULT_TORN_AFTER_S, report_existing: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -95,8 +95,9 @@ class Watcher:
             raise UsageError(f"stall_after_s must be a positive number of seconds, got {stall_after_s!r}.")
         if not torn_after_s >= 0:
             raise UsageError(f"torn_after_s must be a non-negative number of seconds, got {torn_after_s!r}.")
-        self.root = root
-        self.storage_options = storage_options
+        self.store = Store.of(root, storage_options)
+        self.root = self.store.uri
+        self.storage_options = self.store.options
         self.stall_after_s = stall_after_s
         self.checksums = checksums
         self.torn_after_s = torn_after_s
@@ -119,7 +120,7 @@ class Watcher:
             TransientStorageError: the listing failed after retries (nothing changed; poll again later).
                 A transient failure reading one checkpoint is only logged: it is looked at again next poll.
         """
-        candidates = scan(self.root, self.storage_options)
+        candidates = scan(self.store)
         now = self._clock()
         self._forget_missing({c.uri for c in candidates})
         self.newest_committed = next((c for c in candidates if c.committed), None)
@@ -171,7 +172,7 @@ class Watcher:
         self._uncommitted_since.pop(c.uri, None)
         if c.uri in self._quarantine_seen:
             return []
-        reason = quarantine_reason(c, self.storage_options)
+        reason = quarantine_reason(self.store.child(c.name))
         self._quarantine_seen.add(c.uri)
         return [WatchEvent(kind=EventKind.QUARANTINED, step=c.step, uri=c.uri, reason=reason)]
 
@@ -180,8 +181,8 @@ class Watcher:
         if c.uri in self._judged:
             return []
         try:
-            m = read_manifest(c.uri, self.storage_options, size=c.sizes[MANIFEST])
-            verify(m, self.storage_options, checksums=self.checksums, sizes=c.sizes)
+            m = read_listed_manifest(self.store, c)
+            verify(m, self.store.options, checksums=self.checksums, sizes=c.sizes)
         except CheckpointError as exc:
             self._judged.add(c.uri)
             return [WatchEvent(kind=EventKind.INVALID, step=c.step, uri=c.uri, reason=str(exc))]
@@ -222,7 +223,7 @@ class Watcher:
                                                  f"{self.stall_after_s:g} s); newest valid: {last}")]
 
 
-def watch(root: str, *, interval_s: float = 5.0, timeout_s: float | None = None, max_polls: int | None = None,
+def watch(root: str | Store, *, interval_s: float = 5.0, timeout_s: float | None = None, max_polls: int | None = None,
           storage_options: dict[str, Any] | None = None, stall_after_s: float | None = None,
           checksums: bool = False, torn_after_s: float | None = None, report_existing: bool = True,
           clock: Callable[[], float] = time.monotonic,
@@ -245,7 +246,7 @@ def watch(root: str, *, interval_s: float = 5.0, timeout_s: float | None = None,
         try:
             yield from watcher.poll()
         except TransientStorageError as exc:
-            logger.warning("[watch] listing %s failed: %s; polling again in %gs", root, exc, interval_s)
+            logger.warning("[watch] listing %s failed: %s; polling again in %gs", watcher.root, exc, interval_s)
         polls += 1
         if max_polls is not None and polls >= max_polls:
             return

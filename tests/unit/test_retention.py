@@ -25,6 +25,7 @@ from resumer.checkpoints.retention import RETIRING, RetentionPolicy, Verdict, de
 from resumer.cli.prune import prune as prune_command
 from resumer.core.errors import CheckpointError, UsageError
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE
+from resumer.storage.store import Store
 
 LATER = "2099-01-01T00:00:00.000+00:00"
 
@@ -315,9 +316,9 @@ def test_a_lease_taken_after_the_uncommit_restores_the_manifest(root: str, train
     looks: list[bool] = []
     real = retention._leases_now
 
-    def arrives_between_looks(r: str, name: str, so: Any) -> list[Lease]:
+    def arrives_between_looks(r: Store, name: str) -> list[Lease]:
         looks.append(fs.exists(f"{path}/{MANIFEST}"))
-        return [_lease(1, "late:7")] if len(looks) == 2 else real(r, name, so)
+        return [_lease(1, "late:7")] if len(looks) == 2 else real(r, name)
 
     monkeypatch.setattr(retention, "_leases_now", arrives_between_looks)
     result = prune(root, RetentionPolicy(keep_last=1))
@@ -332,21 +333,21 @@ def test_a_lease_taken_after_the_uncommit_restores_the_manifest(root: str, train
 def test_an_interrupted_deletion_is_finished_by_the_next_prune(root: str, trained: Any, fs_of: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     uris = _save(root, trained, 1, 2)
-    real = retention._rm
+    real = Store.rm
 
-    def failing_on_data(fs: Any, path: str, uri: str) -> None:
-        if path.endswith(".safetensors"):
-            raise PermissionError(13, "Permission denied", path)
-        real(fs, path, uri)
+    def failing_on_data(store: Store, *parts: str, **kwargs: Any) -> None:
+        if parts[-1].endswith(".safetensors"):
+            raise PermissionError(13, "Permission denied", store.path_of(*parts))
+        real(store, *parts, **kwargs)
 
-    monkeypatch.setattr(retention, "_rm", failing_on_data)
+    monkeypatch.setattr(Store, "rm", failing_on_data)
     result = prune(root, RetentionPolicy(keep_last=1))
     assert result.failed == (uris[1],) and result.deleted == ()
     assert _reasons(result)[1].startswith("deletion failed: [Errno 13] Permission denied")
     fs, path = fs_of(uris[1])
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
     assert MANIFEST not in names and RETIRING in names  # un-committed, marked as an unfinished deletion
-    monkeypatch.setattr(retention, "_rm", real)
+    monkeypatch.setattr(Store, "rm", real)
     again = prune(root, RetentionPolicy(keep_last=1))
     assert _reasons(again)[1] == "unfinished deletion (retiring.json, no manifest): finishing it"
     assert again.deleted == (uris[1],)
@@ -424,13 +425,13 @@ def test_reading_is_best_effort(root: str, trained: Any, monkeypatch: pytest.Mon
     uris = _save(root, trained, 1)
     with lease.reading(f"{root}/best") as held:  # not a step directory: retention does not manage it
         assert held is None
-    monkeypatch.setattr(lease, "write_bytes_atomic", _read_only)
+    monkeypatch.setattr(Store, "write_atomic", _read_only)
     with caplog.at_level(logging.WARNING, logger="resumer.checkpoints.lease"), lease.reading(uris[1]) as held:
         assert held is None
     assert f"[lease] reading {uris[1]} without a lease" in caplog.text and "Permission denied" in caplog.text
 
 
-def _read_only(*args: Any) -> None:
+def _read_only(*args: Any, **kwargs: Any) -> None:
     raise PermissionError(13, "Permission denied")
 
 

@@ -14,12 +14,14 @@ from torch import nn
 
 import resumer
 from resumer import examples as ex
+from resumer.checkpoints import catalog
 from resumer.checkpoints import watch as watch_mod
 from resumer.checkpoints.catalog import quarantine
 from resumer.checkpoints.watch import EventKind, Watcher, watch
 from resumer.cli.watch import watch_command
 from resumer.core.errors import TransientStorageError
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE
+from resumer.storage.store import Store
 
 FsOf = Callable[[str], tuple[Any, str]]
 
@@ -192,7 +194,7 @@ def test_quarantined_reported_once_and_never_as_new(root: str, model: nn.Module)
 def test_transient_error_reading_a_manifest_is_retried_next_poll(root: str, model: nn.Module,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     resumer.save_checkpoint(root, 1, model)
-    real = watch_mod.read_manifest
+    real = catalog.read_manifest
     calls: list[str] = []
 
     def flaky(uri: str, storage_options: Any = None, **kwargs: Any) -> Any:
@@ -201,7 +203,7 @@ def test_transient_error_reading_a_manifest_is_retried_next_poll(root: str, mode
             raise TransientStorageError("reading failed 6 times", uri=uri)
         return real(uri, storage_options, **kwargs)
 
-    monkeypatch.setattr(watch_mod, "read_manifest", flaky)
+    monkeypatch.setattr(catalog, "read_manifest", flaky)
     w = Watcher(root, clock=FakeClock())
     assert w.poll() == []
     assert kinds(w.poll()) == [("new", 1)]
@@ -215,11 +217,11 @@ def test_watch_loop_survives_a_failed_listing_and_stops_at_the_timeout(root: str
     listings: list[float] = []
     clock = FakeClock()
 
-    def flaky(r: str, storage_options: Any = None) -> Any:
+    def flaky(store: Store) -> Any:
         listings.append(clock.t)
         if len(listings) == 1:
-            raise TransientStorageError("listing failed 6 times", uri=r)
-        return real(r, storage_options)
+            raise TransientStorageError("listing failed 6 times", uri=store.uri)
+        return real(store)
 
     monkeypatch.setattr(watch_mod, "scan", flaky)
     events = list(watch(root, interval_s=4, timeout_s=10, clock=clock, sleep=clock.sleep))
