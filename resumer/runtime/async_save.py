@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from resumer.runtime.save import snapshot, write_snapshot
+from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,10 @@ logger = logging.getLogger(__name__)
 class AsyncSaver:
     """``saver.save(step, model, opt, sched)`` returns after a host copy; ``saver.wait()`` returns the URI."""
 
-    def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None) -> None:
-        self.root = root
-        self.storage_options = storage_options
+    def __init__(self, root: str | Store, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.store = Store.of(root, storage_options)
+        self.root = self.store.uri
+        self.storage_options = self.store.options
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._last_uri: str | None = None
@@ -49,7 +51,7 @@ class AsyncSaver:
 
     def _run(self, snap: Any) -> None:
         try:
-            self._last_uri = write_snapshot(snap, self.root, self.storage_options)
+            self._last_uri = write_snapshot(snap, self.store)
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised in the training thread
             self._error = exc
 

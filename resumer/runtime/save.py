@@ -35,8 +35,8 @@ from resumer.formats.native.manifest import (
 from resumer.formats.native.safetensors_io import TensorLocation, write_file
 from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
 from resumer.storage import retry
-from resumer.storage.fs import get_fs, is_local, join
-from resumer.storage.store import commit_bytes, create_file, fsync_dir, step_dir
+from resumer.storage.fs import basename
+from resumer.storage.store import Store, step_dir
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +78,18 @@ def _world() -> dict[str, int]:
     return {"world_size": 1, "rank": 0}
 
 
-def _write(fs: Any, path: str, uri: str, name: str, items: list[tuple[str, torch.Tensor]],
-           files: list[dict[str, Any]], written: list[str]) -> dict[str, TensorLocation]:
+def _write(ckpt: Store, name: str, items: list[tuple[str, torch.Tensor]], files: list[dict[str, Any]],
+           written: list[str]) -> dict[str, TensorLocation]:
     """Write one safetensors file (rewritten whole on a transient failure); record it in ``files``.
 
     Its name goes to ``written`` BEFORE the first byte, so a failed save can remove a partial file too.
     """
     written.append(name)
     def put() -> tuple[int, str, dict[str, TensorLocation]]:
-        with create_file(fs, join(path, name)) as f:
+        with ckpt.create(name) as f:
             return write_file(f, name, items)
 
-    size, checksum, index = retry.call(put, what="writing", uri=join(uri, name))
+    size, checksum, index = retry.call(put, what="writing", uri=ckpt.uri_of(name))
     files.append({"path": name, "size": size, "checksum": checksum})
     return index
 
@@ -170,54 +170,55 @@ def _health(snap: Snapshot) -> dict[str, Any]:
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def write_snapshot(snap: Snapshot, root: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Write a snapshot under ``root`` and commit it (data first, manifest last); returns its URI.
+def write_snapshot(snap: Snapshot, root: str | Store, storage_options: dict[str, Any] | None = None) -> str:
+    """Write a snapshot under ``root`` (a URI, with ``storage_options``, or a Store) and commit it (data first,
+    manifest last); returns its URI.
 
     Raises:
         CheckpointError: the step is already committed, or another writer committed it first.
         StorageFullError: the storage ran out of space; this save's partial files were removed.
     """
     started = time.perf_counter()
-    uri = join(root, step_dir(snap.step))
-    fs, path = get_fs(uri, storage_options)
-    if retry.call(lambda: fs.exists(join(path, MANIFEST)), what="checking", uri=uri):
+    store = Store.of(root, storage_options)
+    ckpt = store.child(step_dir(snap.step))
+    uri = ckpt.uri
+    if ckpt.exists(MANIFEST):
         raise AlreadyCommitted(f"{uri} is already committed. Each step is saved once; pick a new step or another "
                                "root.", uri=uri)
     written: list[str] = []
     try:
-        retry.call(lambda: fs.makedirs(path, exist_ok=True), what="creating", uri=uri)
-        files = _write_and_commit(snap, fs, path, uri, written)
+        ckpt.makedirs()
+        files = _write_and_commit(snap, ckpt, written)
     except BaseException as exc:
         # Nothing was committed: remove what this save wrote (its names carry its own token, so another
         # writer's files are never touched), so no half-save is left behind to fill the disk. Not after a
         # storage outage: a commit PUT may have landed unseen, and its data must then stay.
         if not isinstance(exc, TransientStorageError):
-            _discard(fs, path, uri, written)
+            _discard(ckpt, written)
         if isinstance(exc, OSError) and exc.errno in _FULL:
             raise StorageFullError(
                 f"Saving step {snap.step} to {uri} failed: no space left on the storage ({exc.strerror or exc}). "
                 "Nothing was committed and this save's partial files were removed. Free space (e.g. "
-                f"`resumer prune {root} --keep-last N` deletes old checkpoints) and save again.", uri=uri) from exc
+                f"`resumer prune {store.uri} --keep-last N` deletes old checkpoints) and save again.",
+                uri=uri) from exc
         raise
-    if is_local(fs):
-        # Durable before returning: data files and manifest were fsynced; now the entries naming them.
-        fsync_dir(path)
-        fsync_dir(path.rstrip("/").rsplit("/", 1)[0] or "/")
+    # Durable before returning (local disks): data files and manifest were fsynced; now the entries naming them.
+    ckpt.fsync_dir()
+    store.fsync_dir()
     total = sum(int(f["size"]) for f in files)
     logger.info("[save] step=%d %s: %d tensors, %d bytes in %.2fs", snap.step, uri, len(snap.model_items), total,
                 time.perf_counter() - started)
     return uri
 
 
-def _write_and_commit(snap: Snapshot, fs: Any, path: str, uri: str, written: list[str]) -> list[dict[str, Any]]:
+def _write_and_commit(snap: Snapshot, ckpt: Store, written: list[str]) -> list[dict[str, Any]]:
     """Data files (each named in ``written`` before it is opened), then the manifest as the commit."""
     token = uuid.uuid4().hex[:12]  # unique per attempt: racing writers never overwrite each other's bytes
     files: list[dict[str, Any]] = []
-    index = _write(fs, path, uri, data_file_name(MODEL_KIND, token), snap.model_items, files, written)
+    index = _write(ckpt, data_file_name(MODEL_KIND, token), snap.model_items, files, written)
     opt_index: dict[str, TensorLocation] = {}
     if snap.optimizer_items is not None:
-        opt_index = _write(fs, path, uri, data_file_name(OPTIMIZER_KIND, token), snap.optimizer_items, files,
-                           written)
+        opt_index = _write(ckpt, data_file_name(OPTIMIZER_KIND, token), snap.optimizer_items, files, written)
     raw = {
         "format": FORMAT, "version": FORMAT_VERSION, "step": snap.step,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -234,44 +235,44 @@ def _write_and_commit(snap: Snapshot, fs: Any, path: str, uri: str, written: lis
         "health": _health(snap),
         "extra": snap.meta["extra"],
     }
-    _check_written(fs, path, uri, files)
+    _check_written(ckpt, files)
     # Commit: the manifest goes last, so a reader sees either no checkpoint or all of it. It is an
     # exclusive create, so of two writers racing for one step exactly one commits.
     try:
-        commit_bytes(fs, join(path, MANIFEST), dumps(raw), uri)
+        ckpt.commit(MANIFEST, data=dumps(raw))
         written.clear()  # committed: from here on these files belong to a checkpoint and are never discarded
     except FileExistsError:
-        raise AlreadyCommitted(f"Cannot commit {uri}: another writer committed step {snap.step} first (two saves of "
-                              "one step ran at once). Its checkpoint stands; this save's data files were removed. "
-                              "Save each step from one writer, or use another root.", uri=uri) from None
+        raise AlreadyCommitted(f"Cannot commit {ckpt.uri}: another writer committed step {snap.step} first (two saves "
+                               "of one step ran at once). Its checkpoint stands; this save's data files were removed. "
+                               "Save each step from one writer, or use another root.", uri=ckpt.uri) from None
     return files
 
 
-def _discard(fs: Any, path: str, uri: str, names: list[str]) -> None:
+def _discard(ckpt: Store, names: list[str]) -> None:
     """Remove the data files of a save that did not commit; failures are logged (they are uncommitted anyway)."""
     for name in names:
         try:
             with contextlib.suppress(FileNotFoundError):
-                fs.rm_file(join(path, name))
+                ckpt.fs.rm_file(ckpt.path_of(name))  # one try, no retries: the save's own error is on its way
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the error being raised
-            logger.warning("[save] could not remove the uncommitted %s: %s", join(uri, name), exc)
+            logger.warning("[save] could not remove the uncommitted %s: %s", ckpt.uri_of(name), exc)
 
 
-def _check_written(fs: Any, path: str, uri: str, files: list[dict[str, Any]]) -> None:
+def _check_written(ckpt: Store, files: list[dict[str, Any]]) -> None:
     """One listing before the commit: every data file is there with its size (a store can lose an object)."""
-    listed = retry.call(lambda: fs.ls(path, detail=True), what="listing", uri=uri)
-    sizes = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in listed}
+    sizes = {basename(str(e["name"])): e.get("size") for e in ckpt.ls(detail=True)}
     for f in files:
         if sizes.get(f["path"]) != f["size"]:
-            raise CheckpointError(f"{join(uri, f['path'])} is missing or has the wrong size just before commit "
+            raise CheckpointError(f"{ckpt.uri_of(f['path'])} is missing or has the wrong size just before commit "
                                   f"({sizes.get(f['path'])} bytes, wrote {f['size']}): the store lost it. Nothing "
-                                  "was committed; save again.", uri=uri)
+                                  "was committed; save again.", uri=ckpt.uri)
 
 
-def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def save_checkpoint(root: str | Store, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, *, extra: dict[str, Any] | None = None,
                     storage_options: dict[str, Any] | None = None) -> str:
-    """Write a checkpoint for ``step`` under ``root`` and commit it; returns its URI.
+    """Write a checkpoint for ``step`` under ``root`` (a URI, with ``storage_options``, or a Store) and commit
+    it; returns its URI.
 
     Data files are written first and the manifest last: a reader never sees a half-written checkpoint.
     Optimizer state is stored by parameter name, so it survives reordering and renames.

@@ -29,6 +29,8 @@ from torch import nn
 
 import resumer
 from resumer import examples
+from resumer.checkpoints import lease
+from resumer.checkpoints.retention import RetentionPolicy, prune
 from resumer.storage.fs import basename
 from resumer.storage.store import Store
 
@@ -337,6 +339,32 @@ def test_store_primitives_behave_alike_on_every_backend(backend: Backend) -> Non
     step.rmdir_if_empty()
     store.invalidate_cache()
     assert store.find() == {} and not step.exists("manifest.json")
+
+
+def test_a_store_serves_where_a_uri_and_options_do(backend: Backend) -> None:
+    """Every checkpoint call takes a Store in place of ``(uri, storage_options)``, with the same results."""
+    root, options = backend
+    store = Store.open(root, options)
+    torch.manual_seed(0)
+    model = examples.mlp_v1()
+    opt = examples.adam(model)
+    examples.train_step(model, opt, 0)
+    uri = resumer.save_checkpoint(store, 1, model, opt)
+    assert uri == f"{root.rstrip('/')}/step-0000000001"
+    resumer.save_checkpoint(root, 2, model, opt, storage_options=options)
+    assert [i.uri for i in resumer.list_checkpoints(store)] == [
+        i.uri for i in resumer.list_checkpoints(root, storage_options=options)]
+    latest = resumer.latest_checkpoint(store)
+    assert latest is not None and latest.uri == f"{root.rstrip('/')}/step-0000000002"
+    with lease.reading(store.child("step-0000000002")) as held:
+        assert held is not None and list(lease.active_leases(store)) == ["step-0000000002"]
+    assert lease.active_leases(root, options) == {}
+    events = resumer.Watcher(store).poll()
+    assert [(e.kind.value, e.step) for e in events] == [("new", 1), ("new", 2)]
+    result = prune(store, RetentionPolicy(keep_last=1))
+    assert (result.root, result.deleted) == (root, (uri,))
+    with pytest.raises(resumer.UsageError, match="Storage options were given with a Store"):
+        resumer.list_checkpoints(store, storage_options={"anon": True})
 
 
 # ------------------------------------------------------------------------------------------------ secrets
