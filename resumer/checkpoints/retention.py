@@ -47,7 +47,9 @@ logger = logging.getLogger(__name__)
 RETIRING = "retiring.json"
 
 
-class Verdict(str, enum.Enum):
+class PruneAction(str, enum.Enum):
+    """What prune does with one step directory."""
+
     KEEP = "keep"
     DELETE = "delete"
 
@@ -77,24 +79,24 @@ class RetentionPolicy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Decision:
+class PruneDecision:
     """Keep or delete one step directory, and why."""
 
     step: int
     uri: str
-    verdict: Verdict
+    action: PruneAction
     reason: str
     bytes: int = 0
 
     @property
     def delete(self) -> bool:
-        return self.verdict is Verdict.DELETE
+        return self.action is PruneAction.DELETE
 
     def describe(self) -> str:
-        return f"{self.verdict.value} step={self.step} {self.uri}: {self.reason}"
+        return f"{self.action.value} step={self.step} {self.uri}: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "uri": self.uri, "action": self.verdict.value, "reason": self.reason,
+        return {"step": self.step, "uri": self.uri, "action": self.action.value, "reason": self.reason,
                 "bytes": self.bytes}
 
 
@@ -106,7 +108,7 @@ class PruneResult:
     policy: RetentionPolicy
     dry_run: bool
     newest_valid: str | None
-    decisions: tuple[Decision, ...]
+    decisions: tuple[PruneDecision, ...]
     deleted: tuple[str, ...] = ()
     bytes_freed: int = 0
     failed: tuple[str, ...] = ()
@@ -137,7 +139,7 @@ def describe_leases(leases: Sequence[Lease]) -> str:
 
 def decide(candidates: Sequence[Candidate], policy: RetentionPolicy, newest_valid_step: int | None,
            leased_dirs: Mapping[str, Sequence[Lease]], suspicious: Mapping[str, str] | None = None
-           ) -> list[Decision]:
+           ) -> list[PruneDecision]:
     """Keep or delete each step directory, newest first. Pure: no IO, no clock.
 
     Args:
@@ -158,20 +160,20 @@ def decide(candidates: Sequence[Candidate], policy: RetentionPolicy, newest_vali
     out = []
     for c in ordered:
         if c.committed and c.uri in suspicious:
-            out.append(Decision(step=c.step, uri=c.uri, verdict=Verdict.KEEP, reason=suspicious[c.uri],
+            out.append(PruneDecision(step=c.step, uri=c.uri, action=PruneAction.KEEP, reason=suspicious[c.uri],
                                 bytes=sum(c.sizes.values())))
             continue
-        verdict, reason = _judge(c, policy, newest_valid_step, leased_dirs.get(c.name) or (), rank)
-        out.append(Decision(step=c.step, uri=c.uri, verdict=verdict, reason=reason, bytes=sum(c.sizes.values())))
+        action, reason = _judge(c, policy, newest_valid_step, leased_dirs.get(c.name) or (), rank)
+        out.append(PruneDecision(step=c.step, uri=c.uri, action=action, reason=reason, bytes=sum(c.sizes.values())))
     return out
 
 
 def _judge(c: Candidate, policy: RetentionPolicy, newest: int | None, leases: Sequence[Lease],
-           rank: Mapping[str, int]) -> tuple[Verdict, str]:
-    keep = Verdict.KEEP
+           rank: Mapping[str, int]) -> tuple[PruneAction, str]:
+    keep = PruneAction.KEEP
     if not c.committed:
         if RETIRING in c.sizes and newest is not None and c.step < newest and not leases:
-            return Verdict.DELETE, "unfinished deletion (retiring.json, no manifest): finishing it"
+            return PruneAction.DELETE, "unfinished deletion (retiring.json, no manifest): finishing it"
         return keep, "not committed (may be a save in progress)"
     if c.quarantined:
         return keep, "quarantined: kept for inspection"
@@ -187,7 +189,7 @@ def _judge(c: Candidate, policy: RetentionPolicy, newest: int | None, leases: Se
         return keep, f"step is a multiple of keep-every {policy.keep_every}"
     if leases:
         return keep, describe_leases(leases)
-    return Verdict.DELETE, "outside the policy"
+    return PruneAction.DELETE, "outside the policy"
 
 
 def prune(root: str | Store, policy: RetentionPolicy, *, storage_options: dict[str, Any] | None = None,
@@ -227,7 +229,7 @@ def prune(root: str | Store, policy: RetentionPolicy, *, storage_options: dict[s
                 d = _delete(by_uri[d.uri], d, store)
             except (OSError, TransientStorageError) as exc:
                 logger.warning("[retention] could not delete %s (the next prune finishes it): %s", d.uri, exc)
-                d = replace(d, verdict=Verdict.KEEP, reason=f"deletion failed: {exc}")
+                d = replace(d, action=PruneAction.KEEP, reason=f"deletion failed: {exc}")
                 failed.append(d.uri)
             if d.delete:
                 deleted.append(d.uri)
@@ -261,8 +263,8 @@ def _mismatch(uri: str, manifest_step: int) -> str:
             "renamed?); never deleted by prune and never taken as the newest")
 
 
-def _second_look(decisions: list[Decision], by_uri: Mapping[str, Candidate], store: Store
-                 ) -> list[Decision]:
+def _second_look(decisions: list[PruneDecision], by_uri: Mapping[str, Candidate], store: Store
+                 ) -> list[PruneDecision]:
     """Keep a doomed checkpoint whose manifest cannot be read or names another step, or (local disks) into
     which a symlink of a kept checkpoint leads. Repeated until stable: a newly kept one may hold links too."""
     out = [_check_manifest(d, store.child(by_uri[d.uri].name)) if d.delete and by_uri[d.uri].committed else d
@@ -276,21 +278,21 @@ def _second_look(decisions: list[Decision], by_uri: Mapping[str, Candidate], sto
         for i, d in enumerate(out):
             hit = _linked_into(by_uri[d.uri], targets, store) if d.delete else None
             if hit:
-                out[i] = replace(d, verdict=Verdict.KEEP,
+                out[i] = replace(d, action=PruneAction.KEEP,
                                  reason=f"the kept {hit[0]} is a symlink leading to its {hit[1]}: deleting it would "
                                         "break that checkpoint")
                 changed = True
     return out
 
 
-def _check_manifest(d: Decision, checkpoint: Store) -> Decision:
+def _check_manifest(d: PruneDecision, checkpoint: Store) -> PruneDecision:
     try:
         step = parse(checkpoint.read(MANIFEST), checkpoint.uri).step
     except FileNotFoundError:
         return d  # un-committed since the listing: the deletion handles it
     except CheckpointError as exc:
-        return replace(d, verdict=Verdict.KEEP, reason=f"its manifest cannot be read, so it is kept: {exc}")
-    return d if step == d.step else replace(d, verdict=Verdict.KEEP, reason=_mismatch(checkpoint.uri, step))
+        return replace(d, action=PruneAction.KEEP, reason=f"its manifest cannot be read, so it is kept: {exc}")
+    return d if step == d.step else replace(d, action=PruneAction.KEEP, reason=_mismatch(checkpoint.uri, step))
 
 
 def _canonical(path: str) -> str:
@@ -327,21 +329,21 @@ def _leases_now(root: Store, name: str) -> list[Lease]:
     return active_leases(root).get(name, [])
 
 
-def _delete(c: Candidate, d: Decision, root: Store) -> Decision:
+def _delete(c: Candidate, d: PruneDecision, root: Store) -> PruneDecision:
     """Delete one checkpoint in the safe order (module doc); returns the decision as it finally stands."""
     ckpt = root.child(c.name)
     leases = _leases_now(root, c.name)
     if leases:
-        return replace(d, verdict=Verdict.KEEP, reason=f"{describe_leases(leases)} (taken during prune)")
+        return replace(d, action=PruneAction.KEEP, reason=f"{describe_leases(leases)} (taken during prune)")
     if ckpt.exists(QUARANTINE):
-        return replace(d, verdict=Verdict.KEEP, reason="quarantined: kept for inspection (marked during prune)")
+        return replace(d, action=PruneAction.KEEP, reason="quarantined: kept for inspection (marked during prune)")
     if c.committed:
         try:
             # Un-commit first (no new reader can pick it from here on) by a rename: no bytes written, so a
             # full disk cannot stop it, and the tombstone left behind is the manifest itself.
             ckpt.move(MANIFEST, RETIRING, what="un-committing")
         except FileNotFoundError:
-            return replace(d, verdict=Verdict.KEEP, reason="its manifest vanished during prune: left alone")
+            return replace(d, action=PruneAction.KEEP, reason="its manifest vanished during prune: left alone")
         try:
             leases = _leases_now(root, c.name)
         except BaseException:
@@ -350,7 +352,7 @@ def _delete(c: Candidate, d: Decision, root: Store) -> Decision:
         if leases:
             ckpt.move(RETIRING, MANIFEST, what="re-committing")  # the same bytes
             logger.info("[retention] kept step=%d uri=%s: a reader leased it during prune", c.step, c.uri)
-            return replace(d, verdict=Verdict.KEEP, reason=f"{describe_leases(leases)} (taken during prune)")
+            return replace(d, action=PruneAction.KEEP, reason=f"{describe_leases(leases)} (taken during prune)")
     # Already gone is fine (a re-run, or another pruner). A symlink is removed, never what it points to.
     for file in sorted(set(c.sizes) - {MANIFEST, RETIRING}):
         ckpt.rm(file, missing_ok=True, what="deleting")

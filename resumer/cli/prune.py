@@ -44,7 +44,7 @@ def prune(root: str, keep_last: int | None, keep_every: int | None, dry_run: boo
             emit_json(result.to_dict())
         else:
             for d in result.decisions:
-                verb = "would delete" if d.delete and dry_run else "deleted" if d.delete else d.verdict.value
+                verb = "would delete" if d.delete and dry_run else "deleted" if d.delete else d.action.value
                 out.print(printable(f"{verb:>12}  {d.step:>10}  {d.uri}  ({d.reason})"), markup=False,
                           highlight=False, soft_wrap=True)
             if result.note:

@@ -44,7 +44,7 @@ def test_prune_keeps_a_checkpoint_quarantined_during_the_prune(tmp_path: Path,
     files = sorted(os.listdir(step1))
     real = retention._second_look
 
-    def marked_meanwhile(*args: Any) -> list[retention.Decision]:
+    def marked_meanwhile(*args: Any) -> list[retention.PruneDecision]:
         decisions = real(*args)
         assert [d.step for d in decisions if d.delete] == [1]  # step 1 was doomed
         catalog.quarantine(uris[1], "marked by another process")

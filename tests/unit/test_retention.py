@@ -21,7 +21,7 @@ import resumer
 from resumer.checkpoints import lease, retention
 from resumer.checkpoints.catalog import Candidate
 from resumer.checkpoints.lease import Lease
-from resumer.checkpoints.retention import RETIRING, RetentionPolicy, Verdict, decide, prune
+from resumer.checkpoints.retention import RETIRING, PruneAction, RetentionPolicy, decide, prune
 from resumer.cli.prune import prune as prune_command
 from resumer.core.errors import CheckpointError, UsageError
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE
@@ -98,14 +98,14 @@ def test_decide(listing: str, policy: RetentionPolicy, newest: int | None, lease
     sizes = {c.step: sum(c.sizes.values()) for c in cands}
     for d in got:
         deletes = d.reason == OUT or d.reason.startswith("unfinished deletion")
-        assert d.verdict is (Verdict.DELETE if deletes else Verdict.KEEP), d
+        assert d.action is (PruneAction.DELETE if deletes else PruneAction.KEEP), d
         assert d.bytes == sizes[d.step]
 
 
 def test_decide_names_every_holder_and_the_latest_expiry() -> None:
     leases = {"step-0000000001": [_lease(1, "a:1", "2098-01-01T00:00:00+00:00"), _lease(1, "b:2", LATER)]}
     [_, d] = decide([_cand(1), _cand(2)], RetentionPolicy(keep_last=1), 2, leases)
-    assert d.reason == f"leased by b:2 until {LATER} (and 1 more)" and d.verdict is Verdict.KEEP
+    assert d.reason == f"leased by b:2 until {LATER} (and 1 more)" and d.action is PruneAction.KEEP
 
 
 def test_decide_invariants_on_random_listings() -> None:
