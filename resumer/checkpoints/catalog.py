@@ -129,9 +129,9 @@ def quarantine_reason(checkpoint: Store) -> str:
     return reason if isinstance(reason, str) else "unknown"
 
 
-def read_listed_manifest(store: Store, c: Candidate) -> Manifest:
-    """The manifest of a listed checkpoint under the root ``store``, held to its listed size."""
-    return read_manifest(c.uri, store.options, size=c.sizes[MANIFEST])
+def read_listed_manifest(root: Store, c: Candidate) -> Manifest:
+    """The manifest of a listed checkpoint under ``root``, held to its listed size."""
+    return read_manifest(root.child(c.name), size=c.sizes[MANIFEST])
 
 
 def list_checkpoints(root: str | Store, *, storage_options: dict[str, Any] | None = None,
@@ -214,7 +214,7 @@ def select(root: str | Store, *, storage_options: dict[str, Any] | None = None, 
                 rejected.append(Rejected(uri=c.uri, step=c.step, reason=misplaced(c.uri, c.step, m.step),
                                          manifest_step=m.step))
                 continue
-            verify(m, store.options, checksums=checksums, progress=progress, sizes=c.sizes)
+            verify(m, store=store.child(c.name), checksums=checksums, progress=progress, sizes=c.sizes)
         except CheckpointError as exc:
             rejected.append(Rejected(uri=c.uri, step=c.step, reason=str(exc)))
             if mark and exc.quarantine:  # a newer format is fine for a newer resumer: never marked corrupt

@@ -182,7 +182,7 @@ class Watcher:
             return []
         try:
             m = read_listed_manifest(self.store, c)
-            verify(m, self.store.options, checksums=self.checksums, sizes=c.sizes)
+            verify(m, store=self.store.child(c.name), checksums=self.checksums, sizes=c.sizes)
         except CheckpointError as exc:
             self._judged.add(c.uri)
             return [WatchEvent(kind=EventKind.INVALID, step=c.step, uri=c.uri, reason=str(exc))]

@@ -197,11 +197,11 @@ def test_transient_error_reading_a_manifest_is_retried_next_poll(root: str, mode
     real = catalog.read_manifest
     calls: list[str] = []
 
-    def flaky(uri: str, storage_options: Any = None, **kwargs: Any) -> Any:
-        calls.append(uri)
+    def flaky(checkpoint: Store, **kwargs: Any) -> Any:
+        calls.append(checkpoint.uri)
         if len(calls) == 1:
-            raise TransientStorageError("reading failed 6 times", uri=uri)
-        return real(uri, storage_options, **kwargs)
+            raise TransientStorageError("reading failed 6 times", uri=checkpoint.uri)
+        return real(checkpoint, **kwargs)
 
     monkeypatch.setattr(catalog, "read_manifest", flaky)
     w = Watcher(root, clock=FakeClock())
