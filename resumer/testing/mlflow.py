@@ -1,11 +1,9 @@
-"""Recording in tests: a real MLflow tracking server on loopback, and an in-memory ``Recorder`` fake.
+"""A real MLflow tracking server on loopback, for tests and benchmarks.
 
 ``local_mlflow(workdir)`` starts ``mlflow server`` with a SQLite backend and a local artifact root under
 ``workdir`` on 127.0.0.1 (a free port unless given) and always stops it. ``LocalMlflow.stop()`` and
 ``LocalMlflow.start()`` stop and restart the same server (same database, same port) in the middle of a
 test, the way a shared tracking server goes away and comes back.
-
-``MemoryRecorder`` implements ``resumer.tracking.base.Recorder`` in memory, for the controller's unit tests.
 """
 
 from __future__ import annotations
@@ -18,13 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
 
-from resumer.core.decision import Decision
-from resumer.testing import free_port
-from resumer.tracking.base import RunStatus
+from resumer.testing.s3 import free_port
 
 # Without this the server starts a job runner: 13 processes, ~2.9 GB and a folder left in /dev/shm.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -139,52 +133,3 @@ def local_mlflow(workdir: str, port: int | None = None, *, ready_timeout_s: floa
         yield server
     finally:
         server.stop()
-
-
-@dataclass
-class MemoryRecorder:
-    """A ``Recorder`` that keeps every call in memory: ``calls`` in order, plus views for assertions."""
-
-    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
-    decisions: list[Decision] = field(default_factory=list)
-    training: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    commits: list[int] = field(default_factory=list)
-    ended: dict[int, RunStatus] = field(default_factory=dict)
-    job_status: RunStatus | None = None
-
-    def _note(self, name: str, *args: Any, **kwargs: Any) -> None:
-        self.calls.append((name, args, kwargs))
-
-    def start_job(self, job: str, params: Mapping[str, Any] | None = None) -> None:
-        self._note("start_job", job, dict(params or {}))
-
-    def record_decision(self, decision: Decision) -> None:
-        self._note("record_decision", decision)
-        self.decisions.append(decision)
-
-    def log_attempt_metrics(self, metrics: Mapping[str, float], *, job: str | None = None) -> None:
-        self._note("log_attempt_metrics", dict(metrics), job=job)
-
-    def log_training(self, step: int, metrics: Mapping[str, float], *, job: str | None = None) -> None:
-        self.training.append((step, dict(metrics)))
-
-    def checkpoint_committed(self, step: int, *, job: str | None = None) -> None:
-        self._note("checkpoint_committed", step, job=job)
-        self.commits.append(step)
-
-    def end_attempt(self, attempt: int, status: RunStatus | str, *, job: str | None = None) -> None:
-        self._note("end_attempt", attempt, status, job=job)
-        self.ended[attempt] = RunStatus.parse(status)
-
-    def close_stale_attempts(self, job: str) -> None:
-        self._note("close_stale_attempts", job)
-
-    def end_job(self, status: RunStatus | str, *, job: str | None = None) -> None:
-        self._note("end_job", status, job=job)
-        self.job_status = RunStatus.parse(status)
-
-    def flush(self, timeout_s: float = 30.0) -> bool:
-        return True
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        self._note("close")

@@ -15,7 +15,8 @@ from typing import Any
 
 import fsspec
 import pytest
-from s3kit import MotoServer, TcpProxy, make_bucket, s3_options, start_moto
+
+from resumer.testing.s3 import MotoServer, TcpProxy, make_bucket, s3_options, start_moto
 
 
 @pytest.fixture(scope="session")

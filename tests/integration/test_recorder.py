@@ -24,8 +24,8 @@ from resumer import examples as ex
 from resumer.cli.history import history_command
 from resumer.core.decision import Decision, FailureClass, Outcome
 from resumer.core.plan import Plan
-from resumer.testing import connections_by_thread, free_port
-from resumer.testing.mlflow import LocalMlflow, MemoryRecorder
+from resumer.testing import MemoryRecorder, connections_by_thread, free_port
+from resumer.testing.mlflow import LocalMlflow
 from resumer.tracking.base import Recorder
 from resumer.tracking.history import read_history
 from resumer.tracking.mlflow_fast import PointEncoder

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from s3kit import MotoServer, make_bucket, s3_options, start_moto
 from torch import nn
 
 import resumer
+from resumer.testing.s3 import MotoServer, make_bucket, s3_options, start_moto
 
 
 class Sixteen(nn.Module):

@@ -19,10 +19,10 @@ import fsspec
 import pytest
 import s3fs
 import torch
-from s3kit import FAKE_SECRET, MotoServer, TcpProxy, make_bucket, s3_options, start_moto
 from torch import nn
 
 import resumer
+from resumer.testing.s3 import FAKE_SECRET, MotoServer, TcpProxy, make_bucket, s3_options, start_moto
 
 SAVE_BOUND_S = 45.0  # retries back off to at most a few seconds each: a save must end well within this
 

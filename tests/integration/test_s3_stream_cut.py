@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from s3kit import MotoServer, ProxiedRequest, TcpProxy, s3_options
 from torch import nn
 
 import resumer
 from resumer.storage import transfer
+from resumer.testing.s3 import MotoServer, ProxiedRequest, TcpProxy, s3_options
 
 MIB = 1024 * 1024
 MODEL_FILE = re.compile(r"/model\.[0-9a-f]+\.safetensors$")

@@ -24,7 +24,6 @@ import fsspec
 import pytest
 import torch
 import xxhash
-from s3kit import FAKE_KEY, FAKE_SECRET, MotoServer
 from torch import nn
 
 import resumer
@@ -33,6 +32,7 @@ from resumer.checkpoints import lease
 from resumer.checkpoints.retention import RetentionPolicy, prune
 from resumer.storage.fs import basename
 from resumer.storage.store import Store
+from resumer.testing.s3 import FAKE_KEY, FAKE_SECRET, MotoServer
 
 Backend = tuple[str, "dict[str, Any] | None"]
 
@@ -432,7 +432,7 @@ def test_cli_debug_logging_never_shows_credentials(s3_saved: Saved, s3_server: s
 def test_transient_failure_message_has_no_credentials(caplog: pytest.LogCaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Storage that refuses every connection: TransientStorageError names the problem, never the secret."""
-    from s3kit import free_port
+    from resumer.testing.s3 import free_port
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

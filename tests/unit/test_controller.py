@@ -5,7 +5,7 @@ from __future__ import annotations
 from resumer.core.controller import Controller, Observation, Observed, State
 from resumer.core.decision import Decision, FailureClass, Outcome
 from resumer.core.failures import Budget, Failure, FailurePolicy
-from resumer.testing import FakeClock, FakeLauncher, FakePlanner, FakeRecorder
+from resumer.testing import FakeClock, FakeLauncher, FakePlanner, MemoryRecorder
 
 START = Decision(job="j", attempt=1, outcome=Outcome.STARTED)
 RESUME = Decision(job="j", attempt=2, outcome=Outcome.RESUMED, checkpoint="mem://r/step-0000000010", step=10)
@@ -19,9 +19,9 @@ def failed(cls: FailureClass, step: int, cause: str = "boom") -> Observation:
     return Observation(status=Observed.FAILED, failure=Failure(cls=cls, step=step, cause=cause))
 
 
-def make(*obs: Observation, planner: FakePlanner | None = None, **kw: object) -> tuple[Controller, FakeRecorder,
+def make(*obs: Observation, planner: FakePlanner | None = None, **kw: object) -> tuple[Controller, MemoryRecorder,
                                                                                       FakeLauncher, FakeClock]:
-    clock, rec, launcher = FakeClock(), FakeRecorder(), FakeLauncher(*obs)
+    clock, rec, launcher = FakeClock(), MemoryRecorder(), FakeLauncher(*obs)
     ctl = Controller(planner=planner or FakePlanner(START, RESUME), recorder=rec, launcher=launcher, clock=clock,
                      **kw)  # type: ignore[arg-type]
     return ctl, rec, launcher, clock

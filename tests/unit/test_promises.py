@@ -9,7 +9,7 @@ import pytest
 from resumer.core.controller import Controller, Observation, Observed, State
 from resumer.core.decision import Decision, FailureClass, Outcome
 from resumer.core.failures import Budget, Failure, FailurePolicy, Verdict
-from resumer.testing import FakeClock, FakeLauncher, FakePlanner, FakeRecorder
+from resumer.testing import FakeClock, FakeLauncher, FakePlanner, MemoryRecorder
 
 START = Decision(job="j", attempt=1, outcome=Outcome.STARTED)
 RESUME = Decision(job="j", attempt=2, outcome=Outcome.RESUMED, checkpoint="mem://r/step-0000000010", step=10)
@@ -18,7 +18,7 @@ RESUME = Decision(job="j", attempt=2, outcome=Outcome.RESUMED, checkpoint="mem:/
 class OrderCheckingLauncher(FakeLauncher):
     """Notes, at each launch, whether that very decision had already been recorded."""
 
-    def __init__(self, recorder: FakeRecorder, *observations: Observation) -> None:
+    def __init__(self, recorder: MemoryRecorder, *observations: Observation) -> None:
         super().__init__(*observations)
         self.recorder = recorder
         self.recorded_first: list[bool] = []
@@ -29,7 +29,7 @@ class OrderCheckingLauncher(FakeLauncher):
 
 
 def test_every_attempt_is_recorded_before_it_launches() -> None:
-    rec = FakeRecorder()
+    rec = MemoryRecorder()
     crash = Observation(status=Observed.FAILED, failure=Failure(cls=FailureClass.CRASHED, step=3, cause="x"))
     launcher = OrderCheckingLauncher(rec, crash, Observation(status=Observed.RUNNING, step=4, reported_at=0.0),
                                      Observation(status=Observed.SUCCEEDED, step=9))
@@ -182,8 +182,8 @@ def test_a_class_without_a_budget_is_not_retried_and_decisions_say_why() -> None
     assert (third.verdict, third.reason) == (Verdict.STOP, "crashed: restart budget of 2 spent (again)")
 
 
-def _controller(*obs: Observation, **kw: Any) -> tuple[Controller, FakeRecorder, FakeLauncher, FakeClock]:
-    clock, rec, launcher = FakeClock(), FakeRecorder(), FakeLauncher(*obs)
+def _controller(*obs: Observation, **kw: Any) -> tuple[Controller, MemoryRecorder, FakeLauncher, FakeClock]:
+    clock, rec, launcher = FakeClock(), MemoryRecorder(), FakeLauncher(*obs)
     ctl = Controller(planner=FakePlanner(START, RESUME), recorder=rec, launcher=launcher, clock=clock, **kw)
     return ctl, rec, launcher, clock
 

@@ -1,7 +1,9 @@
-"""Helpers for the S3 integration tests: the moto server process, a cuttable TCP proxy, fake credentials.
+"""A real S3 API server on loopback for tests and benchmarks: moto's server process, a cuttable TCP proxy.
 
-Imported by ``conftest.py`` and the tests in this folder. Everything started here has a ``stop``/``close``
-that always works and may be called again.
+``local_s3()`` starts ``moto_server`` on 127.0.0.1 on a free port and always stops it; the storage options it
+gives reach the server through s3fs exactly as a user's AWS or MinIO bucket would. ``start_moto`` gives the
+process to a test that kills and restarts it. Everything started here has a ``stop``/``close`` that always
+works and may be called again. The credentials are fake and never valid anywhere.
 """
 
 from __future__ import annotations
@@ -9,15 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,12 @@ import fsspec
 # Distinctive fake credentials: tests assert that neither ever shows up in errors, logs or CLI output.
 FAKE_KEY = "AKIATESTKEY123456789"
 FAKE_SECRET = "s3cr3t-DO-NOT-PRINT-abc123"
-MOTO_SERVER = os.path.join(os.path.dirname(sys.executable), "moto_server")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _moto_server() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    return exe if os.path.exists(exe) else (shutil.which("moto_server") or "moto_server")
 
 
 def free_port() -> int:
@@ -50,8 +59,27 @@ class MotoServer:
     log_path: Path
     proc: subprocess.Popen[bytes]
 
+    @property
+    def endpoint(self) -> str:
+        return self.url
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def storage_options(self) -> dict[str, Any]:
+        """Options that reach this server, with no s3fs instance shared with another test's options."""
+        return {**s3_options(self.url), "skip_instance_cache": True}
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket ``name``; returns ``s3://name``."""
+        fsspec.filesystem("s3", **self.storage_options()).mkdir(name)
+        return f"s3://{name}"
+
+    def requests(self) -> list[str]:
+        """Request lines the server logged so far (e.g. 'GET /bucket/key HTTP/1.1')."""
+        if not self.log_path.exists():
+            return []
+        return [_ANSI.sub("", line.split('"')[1]) for line in self.log_text().splitlines() if line.count('"') >= 2]
 
     def stop(self) -> None:
         """Stop the server process (terminate, wait, kill): always safe to call again."""
@@ -82,7 +110,7 @@ def start_moto(log_path: Path, port: int | None = None, timeout_s: float = 20.0)
     port = port or free_port()
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child; closed right after the spawn
     try:
-        proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+        proc = subprocess.Popen([_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
     finally:
         log.close()
     server = MotoServer(url=f"http://127.0.0.1:{port}", port=port, log_path=log_path, proc=proc)
@@ -100,6 +128,21 @@ def make_bucket(endpoint: str) -> str:
     bucket = f"it-{uuid.uuid4().hex[:20]}"
     fsspec.filesystem("s3", **s3_options(endpoint)).mkdir(bucket)
     return bucket
+
+
+@contextlib.contextmanager
+def local_s3(port: int | None = None, *, log_path: str | Path | None = None, ready_timeout_s: float = 20.0
+             ) -> Iterator[MotoServer]:
+    """Start moto's S3 server on 127.0.0.1 (a free port unless given); stop it on exit, whatever happens."""
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    with contextlib.ExitStack() as stack:
+        if log_path is None:
+            log_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="resumer-s3-"))) / "moto.log"
+        server = start_moto(Path(log_path), port, ready_timeout_s)
+        stack.callback(server.stop)
+        yield server
+
 
 
 
