@@ -18,9 +18,9 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from resumer.core.errors import UsageError
 from resumer.storage import retry
@@ -28,6 +28,8 @@ from resumer.storage.fs import basename, get_fs, is_local, join, protocols
 from resumer.storage.transfer import open_for_scan
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STEP_DIR = re.compile(r"^step-(\d{1,19})$")
 
@@ -200,26 +202,26 @@ class Store:
     def local(self) -> bool:
         return is_local(self.fs)
 
-    def exists(self, *parts: str) -> bool:
+    def _retried(self, what: str, parts: tuple[str, ...], op: Callable[[str], T]) -> T:
+        """``op`` on the path of ``parts``, with retries; errors name the location's URI."""
         path = self.path_of(*parts)
-        return bool(retry.call(lambda: self.fs.exists(path), what="checking", uri=self.uri_of(*parts)))
+        return retry.call(lambda: op(path), what=what, uri=self.uri_of(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return bool(self._retried("checking", parts, self.fs.exists))
 
     def isfile(self, *parts: str) -> bool:
-        path = self.path_of(*parts)
-        return bool(retry.call(lambda: self.fs.isfile(path), what="checking", uri=self.uri_of(*parts)))
+        return bool(self._retried("checking", parts, self.fs.isfile))
 
     def isdir(self, *parts: str) -> bool:
-        path = self.path_of(*parts)
-        return bool(retry.call(lambda: self.fs.isdir(path), what="checking", uri=self.uri_of(*parts)))
+        return bool(self._retried("checking", parts, self.fs.isdir))
 
     def size(self, *parts: str) -> int:
         """The size in bytes, with retries. FileNotFoundError passes through."""
-        path = self.path_of(*parts)
-        return int(retry.call(lambda: self.fs.size(path), what="stat", uri=self.uri_of(*parts)))
+        return int(self._retried("stat", parts, self.fs.size))
 
     def ls(self, *parts: str, detail: bool = False) -> list[Any]:
-        path = self.path_of(*parts)
-        return list(retry.call(lambda: self.fs.ls(path, detail=detail), what="listing", uri=self.uri_of(*parts)))
+        return list(self._retried("listing", parts, lambda path: self.fs.ls(path, detail=detail)))
 
     def find(self) -> dict[str, dict[str, Any]]:
         """Every file below this location (full path -> fsspec info) from one recursive listing."""
@@ -250,8 +252,7 @@ class Store:
 
     def makedirs(self, *parts: str) -> None:
         """Create the directory (and its parents) if missing; object stores need none, and do nothing."""
-        path = self.path_of(*parts)
-        retry.call(lambda: self.fs.makedirs(path, exist_ok=True), what="creating", uri=self.uri_of(*parts))
+        self._retried("creating", parts, lambda path: self.fs.makedirs(path, exist_ok=True))
 
     def move(self, src: str, dst: str, *, what: str = "moving") -> None:
         """Rename ``src`` to ``dst`` (both below this location), with retries; ``what`` names it in errors."""
@@ -264,9 +265,8 @@ class Store:
         Raises:
             FileNotFoundError: nothing is there, unless ``missing_ok`` (S3 never says so: it deletes nothing).
         """
-        path = self.path_of(*parts)
         try:
-            retry.call(lambda: self.fs.rm_file(path), what=what, uri=self.uri_of(*parts))
+            self._retried(what, parts, self.fs.rm_file)
         except FileNotFoundError:
             if not missing_ok:
                 raise
