@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from resumer.core.errors import UsageError
 from resumer.core.plan import Policy
 from resumer.core.renames import parse_renames
+from resumer.jobs.fields import Fields
 
 if TYPE_CHECKING:
     from resumer.core.decision import Decision
@@ -103,20 +104,20 @@ class AttemptConfig:
                 raise _err(name, "is required")
         d = dict(data)
         return cls(
-            job=_text(d["job"], "job"), attempt=_count(d["attempt"], "attempt"), root=_text(d["root"], "root"),
+            job=_text(d["job"], "job"), attempt=_FIELDS.integer(d["attempt"], "attempt"), root=_text(d["root"], "root"),
             model=_text(d["model"], "model"), optimizer=_text(d.get("optimizer"), "optimizer", optional=True),
             scheduler=_text(d.get("scheduler"), "scheduler", optional=True),
             storage_options=_mapping(d.get("storage_options"), "storage_options"),
             checkpoint=_text(d.get("checkpoint"), "checkpoint", optional=True),
             plan_hash=_text(d.get("plan_hash"), "plan_hash", optional=True), policy=_policy(d.get("policy")),
-            renames=_renames(d.get("renames")), every=_count(d.get("every", 10), "every"),
-            grace_s=_seconds(d.get("grace_s", 30.0), "grace_s"),
-            keep_last=_count(d.get("keep_last"), "keep_last", optional=True),
-            keep_every=_count(d.get("keep_every"), "keep_every", optional=True))
+            renames=_renames(d.get("renames")), every=_FIELDS.integer(d.get("every", 10), "every"),
+            grace_s=_FIELDS.number(d.get("grace_s", 30.0), "grace_s", unit="seconds"),
+            keep_last=_FIELDS.optional_integer(d.get("keep_last"), "keep_last"),
+            keep_every=_FIELDS.optional_integer(d.get("keep_every"), "keep_every"))
 
 
-def _err(name: str, problem: str) -> UsageError:
-    return UsageError(f"Attempt config field '{name}': {problem}")
+_FIELDS = Fields("Attempt config")
+_err = _FIELDS.error
 
 
 def _plain(value: Any) -> Any:
@@ -135,20 +136,6 @@ def _text(value: Any, name: str, *, optional: bool = False) -> Any:
     if not isinstance(value, str) or not value:
         raise _err(name, f"must be a non-empty string{' or null' if optional else ''}, got {value!r}")
     return value
-
-
-def _count(value: Any, name: str, *, optional: bool = False) -> Any:
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _err(name, f"must be an integer >= 1{' or null' if optional else ''}, got {value!r}")
-    return value
-
-
-def _seconds(value: Any, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise _err(name, f"must be a number of seconds >= 0, got {value!r}")
-    return float(value)
 
 
 def _mapping(value: Any, name: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from resumer.core.errors import UsageError
 from resumer.core.failures import Budget
 from resumer.core.plan import Policy
 from resumer.core.renames import parse_renames
+from resumer.jobs.fields import Fields
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 _REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -69,8 +70,8 @@ class JobSpec:
                 "renames": list(self.renames), "hang_timeout_s": self.hang_timeout_s}
 
 
-def _err(field_name: str, problem: str) -> UsageError:
-    return UsageError(f"Job spec field '{field_name}': {problem}")
+_FIELDS = Fields("Job spec")
+_err = _FIELDS.error
 
 
 def _section(raw: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
@@ -81,20 +82,6 @@ def _section(raw: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]
     if unknown:
         raise _err(f"{key}.{sorted(unknown)[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
     return value
-
-
-def _int(value: Any, name: str, minimum: int = 1, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise _err(name, f"must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(value: Any, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise _err(name, f"must be a number >= 0, got {value!r}")
-    return float(value)
 
 
 def _ref(value: Any, name: str, optional: bool = False) -> str | None:
@@ -116,14 +103,15 @@ def _budgets(raw: dict[str, Any]) -> tuple[dict[FailureClass, Budget], float]:
         sub = _section(retries, cls_name, {"max", "backoff_s", "max_backoff_s", "timeout_s"})
         cls = FailureClass(cls_name)
         base = budgets[cls]
-        budgets[cls] = Budget(max_restarts=_int(sub.get("max", base.max_restarts), f"{where}.max", 0) or 0,
-                              backoff_s=_number(sub.get("backoff_s", base.backoff_s), f"{where}.backoff_s"),
-                              max_backoff_s=_number(sub.get("max_backoff_s", base.max_backoff_s),
+        budgets[cls] = Budget(max_restarts=_FIELDS.integer(sub.get("max", base.max_restarts), f"{where}.max",
+                                                           minimum=0),
+                              backoff_s=_FIELDS.number(sub.get("backoff_s", base.backoff_s), f"{where}.backoff_s"),
+                              max_backoff_s=_FIELDS.number(sub.get("max_backoff_s", base.max_backoff_s),
                                                     f"{where}.max_backoff_s"))
         if "timeout_s" in sub:
             if cls is not FailureClass.HUNG:
                 raise _err(f"{where}.timeout_s", "only 'hung' has a timeout")
-            timeout = _number(sub["timeout_s"], f"{where}.timeout_s")
+            timeout = _FIELDS.number(sub["timeout_s"], f"{where}.timeout_s")
         del value
     return budgets, timeout
 
@@ -167,13 +155,13 @@ def parse(raw: Any, *, base_dir: str = ".") -> JobSpec:
         name=name, entrypoint=_ref(raw.get("entrypoint"), "entrypoint") or "",
         model=_ref(raw.get("model"), "model") or "", optimizer=_ref(raw.get("optimizer"), "optimizer", True),
         scheduler=_ref(raw.get("scheduler"), "scheduler", True), config=config,
-        workers=_int(scaling.get("workers", 2), "scaling.workers") or 1, use_gpu=use_gpu,
+        workers=_FIELDS.integer(scaling.get("workers", 2), "scaling.workers"), use_gpu=use_gpu,
         resources_per_worker=dict(scaling.get("resources_per_worker") or {}),
         root=root, storage_options=dict(storage.get("options") or {}),
-        every=_int(ckpt.get("every", 10), "checkpoint.every") or 1,
-        keep_last=_int(ckpt.get("keep_last"), "checkpoint.keep_last", optional=True),
-        keep_every=_int(ckpt.get("keep_every"), "checkpoint.keep_every", optional=True),
-        grace_s=_number(ckpt.get("grace_s", 30.0), "checkpoint.grace_s"),
+        every=_FIELDS.integer(ckpt.get("every", 10), "checkpoint.every"),
+        keep_last=_FIELDS.optional_integer(ckpt.get("keep_last"), "checkpoint.keep_last"),
+        keep_every=_FIELDS.optional_integer(ckpt.get("keep_every"), "checkpoint.keep_every"),
+        grace_s=_FIELDS.number(ckpt.get("grace_s", 30.0), "checkpoint.grace_s"),
         policy=policy, renames=tuple(str(r) for r in renames), budgets=budgets, hang_timeout_s=timeout,
         tracking_uri=mlflow.get("tracking_uri"), experiment=str(mlflow.get("experiment", "resumer")))
 
