@@ -38,7 +38,7 @@ from typing import Any
 from resumer.checkpoints.catalog import Candidate, CheckpointInfo, scan, select
 from resumer.checkpoints.lease import Lease, active_leases, sweep_expired
 from resumer.core.errors import CheckpointError, TransientStorageError, UsageError
-from resumer.formats.native.manifest import MANIFEST, QUARANTINE, parse
+from resumer.formats.native.manifest import MANIFEST, MAX_MANIFEST_BYTES, QUARANTINE, parse
 from resumer.storage.fs import basename, join
 from resumer.storage.store import Store
 
@@ -287,7 +287,8 @@ def _second_look(decisions: list[PruneDecision], by_uri: Mapping[str, Candidate]
 
 def _check_manifest(d: PruneDecision, checkpoint: Store) -> PruneDecision:
     try:
-        step = parse(checkpoint.read(MANIFEST), checkpoint.uri).step
+        # At most one byte over the limit is read: parse refuses a longer manifest before parsing it.
+        step = parse(checkpoint.read(MANIFEST, limit=MAX_MANIFEST_BYTES + 1), checkpoint.uri).step
     except FileNotFoundError:
         return d  # un-committed since the listing: the deletion handles it
     except CheckpointError as exc:

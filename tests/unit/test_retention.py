@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import resumer
@@ -485,3 +486,27 @@ def test_cli_through_the_real_entry_point(cli_root: str) -> None:
     assert d["deleted"] == [f"{cli_root}/step-0000000002", f"{cli_root}/step-0000000001"]  # newest first
     assert d["newest_valid"] == f"{cli_root}/step-0000000003" and d["bytes_freed"] > 0
     assert "[retention] deleted step=1 uri=" in r.stderr
+
+
+def test_prune_rereads_a_manifest_with_the_size_limit(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-check before deleting reads no more than the manifest limit (a manifest grown huge since the
+    listing costs one byte over the limit, then is refused), like every other manifest read."""
+    from resumer.formats.native.manifest import MANIFEST, MAX_MANIFEST_BYTES
+    from resumer.storage.store import Store
+
+    root = str(tmp_path / "r")
+    for step in (1, 2, 3):
+        resumer.save_checkpoint(root, step, torch.nn.Linear(2, 2))
+    limits: list[int | None] = []
+    real = Store.read
+
+    def spy(self: Store, *parts: str, limit: int | None = None) -> bytes:
+        if parts and parts[-1] == MANIFEST:
+            limits.append(limit)
+        return real(self, *parts, limit=limit)
+
+    monkeypatch.setattr(Store, "read", spy)
+    result = prune(root, RetentionPolicy(keep_last=1))
+    assert [d.step for d in result.decisions if d.delete] == [2, 1]
+    assert None not in limits, limits  # every manifest read is bounded
+    assert limits.count(MAX_MANIFEST_BYTES + 1) == 2, limits  # the re-check of each of the two to delete
