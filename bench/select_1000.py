@@ -22,7 +22,7 @@ import fsspec
 
 import resumer
 from resumer.examples import mlp_v1
-from resumer.storage.store import step_dir
+from resumer.formats.native.manifest import step_dir
 from resumer.testing import local_s3
 
 

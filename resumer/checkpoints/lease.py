@@ -35,8 +35,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from resumer.core.errors import CheckpointError, TransientStorageError, UsageError
-from resumer.formats.native.manifest import MANIFEST
-from resumer.storage.store import STEP_DIR, Store
+from resumer.formats.native.manifest import MANIFEST, STEP_DIR
+from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
 

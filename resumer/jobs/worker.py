@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resumer.core.errors import AlreadyCommitted, CheckpointError, Preempted
+from resumer.core.errors import AlreadyCommitted, CheckpointError, Preempted, ResumerError
 from resumer.jobs import preemption
 from resumer.jobs.attempt import ENV, AttemptConfig
 from resumer.jobs.board import NAMESPACE as BOARD_NAMESPACE
@@ -148,12 +148,11 @@ def _restore_failed(cfg: AttemptConfig, uri: str, exc: CheckpointError) -> Check
 def _still_committed(uri: str, storage_options: dict[str, Any] | None) -> bool:
     """Whether ``uri`` still has its manifest (a mark is never written into a directory that is gone)."""
     from resumer.formats.native.manifest import MANIFEST
-    from resumer.storage.fs import get_fs, join
+    from resumer.storage.store import Store
 
     try:
-        fs, path = get_fs(uri, storage_options)
-        return bool(fs.exists(join(path, MANIFEST)))
-    except OSError:
+        return Store.open(uri, storage_options).exists(MANIFEST)
+    except (OSError, ResumerError):  # unreachable after its retries: no mark either
         return False
 
 

@@ -21,11 +21,12 @@ from resumer.core.errors import CheckpointError
 from resumer.core.plan import Plan, Policy
 from resumer.core.reconcile import reconcile
 from resumer.formats import registry
+from resumer.formats.native.manifest import STEP_DIR
 from resumer.formats.native.source import NativeSource
 from resumer.formats.source import CheckpointSource, ReadOptions
 from resumer.runtime.apply import ResumeResult, commit, stage
 from resumer.runtime.capture import signature
-from resumer.storage.store import STEP_DIR, Store
+from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,11 @@ def _open(store: Store, *, checksums: bool, select_verified: bool = True, progre
 def _open_root(store: Store, options: ReadOptions, *, select_verified: bool, defer: bool,
                passed_over: Mapping[str, str] | None) -> CheckpointSource:
     """The newest committed (and, with ``select_verified``, verified) native checkpoint under the root ``store``."""
-    root = store.uri
     if select_verified:
-        info = select(root, storage_options=store.options, checksums=options.checksums and not defer,
-                      progress=options.progress, exclude=passed_over).chosen
+        info = select(store, checksums=options.checksums and not defer, progress=options.progress,
+                      exclude=passed_over).chosen
     else:
-        infos = list_checkpoints(root, storage_options=store.options)
+        infos = list_checkpoints(store)
         info = infos[0] if infos else None
     if info is None:
         names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in store.ls()]
@@ -78,7 +78,7 @@ def _open_root(store: Store, options: ReadOptions, *, select_verified: bool, def
         else:
             raise registry.unrecognised(store, "it is no checkpoint of a known format, and no root of resumer "
                                                "checkpoints (no step-N directory under it)")
-        raise CheckpointError(f"Cannot resume from {root}: {why}. Nothing was loaded or deleted.", uri=root)
+        raise CheckpointError(f"Cannot resume from {store.uri}: {why}. Nothing was loaded or deleted.", uri=store.uri)
     return NativeSource(info.manifest, store=store.child(info.uri.rstrip("/").rsplit("/", 1)[-1]),
                         checksums=options.checksums, progress=options.progress,
                         verified=select_verified and not defer)

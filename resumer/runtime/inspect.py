@@ -36,7 +36,7 @@ def inspect_checkpoint(uri: str, storage_options: dict[str, Any] | None = None, 
     store = target = Store.open(uri, storage_options)
     info: dict[str, Any] = {"uri": uri}
     if registry.detect(store) is None and store.isdir():  # a root: its checkpoints, and the newest one
-        infos = list_checkpoints(store.uri, storage_options=store.options)
+        infos = list_checkpoints(store)
         info["checkpoints"] = [{"uri": i.uri, "step": i.step, "time": i.time, "bytes": i.total_bytes} for i in infos]
         if not infos:
             open_source(store, checksums=False)  # raises the clear "nothing committed here"

@@ -31,12 +31,13 @@ from resumer.formats.native.manifest import (
     data_file_name,
     dumps,
     state_key,
+    step_dir,
 )
 from resumer.formats.native.safetensors_io import TensorLocation, write_file
 from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
 from resumer.storage import retry
 from resumer.storage.fs import basename
-from resumer.storage.store import Store, step_dir
+from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,13 +29,6 @@ from resumer.storage.transfer import open_for_scan
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-STEP_DIR = re.compile(r"^step-(\d{1,19})$")
-
-
-def step_dir(step: int) -> str:
-    return f"step-{step:010d}"
-
 
 def read_bytes(fs: Any, path: str, uri: str, *, limit: int | None = None) -> bytes:
     """A whole small object (or its first ``limit`` bytes), with retries. FileNotFoundError passes through."""

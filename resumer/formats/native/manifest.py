@@ -30,6 +30,8 @@ from resumer.formats.native.safetensors_io import TensorLocation
 FORMAT = "resumer-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# A root of checkpoints holds one directory per step: step-0000001200/
+STEP_DIR = re.compile(r"^step-(\d{1,19})$")
 QUARANTINE = "quarantine.json"
 MODEL_KIND = "model"
 OPTIMIZER_KIND = "optimizer"
@@ -290,6 +292,11 @@ def newer_format(uri: str, version: int) -> CheckpointError:
 def malformed(uri: str, why: str) -> CheckpointError:
     return CheckpointError(f"{uri}/{MANIFEST} is malformed: {why}. The checkpoint is not used; nothing was loaded or "
                            "deleted.", uri=uri)
+
+
+def step_dir(step: int) -> str:
+    """The directory of ``step``'s checkpoint under a root."""
+    return f"step-{step:010d}"
 
 
 def oversized(uri: str, size: int) -> CheckpointError:
