@@ -45,7 +45,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_every_command_is_registered_on_the_entry_point() -> None:
     (script,) = entry_points(group="console_scripts", name="resumer")
-    assert script.value == "resumer.cli:main"
+    assert script.value == "resumer.cli.main:main"
     assert os.access(ENTRY_POINT, os.X_OK), f"{ENTRY_POINT} is not installed"
     r = resumer_cli("--help")
     assert r.returncode == 0
