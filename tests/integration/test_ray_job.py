@@ -45,6 +45,17 @@ def raw_for(tmp: str, **config: object) -> dict[str, object]:
            "retries": {"crashed": {"max": 5, "backoff_s": 0.5}}}
 
 
+@pytest.fixture(scope="module")
+def reference(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[float]]:
+    """The losses of one uninterrupted run of ``spec_for``'s job, which the kill and preemption tests repeat
+    exactly (checkpoint cadence and retention consume no randomness)."""
+    straight = run_job(spec_for(str(tmp_path_factory.mktemp("reference"))), timeout_s=300)
+    assert straight.state is State.SUCCEEDED and straight.attempts == 1, straight.message
+    got = losses(straight)
+    assert sorted(got) == list(range(1, 25)) and all(len(v) == 1 for v in got.values())
+    return got
+
+
 def losses(result: object) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
     for step, metrics in result.training_metrics:  # type: ignore[attr-defined]
@@ -52,13 +63,9 @@ def losses(result: object) -> dict[int, list[float]]:
     return out
 
 
-def test_sigkill_worker_resumes_with_identical_losses(ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
+def test_sigkill_worker_resumes_with_identical_losses(reference: dict[int, list[float]],
+                                                      tmp_path: pytest.TempPathFactory) -> None:
     from resumer.jobs.launcher import RayLauncher
-
-    straight = run_job(spec_for(str(tmp_path / "a")), timeout_s=300)
-    assert straight.state is State.SUCCEEDED and straight.attempts == 1
-    reference = losses(straight)
-    assert sorted(reference) == list(range(1, 25))
 
     # keep_last 3: rank 0 prunes after each commit (5, 10, [15,] 15 or 20, 20), so step 5 goes while training.
     spec = jobspec.parse({**raw_for(str(tmp_path / "b")), "checkpoint": {"every": 5, "keep_last": 3}})
@@ -221,7 +228,7 @@ def test_submit_cli_runs_a_job_and_refuses_a_changed_one(tmp_path: pytest.TempPa
 
 
 def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlflow(
-        ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
+        reference: dict[int, list[float]], tmp_path: pytest.TempPathFactory) -> None:
     """SIGTERM (a preemption notice) to a real worker (rank 1, which never saves on the cadence): it saves an
     emergency checkpoint at the next step boundary, and the job resumes from THAT checkpoint; every decision and
     the training curve land on a real MLflow server (parent curve one line, resume marker at the emergency step);
@@ -234,8 +241,7 @@ def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlf
     from resumer.tracking.history import read_history
     from resumer.tracking.recorder import MlflowRecorder
 
-    reference = {s: v[0] for s, v in losses(run_job(spec_for(str(tmp_path / "a")), recorder=LogRecorder(),
-                                                     timeout_s=300)).items()}
+    first_loss = {s: v[0] for s, v in reference.items()}
     # No cadence save in this job (every 100 > 24 steps): the only checkpoint there can be is the emergency one, so
     # it is always written off the cadence by the notified rank (rank 0 never races it for the step), and resumed.
     spec = jobspec.parse({**raw_for(str(tmp_path / "b")), "checkpoint": {"every": 100}})
@@ -276,13 +282,13 @@ def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlf
     assert [c.uri for c in resumer.list_checkpoints(spec.root)] == [second.checkpoint]  # the only one, ever
     got = losses(result)
     assert sorted(got) == list(range(1, 25))
-    assert all(v == reference[s] for s, vals in got.items() for v in vals)  # bitwise, the redone steps too
+    assert all(v == first_loss[s] for s, vals in got.items() for v in vals)  # bitwise, the redone steps too
     # The record: outcomes, failure classes and how each run ended.
     assert [(a.attempt, a.outcome, a.previous_failure, a.status) for a in history.attempts] == [
         (1, "started", "none", "KILLED"), (2, "resumed", "preempted", "FINISHED")]
     assert history.attempts[1].step == emergency and history.status == "FINISHED"
     assert parent_points == 24 and sorted(parent_loss) == list(range(1, 25))  # one line, no duplicates
-    assert all(parent_loss[s] == reference[s] for s in parent_loss)
+    assert all(parent_loss[s] == first_loss[s] for s in parent_loss)
     assert markers == [(emergency, 2.0)]
 
 
