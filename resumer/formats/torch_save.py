@@ -48,7 +48,7 @@ MIN_FOREIGN_VALUES = 10_000
 MAX_FOREIGN_VALUES = 4_000_000
 
 
-def _load(store: Store) -> Any:
+def safe_load(store: Store) -> Any:
     """The file's object, loaded with weights_only=True; refused unless its plain (non-tensor) values can be
     walked in a number of steps about the file's size: shared references make a tiny pickle describe a huge
     structure, and every later walk (encoding hyperparameters, copying groups) would pay for all of it."""
@@ -88,7 +88,7 @@ def _unpickle(store: Store) -> Any:
                               f"{str(exc)[:200]}). It may be truncated or not a checkpoint.", uri=uri) from None
 
 
-def _is_state_dict(obj: Any) -> bool:
+def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
@@ -242,13 +242,13 @@ class TorchSaveSource(CheckpointSource):
     @classmethod
     def open(cls, store: Store) -> TorchSaveSource:
         uri = store.uri
-        obj = _load(store)
-        if _is_state_dict(obj):
+        obj = safe_load(store)
+        if is_state_dict(obj):
             model, notes = _strip_prefixes(obj)
             return cls(uri, model, None, None, None, {}, ["a bare model state_dict (torch.save)"] + notes)
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a state_dict or a dict of them.", uri=uri)
-        model_key = next((k for k in MODEL_KEYS if _is_state_dict(obj.get(k))), None)
+        model_key = next((k for k in MODEL_KEYS if is_state_dict(obj.get(k))), None)
         if model_key is None:
             raise CheckpointError(f"{uri} is a torch.save dict without a model state_dict: expected one of "
                                   f"{list(MODEL_KEYS)}, found keys {sorted(map(str, obj))[:20]}.", uri=uri)
