@@ -16,6 +16,7 @@ from resumer.checkpoints.watch import Watcher, WatchEvent
 from resumer.core.decision import Decision, FailureClass, Outcome
 from resumer.core.errors import (
     CheckpointError,
+    CheckpointMismatch,
     PlanRefused,
     ResumerError,
     StorageFullError,
@@ -36,10 +37,10 @@ from resumer.tracking.base import Recorder, RunStatus
 from resumer.tracking.recorder import MlflowRecorder
 
 __all__ = [
-    "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "Decision", "FailureClass", "MlflowRecorder",
-    "Outcome", "Plan", "PlanEntry", "PlanRefused", "Policy", "Recorder", "Refusal", "Rename", "ResumeResult",
-    "ResumerError", "RunStatus", "Section", "Signature", "StorageFullError", "TensorSpec", "TransientStorageError",
-    "UsageError",
+    "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "CheckpointMismatch", "Decision", "FailureClass",
+    "MlflowRecorder", "Outcome", "Plan", "PlanEntry", "PlanRefused", "Policy", "Recorder", "Refusal", "Rename",
+    "ResumeResult", "ResumerError", "RunStatus", "Section", "Signature", "StorageFullError", "TensorSpec",
+    "TransientStorageError", "UsageError",
     "latest_checkpoint", "list_checkpoints", "open_source", "plan", "read_manifest", "reconcile", "resume",
     "save_checkpoint", "select", "signature", "verify", "WatchEvent", "Watcher",
 ]

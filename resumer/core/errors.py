@@ -3,6 +3,7 @@
     ResumerError                  base: catch this to catch everything below
     ├── UsageError                bad input from a user: an unknown policy, a bad MODULE:FACTORY, a bad rule
     ├── CheckpointError           a checkpoint that is missing, torn, corrupt or unsafe (has .uri)
+    │   ├── CheckpointMismatch    a sound checkpoint that does not go into these live objects (the code differs)
     │   └── AlreadyCommitted      a save of a step that is committed already (its checkpoint stands)
     ├── PlanRefused               resume() was asked to apply a plan that is not ok (has .plan)
     ├── TransientStorageError     storage failed in a way that may succeed on retry (has .uri)
@@ -39,6 +40,19 @@ class CheckpointError(ResumerError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_checkpoint_error, (str(self), self.uri, self.quarantine))
+
+
+class CheckpointMismatch(CheckpointError):
+    """What the checkpoint holds does not go into THESE live objects (a hyperparameter of another kind, a scheduler
+    state this scheduler cannot take): the code's doing as likely as damage. Never quarantined (a mark would hide
+    the checkpoint from code that can take it), and a resume from a root does not fall back to an older
+    checkpoint over it (that would silently lose the newest progress): it stops and says why."""
+
+    def __init__(self, message: str, *, uri: str | None = None) -> None:
+        super().__init__(message, uri=uri, quarantine=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_mismatch, (str(self), self.uri))
 
 
 class AlreadyCommitted(CheckpointError):
@@ -108,3 +122,7 @@ def _rebuild_storage_full_error(message: str, uri: str | None) -> StorageFullErr
 
 def _rebuild_already_committed(message: str, uri: str | None) -> AlreadyCommitted:
     return AlreadyCommitted(message, uri=uri)
+
+
+def _rebuild_mismatch(message: str, uri: str | None) -> CheckpointMismatch:
+    return CheckpointMismatch(message, uri=uri)

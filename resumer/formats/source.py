@@ -53,10 +53,12 @@ class CheckpointSource(Protocol):
     def prepare(self) -> None:
         """Check everything that needs no tensor bytes (the values the plan will apply decode), before any
         tensor is read. Default: nothing to check."""
+        return
 
     def load(self, tensors: set[str], optimizer_params: set[str]) -> None:
         """Read model ``tensors`` and the optimizer state of ``optimizer_params`` into fresh memory; nothing
         live is touched. Default: everything is in memory already."""
+        return
 
     def tensor(self, name: str) -> torch.Tensor:
         """Model tensor ``name`` (loaded); the caller copies from it and never writes to it."""
@@ -93,6 +95,7 @@ class CheckpointSource(Protocol):
 
     def close(self) -> None:
         """Release files and memory."""
+        return
 
 
 class FormatReader(Protocol):

@@ -17,7 +17,7 @@ from torch import nn
 
 from resumer.checkpoints import lease
 from resumer.checkpoints.catalog import list_checkpoints, quarantine, select
-from resumer.core.errors import CheckpointError
+from resumer.core.errors import CheckpointError, CheckpointMismatch
 from resumer.core.plan import Plan, Policy
 from resumer.core.reconcile import reconcile
 from resumer.formats import registry
@@ -144,8 +144,8 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
                 try:
                     staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler)
                 except CheckpointError as exc:
-                    if not from_root:
-                        raise
+                    if not from_root or isinstance(exc, CheckpointMismatch):
+                        raise  # a mismatch with this code: an older checkpoint would silently lose progress
                     # Nothing live was touched yet: mark it (never delete) and take the next newest.
                     logger.warning("[select] passed over %s: %s", source.uri, exc)
                     if exc.quarantine:  # not for what a newer resumer can read, or a copied step dir

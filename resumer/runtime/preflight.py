@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resumer.core.errors import CheckpointError
+from resumer.core.errors import CheckpointError, CheckpointMismatch
 from resumer.core.plan import Action, Plan, Section
 from resumer.formats.source import CheckpointSource
 from resumer.runtime.capture import live_tensors
@@ -45,12 +45,17 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _refuse(uri: str, what: str, saved: Any, live: Any) -> CheckpointError:
-    return CheckpointError(
+def _mismatch(message: str, uri: str) -> CheckpointMismatch:
+    """What the checkpoint holds does not go into THESE live objects: maybe the code's doing, not damage."""
+    return CheckpointMismatch(message, uri=uri)
+
+
+def _refuse(uri: str, what: str, saved: Any, live: Any) -> CheckpointMismatch:
+    return _mismatch(
         f"{uri}: the saved {what} is {_short(saved)} ({type(saved).__name__}), where this code has {_short(live)} "
         f"({type(live).__name__}); installed, it would break training at the next step. The checkpoint is "
         "not used; nothing was loaded. Resume with --policy reset-optimizer to start the optimizer and "
-        "scheduler fresh, or fix the checkpoint.", uri=uri)
+        "scheduler fresh, or fix the checkpoint.", uri)
 
 
 def check_groups(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer) -> None:
@@ -104,9 +109,9 @@ def check_scheduler(plan: Plan, source: CheckpointSource, scheduler: Any) -> Non
             if not compatible(value, live[key]):
                 raise _refuse(source.uri, f"scheduler state '{key}'", value, live[key])
         elif hasattr(scheduler, key):
-            raise CheckpointError(f"{source.uri}: the saved scheduler state holds {key!r}, which would replace the "
-                                  f"scheduler's own attribute of that name. The checkpoint is not used; nothing was "
-                                  "loaded.", uri=source.uri)
+            raise _mismatch(f"{source.uri}: the saved scheduler state holds {key!r}, which would replace the "
+                            f"scheduler's own attribute of that name. The checkpoint is not used; nothing was "
+                            "loaded.", source.uri)
     memo: dict[int, Any] = {}
     opt = getattr(scheduler, "optimizer", None)
     if opt is not None:
@@ -118,9 +123,9 @@ def check_scheduler(plan: Plan, source: CheckpointSource, scheduler: Any) -> Non
     try:
         trial.load_state_dict(copy.deepcopy(saved))
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise CheckpointError(f"{source.uri}: the saved scheduler state does not load into this "
-                              f"{type(scheduler).__name__} ({type(exc).__name__}: {exc}). The checkpoint is not "
-                              "used; nothing was loaded.", uri=source.uri) from None
+        raise _mismatch(f"{source.uri}: the saved scheduler state does not load into this "
+                        f"{type(scheduler).__name__} ({type(exc).__name__}: {exc}). The checkpoint is not "
+                        "used; nothing was loaded.", source.uri) from None
 
 
 def check_model(plan: Plan, source: CheckpointSource, model: nn.Module) -> None:
@@ -133,6 +138,6 @@ def check_model(plan: Plan, source: CheckpointSource, model: nn.Module) -> None:
         spec = saved.get(e.source or e.name)
         if spec is None or e.name not in shapes or spec.shape != shapes[e.name]:
             got = list(spec.shape) if spec else "nothing"
-            raise CheckpointError(f"{source.uri}: '{e.source or e.name}' has shape {got} in the checkpoint, the "
-                                  f"model {list(shapes.get(e.name, ()))}; the plan does not match this model. "
-                                  "Plan again with this model; nothing was loaded.", uri=source.uri)
+            raise _mismatch(f"{source.uri}: '{e.source or e.name}' has shape {got} in the checkpoint, the "
+                            f"model {list(shapes.get(e.name, ()))}; the plan does not match this model. "
+                            "Plan again with this model; nothing was loaded.", source.uri)

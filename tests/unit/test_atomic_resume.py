@@ -10,6 +10,7 @@ import base64
 import copy
 import json
 import os
+import pickle
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -238,3 +239,28 @@ def test_each_data_file_is_opened_and_read_once(tmp_path: Path, monkeypatch: pyt
     manifest = resumer.read_manifest(uri)
     assert sorted(opened) == sorted(f.path for f in manifest.files)
     assert sum(seen) == res.bytes_read == manifest.total_bytes
+
+
+def test_a_checkpoint_this_code_cannot_take_is_neither_quarantined_nor_passed_over(tmp_path: Path) -> None:
+    """The code changed (its param group's 'name' is now a number): the newest checkpoint is sound but does not go
+    into this optimizer. The resume stops there and says so; it does not mark it bad for every reader, nor fall
+    back to an older checkpoint (which would silently lose the newest progress)."""
+    root = str(tmp_path / "ckpt")
+    saved = ex.mlp_v1()
+    opt = torch.optim.Adam([{"params": list(saved.parameters()), "name": "all"}], lr=1e-3)
+    for step in (1, 2):
+        ex.train_step(saved, opt, step)
+        resumer.save_checkpoint(root, step, saved, opt)
+    model = ex.mlp_v1()
+    live = torch.optim.Adam([{"params": list(model.parameters()), "name": 0}], lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(resumer.CheckpointMismatch) as err:
+        resumer.resume(root, model, live)
+    assert err.value.uri is not None and err.value.uri.endswith("step-0000000002")
+    assert "optimizer param group 0 'name' is 'all' (str), where this code has 0 (int)" in str(err.value)
+    crossed = pickle.loads(pickle.dumps(err.value))  # as it crosses Ray processes: still a mismatch
+    assert isinstance(crossed, resumer.CheckpointMismatch) and crossed.quarantine is False
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert live.state_dict()["state"] == {}
+    assert [c.step for c in resumer.list_checkpoints(root, include_quarantined=True) if c.quarantine] == []
+    assert [c.step for c in resumer.list_checkpoints(root)] == [2, 1]
