@@ -37,6 +37,7 @@ class Format:
 KNOWN_FORMATS: dict[str, Format] = {f.name: f for f in (
     Format(name="native", reader="resumer.formats.native.source:READER",
            description="a resumer checkpoint directory holding manifest.json, or that manifest.json"),
+    Format(name="torch-dcp", reader="resumer.formats.dcp:READER", description="a DCP directory (.metadata, *.distcp)"),
     Format(name="torch-save", reader="resumer.formats.torch_save:READER",
            description="a file written by torch.save (read with weights_only=True)"),
 )}

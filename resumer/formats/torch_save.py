@@ -176,7 +176,7 @@ def _positions(opt_sd: Mapping[str, Any], uri: str) -> list[list[int]]:
     return groups
 
 
-def _scheduler_class(state: Mapping[str, Any]) -> str:
+def scheduler_class(state: Mapping[str, Any]) -> str:
     keys = set(state)
     for needed, cls in (({"step_size", "gamma"}, "StepLR"), ({"milestones", "gamma"}, "MultiStepLR"),
                         ({"T_max", "eta_min"}, "CosineAnnealingLR"), ({"lr_lambdas"}, "LambdaLR"),
@@ -207,7 +207,7 @@ class TorchSaveSource(CheckpointSource):
             opt_spec = self._optimizer_spec(optimizer, notes)
         sched_spec = None
         if scheduler is not None:
-            sched_spec = SchedulerSpec(cls=_scheduler_class(scheduler),
+            sched_spec = SchedulerSpec(cls=scheduler_class(scheduler),
                                        num_groups=len(scheduler.get("base_lrs", ())) or None)
         self.signature = Signature(tensors=tuple(specs), optimizer=opt_spec, scheduler=sched_spec, step=step,
                                    notes=tuple(notes))
