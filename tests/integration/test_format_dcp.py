@@ -4,8 +4,10 @@ process, no process group) from ``get_state_dict``, then detected, inspected, pl
 What is pinned: after ``resume`` the weights are bitwise the saved ones, and so are the optimizer state of every
 parameter by name, each group's lr, the scheduler and the step, in both layouts (``{"model", "optim"}`` nested as
 ``get_state_dict`` returns it, and torchtitan's: model tensors at the top level, the optimizer flattened per
-parameter, the step in ``train_state``); a ``.metadata`` that would run code when unpickled, a truncated data file
-and an index that lies about an item are refused with nothing run and nothing changed.
+parameter, the step in ``train_state``); a checkpoint two FSDP2 ranks saved (each parameter in two chunks, in two
+data files) resumes into one plain model bitwise as the state gathered whole; a ``.metadata`` that would run code
+when unpickled, a truncated data file and an index that lies about an item are refused with nothing run and nothing
+changed.
 """
 
 from __future__ import annotations
@@ -61,18 +63,20 @@ class Run:
     scheduler: Any
 
 
-def make_run(seed: int) -> Run:
+def new_model(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def make_run(seed: int = 0, model: nn.Module | None = None) -> Run:
+    model = new_model(seed) if model is None else model
     # Two groups with their own lr: a checkpoint's per-group hyperparameters must land in the right group.
     optimizer = torch.optim.Adam([{"params": model[0].parameters(), "lr": 1e-2},
                                   {"params": [*model[1].parameters(), *model[3].parameters()], "lr": 3e-3}])
     return Run(model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5))
 
 
-def write(directory: Path, layout: str) -> Run:
-    """A few steps of training, saved with torch.distributed.checkpoint.save in ``layout``."""
-    run = make_run(seed=0)
+def train(run: Run) -> Run:
     gen = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
         loss = (run.model(torch.randn(16, 4, generator=gen)) - torch.randn(16, 3, generator=gen)).pow(2).mean()
@@ -80,6 +84,12 @@ def write(directory: Path, layout: str) -> Run:
         loss.backward()
         run.optimizer.step()
         run.scheduler.step()
+    return run
+
+
+def write(directory: Path, layout: str) -> Run:
+    """A few steps of training, saved with torch.distributed.checkpoint.save in ``layout``."""
+    run = train(make_run(seed=0))
     if layout == "get_state_dict":
         model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "lr_scheduler": run.scheduler.state_dict(), "step": STEPS}
@@ -235,3 +245,50 @@ def test_an_index_that_lies_about_an_item_is_refused_with_nothing_changed(copy_o
                                               "promises"):
         resumer.resume(str(copy_of), fresh.model, fresh.optimizer, fresh.scheduler)
     assert_unchanged(fresh, before)
+
+
+def _write_two_ranks(rank: int, directory: str, port: int) -> None:
+    """One rank of a two-process FSDP2 run (gloo, CPU) that saves with dcp.save, as torchtitan does."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = new_model(seed=0)
+        fully_shard(model)  # the optimizer is made after: it holds the sharded parameters
+        run = train(make_run(model=model))
+        model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd, "lr_scheduler": run.scheduler.state_dict(), "step": STEPS},
+                 checkpoint_id=directory)
+        full = get_state_dict(run.model, run.optimizer, options=StateDictOptions(full_state_dict=True))
+        if rank == 0:  # the reference: the same state gathered whole
+            torch.save(full, os.path.join(os.path.dirname(directory), "reference.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_saved_by_two_ranks_resumes_into_one_plain_model(tmp_path: Path) -> None:
+    """FSDP2 shards each parameter across the ranks: its chunks, in two data files, are put back together."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    directory = tmp_path / f"step-{STEPS}"
+    mp.spawn(_write_two_ranks, args=(str(directory), port), nprocs=2, join=True)
+    assert sorted(os.listdir(directory)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    chunks = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata["model.0.weight"].chunks
+    assert [list(c.offsets) for c in chunks] == [[0, 0], [4, 0]]  # one half per rank
+    model_sd, optim_sd = torch.load(tmp_path / "reference.pt", weights_only=True)
+    fresh = make_run(seed=9)
+    res = resumer.resume(str(directory), fresh.model, fresh.optimizer, fresh.scheduler)
+    assert res.step == STEPS
+    for name, value in model_sd.items():
+        assert torch.equal(fresh.model.state_dict()[name], value), name
+    got = by_name(fresh)
+    for name, state in optim_sd["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(got[name][key]), torch.as_tensor(value)), (name, key)
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == [g["lr"] for g in optim_sd["param_groups"]]
