@@ -39,6 +39,8 @@ KNOWN_FORMATS: dict[str, Format] = {f.name: f for f in (
            description="a resumer checkpoint directory holding manifest.json, or that manifest.json"),
     Format(name="hf-trainer", reader="resumer.formats.hf_trainer:READER",
            description="a Hugging Face Trainer checkpoint-N/ directory (trainer_state.json beside the model)"),
+    Format(name="accelerate", reader="resumer.formats.accelerate_state:READER",
+           description="an Accelerate save_state directory (random_states_0.pkl beside the model)"),
     Format(name="torch-dcp", reader="resumer.formats.dcp:READER", description="a DCP directory (.metadata, *.distcp)"),
     Format(name="torch-save", reader="resumer.formats.torch_save:READER",
            description="a file written by torch.save (read with weights_only=True)"),
