@@ -10,6 +10,7 @@ range inside its file) and indexes it for ``resumer.formats.dcp``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import math
@@ -29,13 +30,14 @@ SUFFIX = ".distcp"
 MAX_METADATA_BYTES = 1024**3
 _MD = "torch.distributed.checkpoint.metadata"
 # The globals a DCP .metadata pickle names (torch/distributed/checkpoint/metadata.py and filesystem.py): DCP's
-# metadata dataclasses, the enum TensorProperties pickles its memory format as, and torch.Size (chunk offsets and
-# sizes). Nothing else is built; dtypes, the strided layout and pathlib paths are handled in find_class below.
-_ALLOWED = frozenset({
+# metadata dataclasses; besides them only torch.Size (chunk offsets and sizes), dtypes, the strided layout, the enum
+# TensorProperties pickles its memory format as, and the writer's pathlib path, each handled in find_class below.
+_CLASSES = frozenset({
     (_MD, "Metadata"), (_MD, "TensorStorageMetadata"), (_MD, "BytesStorageMetadata"),
     (_MD, "ChunkStorageMetadata"), (_MD, "TensorProperties"), (_MD, "StorageMeta"), (_MD, "MetadataIndex"),
-    (_MD, "_MEM_FORMAT_ENCODING"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
 })
+_MEMORY_FORMAT = (_MD, "_MEM_FORMAT_ENCODING")
 # StorageMeta.checkpoint_id is the writer's pathlib path: rebuilt as plain text, never as a path object.
 _PATHS = frozenset({("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath",
                                              "PureWindowsPath")})
@@ -48,6 +50,18 @@ def _path_text(*parts: Any) -> str:
     return "/".join(str(p) for p in parts)
 
 
+def _memory_format(code: Any) -> int:
+    """_MEM_FORMAT_ENCODING(code), kept as its code: resumer reads no memory format."""
+    if type(code) is not int or code not in (0, 1, 2):
+        raise pickle.UnpicklingError(f"memory format code {str(code)[:40]!r} is not one DCP writes")
+    return code
+
+
+def _properties_state(self: Any, state: Any) -> None:
+    """TensorProperties.__setstate__ without its enum: (dtype, layout, requires_grad, memory format, pin_memory)."""
+    self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory = state
+
+
 def _layout(name: Any) -> torch.layout:
     """torch pickles a layout as ``torch.serialization._get_layout(str(layout))``; DCP tensors are strided."""
     if name != "torch.strided":
@@ -56,17 +70,36 @@ def _layout(name: Any) -> torch.layout:
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata types and nothing else: any other global is refused before it is looked up."""
+    """Builds DCP's metadata types and nothing else: any other global is refused before it is looked up.
+
+    Pickle's BUILD opcode sets attributes on whatever object it is handed, a class or a function included. So every
+    load gets throwaway subclasses of DCP's classes and its own wrappers of the functions: a pickle that sets
+    attributes on them changes those copies, never torch's classes or this module (torch.Size, dtypes and layouts
+    take no attributes).
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self._types: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return getattr(importlib.import_module(module), name)
-        if (module, name) == ("torch.serialization", "_get_layout"):
-            return _layout
+        key = (module, name)
+        if key in _CLASSES:
+            if key not in self._types:
+                body: dict[str, Any] = {"__module__": module}
+                if name == "TensorProperties":
+                    body["__setstate__"] = _properties_state
+                self._types[key] = type(name, (getattr(importlib.import_module(module), name),), body)
+            return self._types[key]
+        if key == ("torch", "Size"):
+            return torch.Size
         if module == "torch" and dtypes.known(name):
             return torch_dtype(name)
-        if (module, name) in _PATHS:
-            return _path_text
+        wrapped = {_MEMORY_FORMAT: _memory_format, ("torch.serialization", "_get_layout"): _layout}.get(key)
+        if wrapped is None and key in _PATHS:
+            wrapped = _path_text
+        if wrapped is not None:
+            return functools.partial(wrapped)
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not one of DCP's metadata types")
 
 

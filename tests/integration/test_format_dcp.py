@@ -215,6 +215,16 @@ def test_a_metadata_pickle_that_would_run_code_is_refused_with_nothing_run(
     assert_unchanged(fresh, before)
 
 
+def test_a_metadata_pickle_cannot_change_torchs_classes(copy_of: Path) -> None:
+    """Pickle's BUILD sets attributes on whatever it is handed, a class included: here DCP's own Metadata class."""
+    tamper = (b"\x80\x04ctorch.distributed.checkpoint.metadata\nMetadata\n"  # the class itself, as a global
+              b"N}\x8c\x0bresumer_pwnK\x01s\x86b.")  # BUILD with (None, {"resumer_pwn": 1}): setattr on it
+    (copy_of / ".metadata").write_bytes(tamper)
+    with pytest.raises(CheckpointError, match=r"it holds a type, not DCP's Metadata"):
+        inspect_checkpoint(str(copy_of))
+    assert not hasattr(dcp.metadata.Metadata, "resumer_pwn"), "reading .metadata changed torch's Metadata class"
+
+
 def test_a_truncated_data_file_is_refused_with_nothing_changed(copy_of: Path, snapshot: Any,
                                                                assert_unchanged: Any) -> None:
     data = copy_of / "__0_0.distcp"
