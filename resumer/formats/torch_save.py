@@ -93,7 +93,7 @@ def is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     notes = []
     keys = list(sd)
     if keys and all(k.startswith("module.") for k in keys):
@@ -244,7 +244,7 @@ class TorchSaveSource(CheckpointSource):
         uri = store.uri
         obj = safe_load(store)
         if is_state_dict(obj):
-            model, notes = _strip_prefixes(obj)
+            model, notes = strip_prefixes(obj)
             return cls(uri, model, None, None, None, {}, ["a bare model state_dict (torch.save)"] + notes)
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a state_dict or a dict of them.", uri=uri)
@@ -252,7 +252,7 @@ class TorchSaveSource(CheckpointSource):
         if model_key is None:
             raise CheckpointError(f"{uri} is a torch.save dict without a model state_dict: expected one of "
                                   f"{list(MODEL_KEYS)}, found keys {sorted(map(str, obj))[:20]}.", uri=uri)
-        model, notes = _strip_prefixes(obj[model_key])
+        model, notes = strip_prefixes(obj[model_key])
         opt = next((obj[k] for k in OPTIMIZER_KEYS if isinstance(obj.get(k), Mapping)), None)
         sched = next((obj[k] for k in SCHEDULER_KEYS if isinstance(obj.get(k), Mapping)), None)
         step_key = next((k for k in STEP_KEYS if isinstance(obj.get(k), int)), None)
