@@ -7,7 +7,7 @@ policy; after ``resume`` the weights are bitwise the saved ones, the optimizer s
 ``optimizer_states[0]`` is keyed by position) and the lr are the saved ones, and so are the scheduler and the step
 (``global_step``); the LightningModule itself resumes with ``renames="auto"``; only the first of several
 optimizers is resumed, and the plan says so; a ``.ckpt`` that would run code is refused with nothing run and
-nothing changed.
+nothing changed; a truncated one is refused with nothing changed.
 """
 
 from __future__ import annotations
@@ -199,5 +199,17 @@ def test_code_in_a_ckpt_is_refused(checkpoint: str, tmp_path: Path, where: str) 
     with pytest.raises(CheckpointError, match="needs arbitrary unpickling.*save_hyperparameters"):
         resumer.resume(str(evil), model, optimizer, scheduler)
     assert not marker.exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not optimizer.state
+
+
+def test_a_truncated_ckpt_is_refused(checkpoint: str, tmp_path: Path) -> None:
+    data = Path(checkpoint).read_bytes()
+    cut = tmp_path / "last.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    model, optimizer, scheduler = fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="not a readable torch.save file"):
+        resumer.resume(str(cut), model, optimizer, scheduler)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not optimizer.state
