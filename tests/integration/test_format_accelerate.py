@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import textwrap
 from pathlib import Path
@@ -27,6 +26,7 @@ from resumer.core.errors import CheckpointError
 from resumer.formats import registry
 from resumer.runtime.inspect import inspect_checkpoint
 from resumer.storage.store import Store
+from resumer.testing.hostile import Payload
 
 accelerate = pytest.importorskip("accelerate")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -123,16 +123,6 @@ def test_resume_is_exact(checkpoint: str) -> None:
     assert scheduler.state_dict() == torch.load(Path(checkpoint) / "scheduler.bin", weights_only=True)
     states = torch.load(Path(checkpoint) / "random_states_0.pkl", weights_only=False)  # written by this test
     assert torch.equal(torch.get_rng_state(), states["torch_manual_seed"])
-
-
-class Payload:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
 @pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl"])

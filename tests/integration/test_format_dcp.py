@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shlex
 import shutil
 import textwrap
 import warnings
@@ -35,6 +34,7 @@ from resumer.core.errors import CheckpointError
 from resumer.formats import registry
 from resumer.runtime.inspect import inspect_checkpoint
 from resumer.storage.store import Store
+from resumer.testing.hostile import Payload
 
 STEPS = 3
 LAYOUTS = ("get_state_dict", "torchtitan")
@@ -116,16 +116,6 @@ def copy_of(saved: tuple[str, Run], tmp_path: Path) -> Path:
     target = tmp_path / f"step-{STEPS}"
     shutil.copytree(saved[0], target)
     return target
-
-
-class Payload:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
 def by_key(uri: str) -> set[str]:

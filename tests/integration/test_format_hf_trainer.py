@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shlex
 import shutil
 import textwrap
 from pathlib import Path
@@ -29,6 +28,7 @@ from resumer.core.errors import CheckpointError
 from resumer.formats import registry
 from resumer.runtime.inspect import inspect_checkpoint
 from resumer.storage.store import Store
+from resumer.testing.hostile import Payload
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -194,16 +194,6 @@ def test_pytorch_model_bin(checkpoint: str, tmp_path: Path) -> None:
     model.load_state_dict(weights, strict=False)
     torch.save(model.state_dict(), target / "pytorch_model.bin")
     assert_resumed(target, weights, tmp_path)
-
-
-class Payload:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
 @pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "pytorch_model.bin"])

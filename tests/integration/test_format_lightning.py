@@ -13,8 +13,6 @@ nothing changed; a truncated one is refused with nothing changed.
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from resumer.core.errors import CheckpointError
 from resumer.formats import registry
 from resumer.runtime.inspect import inspect_checkpoint
 from resumer.storage.store import Store
+from resumer.testing.hostile import Payload
 
 L = pytest.importorskip("lightning")
 
@@ -172,16 +171,6 @@ def test_only_a_ckpt_name_is_tried_and_one_without_lightning_keys_is_a_torch_sav
     source = registry.open(Store.open(str(tmp_path / "plain.ckpt")))
     assert source.format == "torch-save"
     source.close()
-
-
-class Payload:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
 @pytest.mark.parametrize("where", ["hyper_parameters", "whole file"])

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
-import shlex
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +16,7 @@ import xxhash
 
 import resumer
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE
+from resumer.testing.hostile import Payload
 
 
 class Saved:
@@ -311,16 +310,6 @@ def test_root_falls_back_to_the_older_valid_checkpoint(saved, trained, make_trai
 
 
 # --- foreign files that would run code when unpickled ----------------------------------------------------------
-
-
-class Payload:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
 def test_the_payload_is_live(tmp_path):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
-import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -23,16 +21,7 @@ from resumer.formats import registry
 from resumer.formats.source import CheckpointSource, Probe, ReadOptions
 from resumer.runtime.inspect import inspect_checkpoint
 from resumer.storage.store import Store
-
-
-class Payload:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+from resumer.testing.hostile import Payload
 
 
 def _torch_bytes(obj: Any, *, legacy: bool = False) -> bytes:
