@@ -42,6 +42,8 @@ KNOWN_FORMATS: dict[str, Format] = {f.name: f for f in (
     Format(name="accelerate", reader="resumer.formats.accelerate_state:READER",
            description="an Accelerate save_state directory (random_states_0.pkl beside the model)"),
     Format(name="torch-dcp", reader="resumer.formats.dcp:READER", description="a DCP directory (.metadata, *.distcp)"),
+    Format(name="ray-train", reader="resumer.formats.ray_train:READER",
+           description="a Ray Train checkpoint_* directory holding one torch.save file (.pt, .pth, .bin, .ckpt)"),
     Format(name="lightning", reader="resumer.formats.lightning_ckpt:READER", description="a Lightning .ckpt file"),
     Format(name="torch-save", reader="resumer.formats.torch_save:READER",
            description="a file written by torch.save (read with weights_only=True)"),
