@@ -11,7 +11,7 @@ Example (``jobs/mlp.yaml``)::
     scaling: {workers: 2, use_gpu: false}
     storage: {root: runs/mlp/checkpoints, options: {}}
     checkpoint: {every: 10, keep_last: 3, grace_s: 30}   # grace_s: time to write an emergency checkpoint
-    resume: {policy: strict, renames: [auto]}
+    resume: {policy: strict, renames: [auto]}          # from: PATH starts the job from any checkpoint
     retries: {crashed: {max: 5, backoff_s: 2}, preempted: {max: 20}, hung: {max: 2, timeout_s: 300}}
     mlflow: {tracking_uri: sqlite:///runs/mlflow.db, experiment: resumer}
 """
@@ -57,6 +57,7 @@ class JobSpec:
     grace_s: float = 30.0  # after a preemption notice (SIGTERM): time for the emergency checkpoint
     policy: Policy = Policy.STRICT
     renames: tuple[str, ...] = ()
+    start_from: str | None = None  # resume.from: any checkpoint (or root) to start from while the root holds none
     budgets: dict[FailureClass, Budget] = field(default_factory=dict)
     hang_timeout_s: float = 300.0
     tracking_uri: str | None = None
@@ -67,7 +68,7 @@ class JobSpec:
         return {"name": self.name, "entrypoint": self.entrypoint, "model": self.model, "optimizer": self.optimizer,
                 "scheduler": self.scheduler, "config": self.config, "workers": self.workers,
                 "use_gpu": self.use_gpu, "root": self.root, "every": self.every, "policy": self.policy.value,
-                "renames": list(self.renames), "hang_timeout_s": self.hang_timeout_s}
+                "renames": list(self.renames), "start_from": self.start_from, "hang_timeout_s": self.hang_timeout_s}
 
 
 _FIELDS = Fields("Job spec")
@@ -82,6 +83,13 @@ def _section(raw: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]
     if unknown:
         raise _err(f"{key}.{sorted(unknown)[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
     return value
+
+
+def _location(path: str, base_dir: str) -> str:
+    """A spec's path, relative to the spec file's directory unless it is absolute or a URI."""
+    if "://" not in path and not os.path.isabs(path):
+        return os.path.normpath(os.path.join(base_dir, path))
+    return path
 
 
 def _ref(value: Any, name: str, optional: bool = False) -> str | None:
@@ -129,13 +137,21 @@ def parse(raw: Any, *, base_dir: str = ".") -> JobSpec:
     scaling = _section(raw, "scaling", {"workers", "use_gpu", "resources_per_worker"})
     storage = _section(raw, "storage", {"root", "options"})
     ckpt = _section(raw, "checkpoint", {"every", "keep_last", "keep_every", "grace_s"})
-    resume = _section(raw, "resume", {"policy", "renames"})
+    resume = _section(raw, "resume", {"policy", "renames", "from"})
     mlflow = _section(raw, "mlflow", {"tracking_uri", "experiment"})
     root = storage.get("root")
     if not isinstance(root, str) or not root:
         raise _err("storage.root", "is required: a local path or an fsspec URI (s3://bucket/prefix)")
-    if "://" not in root and not os.path.isabs(root):
-        root = os.path.normpath(os.path.join(base_dir, root))
+    root = _location(root, base_dir)
+    start_from = resume.get("from")
+    if start_from is not None:
+        if not isinstance(start_from, str) or not start_from:
+            raise _err("resume.from", "must be the path or URI of a checkpoint (any format resumer reads) or of "
+                                      f"a root of checkpoints, got {start_from!r}")
+        start_from = _location(start_from, base_dir)
+        if start_from.rstrip("/") == root.rstrip("/"):
+            raise _err("resume.from", "is the job's own storage.root, which the job resumes from anyway: "
+                                      "leave 'from' out")
     config = raw.get("config") or {}
     if not isinstance(config, dict):
         raise _err("config", "must be a mapping")
@@ -162,7 +178,8 @@ def parse(raw: Any, *, base_dir: str = ".") -> JobSpec:
         keep_last=_FIELDS.optional_integer(ckpt.get("keep_last"), "checkpoint.keep_last"),
         keep_every=_FIELDS.optional_integer(ckpt.get("keep_every"), "checkpoint.keep_every"),
         grace_s=_FIELDS.number(ckpt.get("grace_s", 30.0), "checkpoint.grace_s"),
-        policy=policy, renames=tuple(str(r) for r in renames), budgets=budgets, hang_timeout_s=timeout,
+        policy=policy, renames=tuple(str(r) for r in renames), start_from=start_from,
+        budgets=budgets, hang_timeout_s=timeout,
         tracking_uri=mlflow.get("tracking_uri"), experiment=str(mlflow.get("experiment", "resumer")))
 
 

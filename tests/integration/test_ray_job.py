@@ -46,14 +46,20 @@ def raw_for(tmp: str, **config: object) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[float]]:
+def reference_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, list[float]], str]:
     """The losses of one uninterrupted run of ``spec_for``'s job, which the kill and preemption tests repeat
-    exactly (checkpoint cadence and retention consume no randomness)."""
-    straight = run_job(spec_for(str(tmp_path_factory.mktemp("reference"))), timeout_s=300)
+    exactly (checkpoint cadence and retention consume no randomness), and its checkpoint root."""
+    spec = spec_for(str(tmp_path_factory.mktemp("reference")))
+    straight = run_job(spec, timeout_s=300)
     assert straight.state is State.SUCCEEDED and straight.attempts == 1, straight.message
     got = losses(straight)
     assert sorted(got) == list(range(1, 25)) and all(len(v) == 1 for v in got.values())
-    return got
+    return got, spec.root
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: tuple[dict[int, list[float]], str]) -> dict[int, list[float]]:
+    return reference_run[0]
 
 
 def losses(result: object) -> dict[int, list[float]]:
@@ -397,3 +403,28 @@ def test_newest_checkpoint_torn_the_job_resumes_from_the_previous_one(ray_cluste
     assert [(r["step"], "torn" in r["reason"]) for r in d.rejected] == [(10, True)]
     assert sorted(losses(result)) == list(range(6, 13))
     assert os.path.isdir(uri) and resumer.latest_checkpoint(spec.root).step == 10  # type: ignore[union-attr]
+
+
+def test_a_job_starts_from_a_torch_save_file_and_continues_as_if_never_interrupted(
+        reference_run: tuple[dict[int, list[float]], str], tmp_path: pytest.TempPathFactory) -> None:
+    """``resume.from``: a checkpoint of another tool (here a plain torch.save file, written by torch from the
+    reference run's step-10 state) starts the job, planned and recorded like any other; the job then
+    continues with the uninterrupted run's losses exactly, and writes its own checkpoints."""
+    reference, root = reference_run
+    model, optimizer, scheduler = ex.mlp_v1(), None, None
+    optimizer = ex.adam(model)
+    scheduler = ex.step_lr(optimizer)
+    assert resumer.resume(f"{root}/step-0000000010", model, optimizer, scheduler).step == 10
+    path = f"{tmp_path}/from-another-tool.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": 10}, path)
+    raw = raw_for(str(tmp_path))
+    result = run_job(jobspec.parse({**raw, "resume": {"from": path}}), recorder=LogRecorder(), timeout_s=300)
+    assert result.state is State.SUCCEEDED, result.message
+    first = result.decisions[0]
+    assert (first.outcome, first.checkpoint, first.step) == (Outcome.RESUMED, path, 10)
+    assert first.plan is not None and first.plan.ok and "resume.from (torch-save)" in first.message
+    got = losses(result)
+    assert sorted(got) == list(range(11, 25))
+    assert got == {step: reference[step] for step in range(11, 25)}
+    assert [c.step for c in resumer.list_checkpoints(f"{tmp_path}/ckpt")] == [20, 15]  # its own, every 5 steps
