@@ -11,14 +11,14 @@ import sys
 
 import click
 
-from resumer.cli import checkpoints, history, jobs, output, prune, watch
+from resumer.cli import checkpoints, convert, history, jobs, output, prune, watch
 
 # name -> command, in the order ``resumer --help`` lists them (sorted by click)
 COMMANDS: dict[str, click.Command] = {
     "inspect": checkpoints.inspect, "plan": checkpoints.plan, "resume": checkpoints.resume,
     "list": checkpoints.list_, "demo": checkpoints.demo, "prune": prune.prune, "watch": watch.watch_command,
     "history": history.history_command, "submit": jobs.submit, "status": jobs.status, "stop": jobs.stop,
-    "logs": jobs.logs,
+    "logs": jobs.logs, "convert": convert.convert, "export": convert.export,
 }
 
 
