@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resumer.checkpoints import lease
+from resumer.checkpoints import foreign, lease
 from resumer.checkpoints.catalog import list_checkpoints, quarantine, select
 from resumer.core.errors import CheckpointError, CheckpointMismatch
 from resumer.core.plan import Plan, Policy
@@ -60,7 +60,12 @@ def _open(store: Store, *, checksums: bool, select_verified: bool = True, progre
 
 def _open_root(store: Store, options: ReadOptions, *, select_verified: bool, defer: bool,
                passed_over: Mapping[str, str] | None) -> CheckpointSource:
-    """The newest committed (and, with ``select_verified``, verified) native checkpoint under the root ``store``."""
+    """The newest committed (and, with ``select_verified``, verified) native checkpoint under the root ``store``;
+    in a folder of other tools' checkpoints, the newest that opens (``resumer.checkpoints.foreign``)."""
+    kids = foreign.children(store)  # one listing; a folder mixing two tools' namings is refused here
+    chosen = foreign.open_newest(store, kids, options, passed_over) if foreign.other_tools(kids) else None
+    if chosen is not None:
+        return chosen
     if select_verified:
         info = select(store, checksums=options.checksums and not defer, progress=options.progress,
                       exclude=passed_over).chosen
@@ -68,6 +73,9 @@ def _open_root(store: Store, options: ReadOptions, *, select_verified: bool, def
         infos = list_checkpoints(store)
         info = infos[0] if infos else None
     if info is None:
+        chosen = foreign.open_newest(store, kids, options, passed_over)  # torchtitan's step-N DCP directories
+        if chosen is not None:
+            return chosen
         names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in store.ls()]
         if passed_over:
             why = f"every committed checkpoint failed verification ({len(passed_over)} passed over; see the log)"
@@ -79,6 +87,7 @@ def _open_root(store: Store, options: ReadOptions, *, select_verified: bool, def
             raise registry.unrecognised(store, "it is no checkpoint of a known format, and no root of resumer "
                                                "checkpoints (no step-N directory under it)")
         raise CheckpointError(f"Cannot resume from {store.uri}: {why}. Nothing was loaded or deleted.", uri=store.uri)
+    foreign.refuse_beside(store, kids, info.step)
     return NativeSource(info.manifest, store=store.child(info.uri.rstrip("/").rsplit("/", 1)[-1]),
                         checksums=options.checksums, progress=options.progress,
                         verified=select_verified and not defer)
@@ -148,7 +157,8 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
                         raise  # a mismatch with this code: an older checkpoint would silently lose progress
                     # Nothing live was touched yet: mark it (never delete) and take the next newest.
                     logger.warning("[select] passed over %s: %s", source.uri, exc)
-                    if exc.quarantine:  # not for what a newer resumer can read, or a copied step dir
+                    # Not for what a newer resumer can read, a copied step dir, or another tool's checkpoint.
+                    if exc.quarantine and source.format == registry.NATIVE:
                         quarantine(source.uri, str(exc), store.options)
                     passed_over[source.uri] = str(exc)
                     continue

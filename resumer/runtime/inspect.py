@@ -38,10 +38,10 @@ def inspect_checkpoint(uri: str, storage_options: dict[str, Any] | None = None, 
     if registry.detect(store) is None and store.isdir():  # a root: its checkpoints, and the newest one
         infos = list_checkpoints(store)
         info["checkpoints"] = [{"uri": i.uri, "step": i.step, "time": i.time, "bytes": i.total_bytes} for i in infos]
-        if not infos:
-            open_source(store, checksums=False)  # raises the clear "nothing committed here"
-            return info
-        target = store.child(infos[0].uri.rstrip("/").rsplit("/", 1)[-1])
+        if infos:
+            target = store.child(infos[0].uri.rstrip("/").rsplit("/", 1)[-1])
+        else:  # a folder of other tools' checkpoints (its newest readable one), or the clear "nothing here"
+            del info["checkpoints"]
     source = open_source(target, checksums=verify, select_verified=False)
     try:
         verified = source.verify() if verify else False
