@@ -1,6 +1,6 @@
 """``resumer convert`` and ``resumer export``: nobody is locked in. The foreign checkpoint is written by the real
 ``transformers.Trainer`` (a tiny GPT-2 from a config, three steps on CPU), converted to a native checkpoint and
-exported back out.
+exported back out; a Lightning ``.ckpt`` from the real ``lightning.Trainer`` is converted and exported too.
 
 What is pinned: the native checkpoint resumes into fresh objects exactly as the Trainer checkpoint itself does
 (weights bitwise, optimizer state by name, each group's lr, scheduler, step, RNG) and records the source and
@@ -333,3 +333,60 @@ def test_failed_export_leaves_nothing(converted: convert_module.Conversion, tmp_
     with pytest.raises(CheckpointError, match="refused for the test"):
         export(converted.checkpoint, str(tmp_path / "x.pt"), "torch")
     assert sorted(os.listdir(tmp_path)) == ["hf-out"]
+
+
+def net(seed: int = 7) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def fresh_net() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    model = net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+
+@pytest.fixture(scope="module")
+def lightning_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A .ckpt the real lightning.Trainer writes: the network under ``self.model``, Adam and StepLR, 3 steps."""
+    lightning = pytest.importorskip("lightning")
+
+    class Wrapped(lightning.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = net(seed=0)
+
+        def training_step(self, batch: Any, index: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.model(x), y)
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.Adam(self.parameters(), lr=0.01)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+    out = tmp_path_factory.mktemp("lightning")
+    data = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.randn(12, 2))
+    trainer = lightning.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                enable_model_summary=False,
+                                callbacks=[lightning.pytorch.callbacks.ModelCheckpoint(dirpath=str(out))])
+    trainer.fit(Wrapped(), torch.utils.data.DataLoader(data, batch_size=4))
+    (path,) = out.glob("*.ckpt")
+    return str(path)
+
+
+def test_lightning_converts_and_exports(lightning_ckpt: str, tmp_path: Path) -> None:
+    model, opt, sched = fresh_net()
+    straight = after(model, opt, sched, resumer.resume(lightning_ckpt, model, opt, sched).step)
+    done = convert(lightning_ckpt, str(tmp_path / "root"), *fresh_net())
+    assert done.format == "lightning" and done.rng == ()  # a Lightning checkpoint keeps no RNG state
+    model, opt, sched = fresh_net()
+    assert_same(after(model, opt, sched, resumer.resume(done.checkpoint, model, opt, sched).step), straight,
+                rng=False)
+    exported = export(lightning_ckpt, str(tmp_path / "plain.pt"), "torch")
+    assert exported.format == "lightning" and exported.step == STEPS
+    saved = torch.load(tmp_path / "plain.pt", weights_only=True)
+    model, opt, sched = fresh_net()
+    model.load_state_dict(saved["model"])  # the LightningModule's 'model.' prefix was stripped by the reader
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    assert_same(after(model, opt, sched, saved["step"]), straight, rng=False)

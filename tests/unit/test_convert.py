@@ -3,13 +3,15 @@
 Pinned here: a source without RNG state gives a native checkpoint without it (not the converting process's
 streams); a source keyed by position exports its positions and says it never knew the names; tied weights are
 stored once in the hf layout and listed; the target may not lie inside the source; an export OUT is checked
-before anything is read.
+before anything is read; a crash mid-export leaves no file under the final name.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,29 @@ def test_export_out_is_checked_before_reading(tmp_path: Path) -> None:
         export(str(tmp_path / "no-such-checkpoint"), str(tmp_path / "dir"), "torch")
     with pytest.raises(UsageError, match="--to torch or --to hf"):
         export(str(tmp_path / "no-such-checkpoint"), str(tmp_path / "x"), "onnx")
+
+
+CRASH = """
+import os, sys
+from resumer.runtime import export as export_module
+
+def dying(obj):
+    def fill(f):
+        f.write(b"half a file")
+        f.flush()
+        os._exit(9)  # the process dies mid-write: no cleanup runs
+    return fill
+
+export_module._saver = dying
+export_module.export(sys.argv[1], sys.argv[2], "torch")
+"""
+
+
+def test_a_crash_mid_export_leaves_no_file_under_the_final_name(plain_file: str, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "exported.pt"
+    r = subprocess.run([sys.executable, "-c", CRASH, plain_file, str(out)], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 9, r.stderr
+    assert not out.exists()
+    (partial,) = out.parent.iterdir()
+    assert partial.name.startswith(".exported.pt.partial-") and partial.read_bytes() == b"half a file"
