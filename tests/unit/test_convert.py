@@ -154,3 +154,16 @@ def test_a_crash_mid_export_leaves_no_file_under_the_final_name(plain_file: str,
     assert not out.exists()
     (partial,) = out.parent.iterdir()
     assert partial.name.startswith(".exported.pt.partial-") and partial.read_bytes() == b"half a file"
+
+
+def test_a_root_converts_its_newest_checkpoint(tmp_path: Path) -> None:
+    model, opt, sched = trained()
+    resumer.save_checkpoint(str(tmp_path / "src"), 2, *trained(seed=1))
+    newest = resumer.save_checkpoint(str(tmp_path / "src"), 3, model, opt, sched)
+    done = convert(str(tmp_path / "src"), str(tmp_path / "dst"), *fresh())
+    assert done.source == newest and done.format == "native" and done.step == 3
+    assert resumer.read_manifest(done.checkpoint).extra["converted_from"]["uri"] == newest
+    again, again_opt, again_sched = fresh()
+    resumer.resume(done.checkpoint, again, again_opt, again_sched)
+    for name, t in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t), name
