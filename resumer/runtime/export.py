@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,11 +179,17 @@ class _Writer:
         self.token = uuid.uuid4().hex[:12]
         self.made: list[str] = []
 
-    def write(self, name: str, fill: Callable[[BinaryIO], None], check: Callable[[Store], None] | None = None) -> None:
+    def write(self, name: str, fill: Callable[[BinaryIO], None], check: Callable[[Store], None] | None = None, *,
+              local: Callable[[str], None] | None = None) -> None:
+        """``fill`` writes the file's bytes; ``local``, when given and the store is a local disk, writes the file
+        at a path itself (safetensors' save_file: no second copy of the bytes in memory)."""
         tmp = f".{name}.partial-{self.token}"
         self.made.append(tmp)
-        with self.store.create(tmp) as f:
-            fill(f)
+        if local is not None and self.store.local:
+            local(self.store.path_of(tmp))
+        else:
+            with self.store.create(tmp) as f:
+                fill(f)
         if check is not None:
             check(self.store.child(tmp))  # read back before the final name exists
         self.made.append(name)
@@ -275,13 +282,18 @@ def _write_torch(state: State, target: Store, writer: _Writer) -> Export:
     return _result(state, "torch", target, [target.uri], [], [])
 
 
-def _safetensors_fill(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Callable[[BinaryIO], None]:
-    from safetensors.torch import save
+def _write_safetensors(writer: _Writer, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save, save_file
 
-    def fill(f: BinaryIO) -> None:
+    def fill(f: BinaryIO) -> None:  # object stores: the file's bytes are made in memory, then uploaded
         f.write(save(tensors, metadata=metadata))
 
-    return fill
+    def at(path: str) -> None:
+        save_file(tensors, path, metadata=metadata)
+        with open(path, "rb+") as f:  # durable before it gets its final name
+            os.fsync(f.fileno())
+
+    writer.write(HF_MODEL, fill, local=at)
 
 
 def _unshared(model: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -305,7 +317,7 @@ def _write_hf(state: State, target: Store, writer: _Writer) -> Export:
         notes.append(f"{len(dedup)} tied name(s) stored once in {HF_MODEL} (as save_pretrained does): "
                      + ", ".join(f"{a} -> {c}" for a, c in dedup))
     metadata = {"format": "pt", "resumer.source": state.source, "resumer.source_format": state.format}
-    writer.write(HF_MODEL, _safetensors_fill(_unshared(state.model, state.aliases), metadata))
+    _write_safetensors(writer, _unshared(state.model, state.aliases), metadata)
     files = [HF_MODEL]
     if state.optimizer is not None:
         writer.write(HF_OPTIMIZER, _saver(state.optimizer), _weights_only)
