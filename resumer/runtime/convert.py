@@ -116,8 +116,9 @@ def convert(source: str, root: str, model: nn.Module, optimizer: torch.optim.Opt
     try:
         res = resume(uri, model, optimizer, scheduler, policy=policy, renames=renames,
                      storage_options=storage_options, expect_plan=the_plan.digest())
-        extra = {**res.extra, EXTRA_KEY: {"uri": uri, "format": fmt, "step": the_plan.step,
-                                          "plan_digest": the_plan.digest(), "plan": the_plan.to_dict()}}
+        # The plan applied (its digest is the one checked above; its notes are the applying read's own).
+        extra = {**res.extra, EXTRA_KEY: {"uri": uri, "format": fmt, "step": res.plan.step,
+                                          "plan_digest": res.plan.digest(), "plan": res.plan.to_dict()}}
         snap = snapshot(step, model, optimizer, scheduler, extra=extra)
     finally:
         rng.restore(rng.parse(caller_rng))

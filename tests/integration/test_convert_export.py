@@ -166,6 +166,11 @@ def test_converted_resumes_as_the_source(checkpoint: str, converted: convert_mod
     assert resumer.Plan.from_dict(recorded["plan"]).digest() == converted.plan.digest()
 
 
+def test_a_trainer_output_dir_converts_its_newest_checkpoint(checkpoint: str, tmp_path: Path) -> None:
+    done = convert(str(Path(checkpoint).parent), str(tmp_path / "root"), *fresh())
+    assert done.source == Store.open(checkpoint).uri and done.format == "hf-trainer" and done.step == STEPS
+
+
 def test_convert_leaves_the_callers_rng_alone(checkpoint: str, tmp_path: Path) -> None:
     model, opt, sched = fresh()
     torch.manual_seed(99)
