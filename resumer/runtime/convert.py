@@ -31,7 +31,7 @@ from resumer.formats.native.manifest import MANIFEST, step_dir
 from resumer.formats.native.verify import read_manifest, verify
 from resumer.runtime.api import open_source, resume
 from resumer.runtime.capture import signature
-from resumer.runtime.save import snapshot, write_snapshot
+from resumer.runtime.save import Snapshot, snapshot, write_snapshot
 from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ def convert(source: str, root: str, model: nn.Module, optimizer: torch.optim.Opt
             storage_options: dict[str, Any] | None = None,
             target_options: dict[str, Any] | None = None) -> Conversion:
     """Resume ``source`` (any registered format, or a root) into these objects and save them under ``root``
-    as a native checkpoint at the source's step, verified; the objects are left resumed.
+    as a native checkpoint at the source's step, verified. The objects are left resumed; the process's RNG is
+    put back as it was (the checkpoint carries the source's).
 
     ``storage_options`` are the source's; ``target_options`` the root's (default: the same).
 
@@ -130,7 +131,7 @@ def convert(source: str, root: str, model: nn.Module, optimizer: torch.optim.Opt
                       rng=carried, notes=tuple(notes))
 
 
-def _keep_rng(snap: Any, restored: set[str], notes: list[str]) -> tuple[str, ...]:
+def _keep_rng(snap: Snapshot, restored: set[str], notes: list[str]) -> tuple[str, ...]:
     """Keep in ``snap`` only the RNG streams the plan restored from the source (the rest are this process's)."""
     state = snap.meta["rng"]
     kept = {k: v for k, v in state.items() if k in restored}
