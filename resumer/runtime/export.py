@@ -19,6 +19,7 @@ refused: nothing is overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -254,11 +255,15 @@ def export(checkpoint: str, out: str, to: str, *, storage_options: dict[str, Any
     _refuse_occupied(target, to)
     state = read_state(checkpoint, storage_options)
     writer = _Writer(target.parent() if to == "torch" else target)
+    made_dir = to == "hf" and not target.exists()
     writer.store.makedirs()
     try:
         result = _write_torch(state, target, writer) if to == "torch" else _write_hf(state, target, writer)
     except BaseException:
         writer.discard()
+        if made_dir:
+            with contextlib.suppress(OSError):
+                target.rmdir_if_empty()
         raise
     logger.info("[export] %s (%s) -> %s as %s: %d tensors", state.source, state.format, target.uri, to,
                 result.tensors)

@@ -334,10 +334,15 @@ def test_failed_export_leaves_nothing(converted: convert_module.Conversion, tmp_
     out = tmp_path / "hf-out"
     with pytest.raises(CheckpointError, match="refused for the test"):
         export(converted.checkpoint, str(out), "hf")
-    assert os.listdir(out) == []  # model.safetensors was finished and renamed, then removed with the rest
+    assert not out.exists()  # model.safetensors was finished and renamed, then removed with the rest
     with pytest.raises(CheckpointError, match="refused for the test"):
         export(converted.checkpoint, str(tmp_path / "x.pt"), "torch")
-    assert sorted(os.listdir(tmp_path)) == ["hf-out"]
+    assert os.listdir(tmp_path) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="refused for the test"):
+        export(converted.checkpoint, str(empty), "hf")
+    assert os.listdir(tmp_path) == ["empty"] and os.listdir(empty) == []  # it was there before: it stays
 
 
 def net(seed: int = 7) -> torch.nn.Module:
