@@ -1,6 +1,7 @@
 """``resumer convert`` and ``resumer export``: nobody is locked in. The foreign checkpoint is written by the real
 ``transformers.Trainer`` (a tiny GPT-2 from a config, three steps on CPU), converted to a native checkpoint and
-exported back out; a Lightning ``.ckpt`` from the real ``lightning.Trainer`` is converted and exported too.
+exported back out; a Lightning ``.ckpt`` from the real ``lightning.Trainer`` is converted and exported too, and a
+``torch.distributed.checkpoint.save`` directory exported.
 
 What is pinned: the native checkpoint resumes into fresh objects exactly as the Trainer checkpoint itself does
 (weights bitwise, optimizer state by name, each group's lr, scheduler, step, RNG) and records the source and
@@ -400,3 +401,38 @@ def test_lightning_converts_and_exports(lightning_ckpt: str, tmp_path: Path) -> 
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     assert_same(after(model, opt, sched, saved["step"]), straight, rng=False)
+
+
+def test_a_dcp_directory_exports_by_name(tmp_path: Path) -> None:
+    """torch.distributed.checkpoint.save's directory (optimizer keyed by name, two groups) to one torch.save file."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def run() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+        model = net(seed=0)
+        opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 1e-2},
+                                {"params": model[2].parameters(), "lr": 3e-3}])
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    model, opt, sched = run()
+    for _ in range(STEPS):
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd, "lr_scheduler": sched.state_dict(), "step": STEPS},
+                 checkpoint_id=str(tmp_path / "step-3"))
+    done = export(str(tmp_path / "step-3"), str(tmp_path / "plain.pt"), "torch")
+    assert done.format == "torch-dcp" and done.step == STEPS
+    saved = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert saved["resumer"]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    again, again_opt, again_sched = run()
+    again.load_state_dict(saved["model"])
+    again_opt.load_state_dict(saved["optimizer"])
+    again_sched.load_state_dict(saved["scheduler"])
+    assert_same(after(again, again_opt, again_sched, saved["step"]), after(model, opt, sched, STEPS), rng=False)
