@@ -6,9 +6,11 @@ storage.
 What is inside is whatever the loop saved; commonly ONE ``torch.save`` file (``checkpoint.pt``, ``model.pt``).
 That file is found by its name (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``) and its first bytes (a
 torch.save zip, or the legacy pickle form), never by unpickling anything, and read by the ``torch_save`` reader
-(a ``.ckpt`` written by Lightning by the ``lightning`` reader). Several such files (a model and an optimizer
-saved apart), or none, are a CheckpointError that lists the files and says to pass one file's path. Ray's own
-``.metadata.json`` (from ``Checkpoint.set_metadata``) is not read.
+(a Lightning ``.ckpt``, as Ray's Lightning callback saves ``checkpoint.ckpt``, by the ``lightning`` reader). Ray's
+Hugging Face callback (``RayTrainReportCallback``) copies the Trainer's ``checkpoint-N/`` to ``checkpoint/`` inside:
+that directory is read by the format the registry finds for it. Several such files or directories (a model and an
+optimizer saved apart), or none, are a CheckpointError that lists the files and says to pass one file's path. Ray's
+own ``.metadata.json`` (from ``Checkpoint.set_metadata``) is not read.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ DIR_NAME = re.compile(r"^checkpoint_.+$")
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 RAY_METADATA = ".metadata.json"  # Checkpoint.set_metadata's file
 MAX_LISTED = 20  # files named in an error message
+NESTED = "checkpoint"  # the directory Ray's Hugging Face callback (RayTrainReportCallback) copies checkpoint-N/ to
+READER_NAME = "ray-train"
 
 
 def _named_like_torch_save(name: str) -> bool:
@@ -42,7 +46,7 @@ def _named_like_torch_save(name: str) -> bool:
 class RayTrainSource(CheckpointSource):
     """A Ray Train checkpoint directory, read through the one torch.save file inside it (``file``)."""
 
-    format = "ray-train"
+    format = READER_NAME
 
     def __init__(self, store: Store, file: str, inner: CheckpointSource, files: list[tuple[str, int]]) -> None:
         self.uri = store.uri
@@ -89,13 +93,16 @@ class RayTrainSource(CheckpointSource):
         self._inner.close()
 
 
-def _files(store: Store) -> list[tuple[str, int]]:
-    """(name, size) of each file directly inside the directory, sorted by name."""
-    out = []
+def _entries(store: Store) -> tuple[list[tuple[str, int]], list[str]]:
+    """(name, size) of each file directly inside the directory, and the names of its directories, sorted."""
+    files, dirs = [], []
     for entry in store.ls(detail=True):
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
         if entry.get("type") == "file":
-            out.append((str(entry["name"]).rstrip("/").rsplit("/", 1)[-1], int(entry.get("size") or 0)))
-    return sorted(out)
+            files.append((name, int(entry.get("size") or 0)))
+        elif entry.get("type") == "directory":
+            dirs.append(name)
+    return sorted(files), sorted(dirs)
 
 
 def torch_save_files(store: Store, files: list[tuple[str, int]]) -> list[str]:
@@ -104,41 +111,58 @@ def torch_save_files(store: Store, files: list[tuple[str, int]]) -> list[str]:
             if _named_like_torch_save(name) and TORCH_SAVE.detect(Probe(store.child(name)))]
 
 
-def _which(store: Store, files: list[tuple[str, int]], found: list[str]) -> CheckpointError:
-    listed = ", ".join(name for name, _ in files[:MAX_LISTED]) + (" ..." if len(files) > MAX_LISTED else "")
+def _which(store: Store, files: list[tuple[str, int]], dirs: list[str], found: list[str]) -> CheckpointError:
+    names = [name for name, _ in files] + [f"{d}/" for d in dirs]
+    listed = ", ".join(names[:MAX_LISTED]) + (" ..." if len(names) > MAX_LISTED else "")
     if found:
-        why = (f"it holds {len(found)} torch.save files ({', '.join(found)}), and which one is the training "
-               "state cannot be told")
+        what = "torch.save files" if f"{NESTED}/" not in found else f"torch.save files and a {NESTED}/ directory"
+        why = f"it holds {what} ({', '.join(found)}), and which one is the training state cannot be told"
         example = store.uri_of(found[0])
     else:
-        why = (f"it holds no torch.save file (a {'/'.join(SUFFIXES)} file that starts as torch.save writes); "
-               f"its files: {listed or 'none'}")
+        why = (f"it holds no torch.save file (a {'/'.join(SUFFIXES)} file that starts as torch.save writes) and no "
+               f"{NESTED}/ directory; its files: {listed or 'none'}")
         example = store.uri_of("<file>")
     return CheckpointError(f"Cannot read the Ray Train checkpoint {store.uri}: {why}. Pass the path of the one "
                            f"file to resume from (e.g. {example}). Nothing was loaded.", uri=store.uri,
                            quarantine=False)
 
 
+def _open_nested(store: Store, options: ReadOptions) -> CheckpointSource:
+    """The checkpoint in ``checkpoint/`` (Ray's Hugging Face callback's copy of a Trainer ``checkpoint-N/``)."""
+    from resumer.formats import registry  # the registry names this module: imported when used, no cycle
+
+    sub = store.child(NESTED)
+    found = registry.detect(sub)
+    if found is None or found == READER_NAME:
+        raise registry.unrecognised(sub, f"{store.uri}'s {NESTED}/ is not a checkpoint of a known format")
+    return registry.open(sub, options, format=found)
+
+
 class RayTrainReader:
     """The registry's entry for Ray Train checkpoint directories: a directory named ``checkpoint_*`` holding a
-    file named like a torch.save file, or Ray's ``.metadata.json``; told by the names alone."""
+    file named like a torch.save file, Ray's ``.metadata.json``, or ``checkpoint/``; told by the names alone."""
 
     def detect(self, probe: Probe) -> bool:
         if probe.kind != "directory" or not DIR_NAME.match(probe.name):
             return False
         names = probe.names()
-        return RAY_METADATA in names or any(_named_like_torch_save(n) for n in names)
+        return RAY_METADATA in names or NESTED in names or any(_named_like_torch_save(n) for n in names)
 
     def open(self, store: Store, options: ReadOptions) -> RayTrainSource:
-        files = _files(store)
-        found = torch_save_files(store, files)
+        files, dirs = _entries(store)
+        found = torch_save_files(store, files) + ([f"{NESTED}/"] if NESTED in dirs else [])
         if len(found) != 1:
-            raise _which(store, files, found)
+            raise _which(store, files, dirs, found)
         [name] = found
-        child = store.child(name)
-        # A Lightning .ckpt (Ray's Lightning callback saves checkpoint.ckpt) keeps Lightning's layout.
-        inner: CheckpointSource = (LIGHTNING.open(child, options) if LIGHTNING.detect(Probe(child))
-                                   else TorchSaveSource.open(child))
+        child = store.child(name.rstrip("/"))
+        inner: CheckpointSource
+        if name.endswith("/"):
+            inner = _open_nested(store, options)
+            files = [(f"{name}{f['path']}", int(f["size"])) for f in inner.details().get("files", ())]
+        elif LIGHTNING.detect(Probe(child)):  # Ray's Lightning callback saves checkpoint.ckpt
+            inner = LIGHTNING.open(child, options)
+        else:
+            inner = TorchSaveSource.open(child)
         logger.debug("[format] %s: Ray Train checkpoint, reading %s as %s", store.uri, name, inner.format)
         return RayTrainSource(store, name, inner, files)
 

@@ -18,6 +18,7 @@ import shutil
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,25 +89,36 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run directory of a real TorchTrainer run (1 CPU worker) that reported two checkpoints."""
+def ray_session() -> Iterator[None]:
+    """A local Ray with one CPU for the module's runs; the workers get this module's functions by value."""
     import ray
     from ray import cloudpickle
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    storage = tmp_path_factory.mktemp("ray-train")
-    name = f"resumer-{uuid.uuid4().hex[:10]}"  # a reused name would resume an old run
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
     try:
-        result = TorchTrainer(train_loop, scaling_config=ScalingConfig(num_workers=1),
-                              run_config=RunConfig(name=name, storage_path=str(storage))).fit()
+        yield
     finally:
         ray.shutdown()
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def fit(loop: Any, storage: Path, config: dict[str, Any] | None = None) -> Path:
+    """Run ``loop(config)`` on one Ray Train worker under a fresh run name; the run directory."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    name = f"resumer-{uuid.uuid4().hex[:10]}"  # a reused name would resume an old run
+    result = TorchTrainer(loop, train_loop_config=config or {}, scaling_config=ScalingConfig(num_workers=1),
+                          run_config=RunConfig(name=name, storage_path=str(storage))).fit()
     assert result.error is None, result.error
-    run = storage / name
+    return storage / name
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of a real TorchTrainer run (1 CPU worker) that reported two checkpoints."""
+    run = fit(train_loop, tmp_path_factory.mktemp("ray-train"))
     assert len(checkpoints(run)) == REPORTS, os.listdir(run)
     return run
 
@@ -200,7 +212,8 @@ def test_two_torch_save_files_are_refused_and_listed(run_dir: Path, tmp_path: Pa
     with pytest.raises(CheckpointError) as info:
         resumer.resume(str(target), model)
     message = str(info.value)
-    assert "holds 2 torch.save files (checkpoint.pt, ema.pt)" in message
+    assert "holds torch.save files (checkpoint.pt, ema.pt), and which one is the training state cannot be told" \
+        in message
     assert f"Pass the path of the one file to resume from (e.g. {target / 'checkpoint.pt'})" in message
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert_resumed(target / "checkpoint.pt", saved(checkpoints(run_dir)[-1]))  # what the message says works
@@ -236,3 +249,58 @@ def test_cli_plan_of_the_run_directory_exits_0(run_dir: Path, tmp_path: Path, mo
     assert r.exit_code == 0, r.output
     plan = json.loads(r.stdout)
     assert plan["ok"] and plan["checkpoint"] == str(checkpoints(run_dir)[-1]) and plan["step"] == REPORTS
+
+
+# --- Ray's Hugging Face callback: the Trainer's checkpoint-N/ copied to checkpoint/ inside each checkpoint_* ---
+
+HF_STEPS = 4
+
+
+def gpt2(seed: int = 0) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def hf_loop(config: dict[str, Any]) -> None:
+    """Runs on the Ray Train worker: transformers.Trainer with Ray's RayTrainReportCallback, saving every 2 steps."""
+    import transformers
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    ids = torch.randint(0, 32, (8, 8), generator=torch.Generator().manual_seed(1))
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=config["output_dir"], max_steps=HF_STEPS, save_steps=2,
+                                          per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                                          disable_tqdm=True, logging_strategy="no")
+    trainer = transformers.Trainer(model=gpt2(), args=args, train_dataset=rows)
+    trainer.add_callback(RayTrainReportCallback())
+    trainer.train()
+
+
+@pytest.fixture(scope="module")
+def hf_run_dir(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of a real TorchTrainer run whose loop is transformers.Trainer with Ray's callback."""
+    pytest.importorskip("transformers")
+    storage = tmp_path_factory.mktemp("ray-hf")
+    run = fit(hf_loop, storage, {"output_dir": str(storage / "hf-out")})
+    assert len(checkpoints(run)) == HF_STEPS // 2, os.listdir(run)
+    return run
+
+
+def test_rays_hugging_face_checkpoints_resume_from_the_run_directory(hf_run_dir: Path) -> None:
+    import safetensors.torch
+
+    newest = checkpoints(hf_run_dir)[-1]
+    assert registry.detect(Store.open(str(newest))) == "ray-train"
+    model = gpt2(seed=7)
+    result = resumer.resume(str(hf_run_dir), model)
+    assert result.step == HF_STEPS and result.plan.checkpoint == str(newest)
+    assert "a Ray Train checkpoint directory: read checkpoint/ (as hf-trainer)" in result.plan.notes
+    state = model.state_dict()
+    for name, saved in safetensors.torch.load_file(str(newest / "checkpoint" / "model.safetensors")).items():
+        assert torch.equal(state[name], saved), name
+    info = inspect_checkpoint(str(newest))
+    assert info["file"] == "checkpoint/" and info["read_as"] == "hf-trainer"
+    assert "checkpoint/model.safetensors" in [f["path"] for f in info["files"]]
