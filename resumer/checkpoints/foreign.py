@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 STEPS = "step-N"  # resumer's own naming, and torchtitan's
 FAMILIES: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("checkpoint-N", re.compile(r"^checkpoint-(\d+)$"), "Hugging Face Trainer's"),
-    ("checkpoint_*", re.compile(r"^checkpoint_(.*\d.*)$"), "Ray Train's"),
+    ("checkpoint_*", re.compile(r"^checkpoint_(.*\d.*)$"), "Ray Train's, or Accelerate's automatic naming"),
     (STEPS, STEP_DIR, "resumer's or torchtitan's"),
 )
 MAX_REASON = 400  # characters of one passed-over reason kept in the plan's notes
@@ -129,9 +129,10 @@ def open_newest(store: Store, kids: list[Child], options: ReadOptions,
     if not skipped:
         return None
     listed = "; ".join(f"{name}: {why}" for name, why in skipped)
-    raise CheckpointError(f"Cannot resume from {store.uri}: none of its {len(skipped)} checkpoint(s) of "
-                          f"{_whose(kids[0].family)} could be read ({listed}). Nothing was loaded, marked or "
-                          "deleted.", uri=store.uri, quarantine=False)
+    raise CheckpointError(f"Cannot resume from {store.uri}: none of its {len(skipped)} {kids[0].family} "
+                          f"directories ({_whose(kids[0].family)}) could be read ({listed}). Pass a checkpoint "
+                          "directory that reads. Nothing was loaded, marked or deleted.", uri=store.uri,
+                          quarantine=False)
 
 
 def _chosen(store: Store, child: Child, source: CheckpointSource, kids: list[Child],

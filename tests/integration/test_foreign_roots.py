@@ -135,6 +135,25 @@ def test_a_damaged_newest_checkpoint_falls_back_with_nothing_changed(output_dir:
     assert tree(out) == before  # not marked, not deleted, not rewritten: these checkpoints are the Trainer's
 
 
+def test_a_folder_where_nothing_reads_is_refused_listing_each(output_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(output_dir, out)
+    for step in (SAVE_EVERY, HF_STEPS):
+        weights = out / f"checkpoint-{step}" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    before = tree(out)
+    model = gpt2(seed=7)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        resumer.resume(str(out), model)
+    message = str(info.value)
+    assert message.startswith(f"Cannot resume from {out}: none of its 2 checkpoint-N directories (Hugging Face "
+                              f"Trainer's) could be read (checkpoint-{HF_STEPS}: ")
+    assert f"; checkpoint-{SAVE_EVERY}: " in message and "Nothing was loaded, marked or deleted." in message
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert tree(out) == before
+
+
 def test_cli_plan_of_an_output_dir_exits_0(output_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
     monkeypatch.chdir(tmp_path)
