@@ -2,11 +2,12 @@
 written by the real ``transformers.Trainer`` with ``save_steps``) and a torchtitan-style ``checkpoint/`` folder
 (``step-N/`` directories written by ``torch.distributed.checkpoint.save``).
 
-What is pinned: the newest checkpoint is resumed bitwise (weights, optimizer state by name, lr, scheduler, step);
-when the newest cannot be read (a truncated model file found while opening it, or a data item found wrong while
-reading it during ``resume``) the older one is resumed instead, the plan says which was passed over and why, and
-nothing in the folder is marked, deleted or changed; a folder mixing two tools' checkpoints, or a torch DCP
-``step-N`` newer than resumer's own, is refused with what to pass; ``resumer plan`` on the folder exits 0.
+What is pinned: the newest checkpoint (told by the number in its name, not its text) is resumed bitwise (weights,
+optimizer state by name, lr, scheduler, step); when the newest cannot be read (a truncated model file found while
+opening it, or a data item found wrong while reading it during ``resume``) the older one is resumed instead, the plan
+says which was passed over and why, and nothing in the folder is marked, deleted or changed; a folder where nothing
+reads is refused listing each directory and why; a folder mixing two tools' checkpoints, or a torch DCP ``step-N``
+newer than resumer's own, is refused with what to pass; ``resumer plan`` on the folder exits 0.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-HF_STEPS = 4
-SAVE_EVERY = 2
+HF_STEPS = 10  # checkpoint-10 sorts before checkpoint-5 as text: the newest is told by number
+SAVE_EVERY = 5
+TITAN_OLD, TITAN_NEW = 5, 10  # the same for step-5 and step-10
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -80,7 +82,7 @@ def trainer_args(output_dir: str) -> Any:
 
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An output_dir holding checkpoint-2/ and checkpoint-4/, as the real Trainer writes them."""
+    """An output_dir holding checkpoint-5/ and checkpoint-10/, as the real Trainer writes them."""
     out = tmp_path_factory.mktemp("hf-out")
     transformers.Trainer(model=gpt2(), args=trainer_args(str(out)), train_dataset=Tokens()).train()
     assert {f"checkpoint-{SAVE_EVERY}", f"checkpoint-{HF_STEPS}"} <= set(os.listdir(out))
@@ -201,19 +203,19 @@ def state_of(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any)
 
 @pytest.fixture(scope="module")
 def titan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict[str, Any]]]:
-    """checkpoint/step-2 and checkpoint/step-4 saved as torchtitan does (model at the top level, the optimizer
+    """checkpoint/step-5 and checkpoint/step-10 saved as torchtitan does (model at the top level, the optimizer
     flattened, the step in train_state), with the state each holds."""
     folder = tmp_path_factory.mktemp("titan") / "checkpoint"
     model, optimizer, scheduler = new_run(0)
     gen = torch.Generator().manual_seed(1)
     states: dict[int, dict[str, Any]] = {}
-    for step in range(1, 5):
+    for step in range(1, TITAN_NEW + 1):
         loss = (model(torch.randn(16, 4, generator=gen)) - torch.randn(16, 3, generator=gen)).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if step % 2:
+        if step not in (TITAN_OLD, TITAN_NEW):
             continue
         model_sd, optim_sd = get_state_dict(model, optimizer,
                                             options=StateDictOptions(flatten_optimizer_state_dict=True))
@@ -243,8 +245,8 @@ def assert_titan_resumed(folder: Path, expected: dict[str, Any], step: int) -> A
 
 def test_a_torchtitan_folder_resumes_its_newest_step(titan: tuple[Path, dict[int, dict[str, Any]]]) -> None:
     folder, states = titan
-    result = assert_titan_resumed(folder, states[4], 4)
-    assert chosen_note(result.plan).startswith(f"chosen from the folder {folder}: step-4 (torch-dcp)")
+    result = assert_titan_resumed(folder, states[TITAN_NEW], TITAN_NEW)
+    assert chosen_note(result.plan).startswith(f"chosen from the folder {folder}: step-{TITAN_NEW} (torch-dcp)")
 
 
 def test_an_item_found_wrong_while_resuming_falls_back_with_nothing_marked(
@@ -253,19 +255,20 @@ def test_an_item_found_wrong_while_resuming_falls_back_with_nothing_marked(
     inside resume; the older step is resumed, and the newest is not quarantined (it is torchtitan's)."""
     folder = tmp_path / "checkpoint"
     shutil.copytree(titan[0], folder)
-    with open(folder / "step-4" / ".metadata", "rb") as f:
+    newest = folder / f"step-{TITAN_NEW}"
+    with open(newest / ".metadata", "rb") as f:
         md = pickle.load(f)  # noqa: S301 - written by this test
     keys = {k.fqn: k for k in md.storage_data}
     weight = next(k for k in keys if k.endswith("0.weight") and "exp_avg" not in k and "state" not in k)
     bias = next(k for k in keys if k.endswith("3.bias") and "exp_avg" not in k and "state" not in k)
     md.storage_data[keys[weight]], md.storage_data[keys[bias]] = (md.storage_data[keys[bias]],
                                                                   md.storage_data[keys[weight]])
-    (folder / "step-4" / ".metadata").write_bytes(pickle.dumps(md))
+    (newest / ".metadata").write_bytes(pickle.dumps(md))
     before = tree(folder)
     model, optimizer, scheduler = new_run(9)
-    assert resumer.plan(str(folder), model, optimizer, scheduler).checkpoint == str(folder / "step-4")
-    result = assert_titan_resumed(folder, titan[1][2], 2)
-    assert "passed over (not marked, not deleted): step-4: " in chosen_note(result.plan)
+    assert resumer.plan(str(folder), model, optimizer, scheduler).checkpoint == str(newest)
+    result = assert_titan_resumed(folder, titan[1][TITAN_OLD], TITAN_OLD)
+    assert f"passed over (not marked, not deleted): step-{TITAN_NEW}: " in chosen_note(result.plan)
     assert "the metadata promises" in chosen_note(result.plan)
     assert tree(folder) == before
 
@@ -278,7 +281,7 @@ def test_cli_plan_of_a_torchtitan_folder_exits_0(titan: tuple[Path, dict[int, di
     r = CliRunner().invoke(cli, ["plan", str(titan[0]), "--model", "titan_factories:model", "--optimizer",
                                  "titan_factories:optimizer", "--scheduler", "titan_factories:scheduler"])
     assert r.exit_code == 0, r.output
-    assert "step-4" in r.output
+    assert f"step-{TITAN_NEW}" in r.output
 
 
 # --- folders that mix ----------------------------------------------------------------------------------------
@@ -288,7 +291,7 @@ def test_a_folder_mixing_two_tools_is_refused(output_dir: Path, titan: tuple[Pat
                                               tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(output_dir, out)
-    shutil.copytree(titan[0] / "step-4", out / "step-4")
+    shutil.copytree(titan[0] / f"step-{TITAN_NEW}", out / f"step-{TITAN_NEW}")
     before = tree(out)
     with pytest.raises(CheckpointError, match=r"it holds checkpoint-N directories \(Hugging Face Trainer's\) and "
                                               r"step-N directories \(resumer's or torchtitan's\), and which is "
@@ -304,5 +307,5 @@ def test_a_dcp_step_newer_than_resumers_own_is_refused(titan: tuple[Path, dict[i
     model, optimizer, scheduler = new_run(0)
     resumer.save_checkpoint(str(folder), 1, model, optimizer, scheduler)
     with pytest.raises(CheckpointError, match=r"holds resumer checkpoints \(the newest readable is step 1\) and a "
-                                              r"newer torch-dcp checkpoint \(step-4\)"):
+                                              rf"newer torch-dcp checkpoint \(step-{TITAN_NEW}\)"):
         resumer.resume(str(folder), *new_run(9))
