@@ -30,6 +30,7 @@ import resumer
 from resumer import examples
 from resumer.checkpoints import lease
 from resumer.checkpoints.retention import RetentionPolicy, prune
+from resumer.formats.native.manifest import long_form
 from resumer.storage.fs import basename
 from resumer.storage.store import Store
 from resumer.testing.s3 import FAKE_KEY, FAKE_SECRET, MotoServer
@@ -133,7 +134,7 @@ def test_round_trip_is_bit_exact(saved: Saved, assert_same_tree: Callable[..., N
 
 
 def _manifest(fs: Any, d: str) -> dict[str, Any]:
-    return json.loads(fs.cat_file(f"{d}/manifest.json"))
+    return long_form(json.loads(fs.cat_file(f"{d}/manifest.json")))
 
 
 def _data_file(manifest: dict[str, Any], kind: str) -> str:

@@ -25,6 +25,7 @@ import resumer
 import resumer.storage.store
 import resumer.storage.transfer
 from resumer import examples as ex
+from resumer.formats.native.manifest import long_form
 
 
 class Live:
@@ -71,7 +72,7 @@ def _saved(tmp_path: Path, model: nn.Module | None = None) -> str:
 def _edit_manifest(uri: str, edit: Callable[[dict[str, Any]], None]) -> None:
     path = os.path.join(uri, "manifest.json")
     with open(path) as f:
-        raw = json.load(f)
+        raw = long_form(json.load(f))
     edit(raw)
     with open(path, "w") as f:
         json.dump(raw, f)

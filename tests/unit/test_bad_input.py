@@ -15,7 +15,7 @@ import torch
 import xxhash
 
 import resumer
-from resumer.formats.native.manifest import MANIFEST, QUARANTINE
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE, long_form
 from resumer.testing.hostile import Payload
 
 
@@ -32,7 +32,7 @@ class Saved:
         self.fs.pipe_file(f"{self.path}/{name}", data)
 
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self.read(MANIFEST))
+        return long_form(json.loads(self.read(MANIFEST)))
 
     def data_file(self, kind: str) -> str:
         """The model or optimizer data file's name (unique per save attempt)."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import resumer
-from resumer.formats.native.manifest import MANIFEST, state_key
+from resumer.formats.native.manifest import FORMAT_VERSION, MANIFEST, long_form, state_key
 
 MODEL_KEYS = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
               "1.num_batches_tracked", "3.weight", "3.bias"]
@@ -146,9 +146,9 @@ def test_optimizer_state_is_keyed_by_parameter_name(root, trained, fs_of, tmp_pa
     for p in PARAMS:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt[state_key(p, key)], t.optimizer.state[params[p]][key]), (p, key)
-    manifest = json.loads(_read(fs_of, f"{uri}/{MANIFEST}"))
+    manifest = long_form(json.loads(_read(fs_of, f"{uri}/{MANIFEST}")))
     assert manifest["format"] == "resumer-checkpoint"
-    assert manifest["version"] == 1
+    assert manifest["version"] == FORMAT_VERSION == 2
     assert sorted(manifest["optimizer"]["tensors"]) == sorted(opt)
     paths = [f["path"] for f in manifest["files"]]
     assert [p.split(".")[0] for p in paths] == ["model", "optimizer"]
@@ -225,7 +225,7 @@ def test_tied_weights_are_stored_once(root, fs_of, tmp_path):
     stored = _load_safetensors(fs_of, f"{uri}/{_file(uri, 'model')}", tmp_path)
     assert list(stored) == ["embed.weight"]
     assert torch.equal(stored["embed.weight"], src.embed.weight)
-    manifest = json.loads(_read(fs_of, f"{uri}/{MANIFEST}"))
+    manifest = long_form(json.loads(_read(fs_of, f"{uri}/{MANIFEST}")))
     assert list(manifest["tensors"]) == ["embed.weight"]
     (spec,) = manifest["signature"]["tensors"]
     assert spec["name"] == "embed.weight"

@@ -21,7 +21,7 @@ import resumer
 from resumer.checkpoints.catalog import select
 from resumer.checkpoints.retention import RetentionPolicy, prune
 from resumer.checkpoints.watch import Watcher
-from resumer.formats.native.manifest import MANIFEST, QUARANTINE
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE, long_form
 
 Edit = Callable[[dict[str, Any]], Any]
 
@@ -102,7 +102,7 @@ def _two_checkpoints(root: str) -> tuple[str, str, Any]:
 def _write_manifest(uri: str, edit: Edit) -> None:
     path = os.path.join(uri, MANIFEST)
     with open(path, "rb") as f:
-        raw = json.load(f)
+        raw = long_form(json.load(f))
     out = edit(raw)
     with open(path, "wb") as f:
         f.write(out if isinstance(out, bytes) else json.dumps(raw).encode())
@@ -138,8 +138,8 @@ def test_hostile_manifest_is_passed_over_by_every_reader(tmp_path, kind):
 def test_newer_format_is_passed_over_but_never_quarantined(tmp_path):
     root = str(tmp_path / "ckpts")
     good, newer, model = _two_checkpoints(root)
-    _write_manifest(newer, _set(("version",), 2))
-    expected = (f"{newer} is not readable by this version of resumer (format 2, this version reads up to 1): "
+    _write_manifest(newer, _set(("version",), 3))
+    expected = (f"{newer} is not readable by this version of resumer (format 3, this version reads up to 2): "
                 "upgrade resumer")
 
     for call in (lambda: resumer.read_manifest(newer), lambda: resumer.plan(newer, model)):
@@ -182,7 +182,7 @@ def _big_manifest(uri: str, tensors: int) -> int:
     """Grow a real manifest to ``tensors`` model tensors (consistent byte ranges), as a big model's would be."""
     path = os.path.join(uri, MANIFEST)
     with open(path, "rb") as f:
-        raw = json.load(f)
+        raw = long_form(json.load(f))
     file = raw["files"][0]
     size = 0
     specs, locs = [], {}

@@ -28,7 +28,7 @@ import resumer
 from resumer.checkpoints import catalog, lease, retention
 from resumer.checkpoints.retention import RetentionPolicy, prune
 from resumer.core.errors import CheckpointError
-from resumer.formats.native.manifest import MANIFEST, QUARANTINE
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE, long_form
 
 # ---------------------------------------------------------------------------------------------------------------
 # prune: a checkpoint quarantined while the prune runs is not deleted
@@ -78,7 +78,7 @@ def _swap_in_file(uri: str) -> None:
     safetensors file holding the right values, but the manifest's byte ranges now point at the other tensor.
     The manifest's checksum is recomputed, so only comparing the header with the manifest can tell."""
     manifest_path = Path(uri) / MANIFEST
-    raw = json.loads(manifest_path.read_text())
+    raw = long_form(json.loads(manifest_path.read_text()))
     [entry] = [f for f in raw["files"] if f["path"].startswith("model.")]
     path = Path(uri) / entry["path"]
     data = path.read_bytes()

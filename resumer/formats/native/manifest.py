@@ -16,19 +16,33 @@ Pure: parses bytes into a ``Manifest``; storage lives in ``resumer.storage.store
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from resumer.core.errors import CheckpointError
-from resumer.core.signature import Signature, dtype_size, known_dtype
+from resumer.core.signature import (
+    PARAMETER,
+    OptimizerSpec,
+    ParamGroupSpec,
+    ParamState,
+    SchedulerSpec,
+    Signature,
+    StateEntry,
+    TensorSpec,
+    dtype_size,
+    known_dtype,
+)
 from resumer.formats.jsonvalue import MAX_DEPTH, JSONRefused, strict_loads, too_deep
 from resumer.formats.native.safetensors_io import TensorLocation
 
 FORMAT = "resumer-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # A root of checkpoints holds one directory per step: step-0000001200/
 STEP_DIR = re.compile(r"^step-(\d{1,19})$")
@@ -200,6 +214,11 @@ def _check_signature(sig: Any) -> None:
                 _str(_get(e, "key", f"optimizer state {i} entry {j}"), f"optimizer state {i} entry {j} 'key'")
                 _opt(e.get("shape"), _shape, f"optimizer state {i} entry {j} 'shape'")
                 _opt(e.get("dtype"), _dtype, f"optimizer state {i} entry {j} 'dtype'")
+    _check_signature_rest(sig)
+
+
+def _check_signature_rest(sig: dict[str, Any]) -> None:
+    """The signature's fields besides its tensors and optimizer."""
     sched = sig.get("scheduler")
     if sched is not None:
         sched = _obj(sched, "signature 'scheduler'")
@@ -310,11 +329,27 @@ def parse(data: bytes, uri: str) -> Manifest:
     ``raw`` of the result is the JSON object less its large sections (``signature``, ``tensors``,
     ``optimizer``), which live on in the typed fields: a big manifest is not held twice.
     """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise oversized(uri, len(data))
+    with _no_gc():  # it makes many objects and no garbage: a collection pass would only walk them (2x the time)
+        return _parse(data, uri)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _parse(data: bytes, uri: str) -> Manifest:
     def bad(why: str) -> CheckpointError:
         return malformed(uri, why)
 
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise oversized(uri, len(data))
     try:
         raw = strict_loads(data, max_cost=max(MIN_PARSE_BUDGET, PARSE_BUDGET_PER_BYTE * len(data)))
     except JSONRefused as exc:
@@ -327,6 +362,8 @@ def parse(data: bytes, uri: str) -> Manifest:
     if version > FORMAT_VERSION:
         raise newer_format(uri, version)
     try:
+        if version >= 2 and "dtypes" in raw:  # the compact form; without its table, the long form
+            return _build_compact(raw, uri, min(MAX_EXPANDED, MIN_EXPANDED + len(data) // EXPANDED_PER_BYTE))
         return _build(raw, uri)
     except _Bad as exc:
         raise bad(str(exc)) from None
@@ -352,4 +389,314 @@ def _build(raw: dict[str, Any], uri: str) -> Manifest:
 
 
 def dumps(raw: dict[str, Any]) -> bytes:
-    return json.dumps(raw, indent=1, sort_keys=False, allow_nan=False).encode()
+    """The manifest's bytes: the compact form (v2) of a long-form ``raw``, when its version is 2 or more and its
+    tensors are exactly the signature's (always so for a save); otherwise ``raw`` as it is. No indentation."""
+    if isinstance(raw.get("version"), int) and raw["version"] >= 2 and isinstance(raw.get("tensors"), dict):
+        with contextlib.suppress(_NotCompact):
+            raw = compact(raw)
+    return json.dumps(raw, separators=(",", ":"), sort_keys=False, allow_nan=False).encode()
+
+
+# --- the compact form (format v2) ---------------------------------------------------------------------------------
+#
+# The long form (v1, and what the code builds) names every tensor's file, offset, length, dtype and shape, and every
+# optimizer state entry's key, shape and dtype, in objects with their keys spelled out: about 420 bytes per tensor.
+# The compact form says each thing once:
+#   "dtypes":    the dtype names, referred to by index;
+#   signature "tensors": rows [name, shape, dtype index] (+ kind when not "parameter", + aliases);
+#   optimizer "groups" params, and "state" params: an index into those rows (a name when the parameter is none);
+#   optimizer "layouts": the distinct lists of state entries [key, shape, dtype index], where shape 0 means "the
+#     parameter's shape" and null "not a tensor"; each "state" row is [param, layout index];
+#   "tensors": [file index, offset] per signature row, in order (length, dtype and shape are the row's);
+#   optimizer "tensors": [file index, offset] per tensor state entry, in state order.
+# Reading builds the typed Manifest from it directly, every index and type checked once.
+
+# Entries (signature tensors and optimizer state entries) a compact manifest may expand to: a few times what its
+# bytes hold (a save's cost over 20 bytes per entry), at most MAX_EXPANDED (about 2 GB of objects).
+EXPANDED_PER_BYTE = 8
+MIN_EXPANDED = 256 * 1024
+MAX_EXPANDED = 4_000_000
+
+
+class _NotCompact(ValueError):
+    """A long form the compact form cannot hold (tensors that are not exactly the signature's)."""
+
+
+def compact(raw: dict[str, Any]) -> dict[str, Any]:  # noqa: C901 - one branch per section
+    """The compact form (v2) of a long-form manifest ``raw``; raises _NotCompact when it cannot hold it."""
+    sig = raw["signature"]
+    dtypes: dict[str, int] = {}
+
+    def dt(name: Any) -> int | None:
+        return None if name is None else dtypes.setdefault(name, len(dtypes))
+
+    rows: list[list[Any]] = []
+    index: dict[str, int] = {}
+    for t in sig["tensors"]:
+        row: list[Any] = [t["name"], t["shape"], dt(t["dtype"])]
+        aliases = t.get("aliases") or []
+        if t.get("kind", "parameter") != "parameter" or aliases:
+            row.append(t.get("kind", "parameter"))
+        if aliases:
+            row.append(aliases)
+        index[t["name"]] = len(rows)
+        rows.append(row)
+    file_index = {f["path"]: i for i, f in enumerate(raw["files"])}
+
+    def place(loc: dict[str, Any], shape: Any, dtype: Any) -> list[int]:
+        if loc["shape"] != list(shape) or loc["dtype"] != dtype or loc["file"] not in file_index:
+            raise _NotCompact("a location that differs from its signature")
+        return [file_index[loc["file"]], loc["offset"]]
+
+    if set(raw["tensors"]) != set(index) or len(index) != len(rows):
+        raise _NotCompact("tensors that are not the signature's")
+    out_sig = dict(sig)
+    out_sig["tensors"] = rows
+    tensors = [place(raw["tensors"][t["name"]], t["shape"], t["dtype"]) for t in sig["tensors"]]
+    out = {k: v for k, v in raw.items() if k not in ("signature", "tensors", "optimizer")}
+    opt_sig, opt = sig.get("optimizer"), raw.get("optimizer")
+    if opt_sig is not None:
+        stored = (opt or {}).get("tensors", {})
+        layouts: dict[str, int] = {}
+        layout_rows: list[list[Any]] = []
+        state_rows: list[list[Any]] = []
+        opt_tensors: list[list[int]] = []
+        for st in opt_sig.get("state", []):
+            param = st["param"]
+            ref = index.get(param, param)
+            pshape = rows[ref][1] if isinstance(ref, int) else None
+            entries = []
+            for e in st["entries"]:
+                shape = e["shape"]
+                entries.append([e["key"], 0 if shape is not None and shape == pshape else shape, dt(e["dtype"])])
+                if shape is not None:
+                    key = state_key(param, e["key"])
+                    if key not in stored:
+                        raise _NotCompact("optimizer state the signature names but nothing stores")
+                    opt_tensors.append(place(stored[key], shape, e["dtype"]))
+            text = json.dumps(entries)
+            li = layouts.setdefault(text, len(layout_rows))
+            if li == len(layout_rows):
+                layout_rows.append(entries)
+            state_rows.append([ref, li])
+        if len(opt_tensors) != len(stored):
+            raise _NotCompact("optimizer tensors the signature does not name")
+        out_sig["optimizer"] = {**opt_sig, "groups": [{**g, "params": [index.get(p, p) for p in g["params"]]}
+                                                      for g in opt_sig["groups"]],
+                                "layouts": layout_rows, "state": state_rows}
+        out["optimizer"] = None if opt is None else {**opt, "tensors": opt_tensors}
+    elif opt is not None:
+        if opt.get("tensors"):
+            raise _NotCompact("optimizer tensors without an optimizer signature")
+        out["optimizer"] = {**opt, "tensors": []}
+    else:
+        out["optimizer"] = None
+    out["dtypes"] = list(dtypes)
+    out["signature"] = out_sig
+    out["tensors"] = tensors
+    return out
+
+
+def long_form(raw: dict[str, Any]) -> dict[str, Any]:
+    """The long form of a manifest's JSON (a compact one is parsed, checked and written out long; a long one is
+    returned as it is): what a tool or a test may read and edit. CheckpointError when the compact form is bad."""
+    if "dtypes" not in raw:
+        return raw
+    m = parse(json.dumps(raw).encode(), "<manifest>")
+    out = dict(m.raw)
+    out["signature"] = m.signature.to_dict()
+    out["tensors"] = {n: loc.to_dict() for n, loc in m.tensors.items()}
+    if out.get("optimizer", raw.get("optimizer")) is not None or m.optimizer_tensors:
+        out["optimizer"] = {"tensors": {n: loc.to_dict() for n, loc in m.optimizer_tensors.items()},
+                            "scalars": m.optimizer_scalars}
+    else:
+        out["optimizer"] = None
+    return out
+
+
+def _fast_shape(value: Any, where: Callable[[], str]) -> tuple[int, ...]:
+    """``_shape``, with the common case checked without building a message."""
+    if type(value) is list and len(value) <= MAX_DIMS and all(type(d) is int and 0 <= d <= MAX_COUNT for d in value):
+        shape = tuple(value)
+        if math.prod(shape) <= MAX_COUNT:
+            return shape
+    return _shape(value, where())
+
+
+def _w(fmt: str, *args: Any) -> Callable[[], str]:
+    """A message made only when it is needed (a callable in ``args`` is called first)."""
+    return lambda: fmt.format(*(a() if callable(a) else a for a in args))
+
+
+def _index(value: Any, size: int, where: Callable[[], str]) -> int:
+    if type(value) is int and 0 <= value < size:
+        return value
+    if size == 0:
+        raise _Bad(f"{where()} is {str(value)[:40]}, but the table it indexes is empty")
+    return _int(value, where(), high=size - 1)
+
+
+class _Compact:
+    """Builds a Manifest straight from the compact form, every index and type checked once (raises _Bad)."""
+
+    def __init__(self, raw: dict[str, Any], files: dict[str, FileEntry], max_entries: int) -> None:
+        self.raw, self.max_entries = raw, max_entries
+        self.dtypes = [_dtype(d, f"dtypes[{i}]") for i, d in enumerate(_list(_get(raw, "dtypes", "the manifest"),
+                                                                            "'dtypes'"))]
+        self.files = list(files.values())
+        self.sizes = [dtype_size(d) for d in self.dtypes]
+
+    def dtype(self, value: Any, where: Callable[[], str]) -> int:
+        return _index(value, len(self.dtypes), where)
+
+    def tensors(self, rows: Any) -> tuple[TensorSpec, ...]:
+        specs = []
+        for i, row in enumerate(_list(rows, "signature 'tensors'")):
+            if type(row) is not list or not 3 <= len(row) <= 5:
+                raise _Bad(f"signature tensor {i} is {_kind(row)}, not a list of 3 to 5 fields")
+            name = row[0]
+            if type(name) is not str:
+                _str(name, f"signature tensor {i} name")
+            shape = _fast_shape(row[1], _w("signature tensor {} shape", i))
+            dtype = self.dtypes[self.dtype(row[2], _w("signature tensor {} dtype", i))]
+            kind = _str(row[3], f"signature tensor {i} kind") if len(row) > 3 else PARAMETER
+            aliases = _strs(row[4], f"signature tensor {i} aliases") if len(row) > 4 else ()
+            specs.append(TensorSpec(name=name, shape=shape, dtype=dtype, kind=kind, aliases=aliases))
+            if len(specs) > self.max_entries:
+                raise _Bad(f"its signature holds more than {self.max_entries} tensors")
+        return tuple(specs)
+
+    def place(self, value: Any, shape: tuple[int, ...], dti: int, where: Callable[[], str]) -> TensorLocation:
+        if type(value) is not list or len(value) != 2:
+            raise _Bad(f"{where()} is {_kind(value)}, not a list of 2 fields (file, offset)")
+        entry = self.files[_index(value[0], len(self.files), _w("{} file", where))]
+        offset = value[1]
+        if type(offset) is not int or not 0 <= offset <= MAX_COUNT:
+            _int(offset, f"{where()} offset")
+        nbytes = math.prod(shape) * self.sizes[dti]
+        if offset + nbytes > entry.size:
+            raise _Bad(f"{where()} lies outside {entry.path} ({entry.size} bytes)")
+        return TensorLocation(file=entry.path, offset=offset, nbytes=nbytes, dtype=self.dtypes[dti], shape=shape)
+
+    def optimizer(self, d: Any, specs: tuple[TensorSpec, ...], stored: list[Any]  # noqa: C901 - one check per field
+                  ) -> tuple[OptimizerSpec, dict[str, TensorLocation]]:
+        d = _obj(d, "signature 'optimizer'")
+        names = [s.name for s in specs]
+        cls = _str(_get(d, "cls", "signature 'optimizer'"), "optimizer 'cls'")
+
+        def ref(value: Any, where: Callable[[], str]) -> str:
+            return value if type(value) is str else names[_index(value, len(names), where)]
+
+        groups = []
+        for gi, g in enumerate(_list(_get(d, "groups", "signature 'optimizer'"), "optimizer 'groups'")):
+            g = _obj(g, f"optimizer group {gi}")
+            params = _list(_get(g, "params", f"optimizer group {gi}"), f"optimizer group {gi} 'params'")
+            hyper = _obj(g.get("hyperparams", {}), f"optimizer group {gi} 'hyperparams'")
+            groups.append(ParamGroupSpec(params=tuple(ref(p, _w("optimizer group {} param {}", gi, j))
+                                                      for j, p in enumerate(params)),
+                                         hyperparams=tuple(sorted(hyper.items()))))
+        layouts = []
+        for li, lay in enumerate(_list(d.get("layouts", []), "optimizer 'layouts'")):
+            entries = []
+            for j, e in enumerate(_list(lay, f"optimizer layout {li}")):
+                where = f"optimizer layout {li} entry {j}"
+                e = _list(e, where)
+                if len(e) != 3:
+                    raise _Bad(f"{where} has {len(e)} fields, not 3 (key, shape, dtype)")
+                shape = e[1]
+                if not (shape is None or (shape == 0 and type(shape) is int)):
+                    shape = _shape(shape, f"{where} shape")
+                dti = None if e[2] is None else self.dtype(e[2], _w("{} dtype", where))
+                if shape is not None and dti is None:
+                    raise _Bad(f"{where} is a tensor without a dtype")
+                entries.append((_str(e[0], f"{where} key"), shape, dti))
+            layouts.append(entries)
+        state = []
+        placed: dict[str, TensorLocation] = {}
+        made: dict[tuple[int, tuple[int, ...] | None], tuple[StateEntry, ...]] = {}
+        produced = len(specs)
+        it = iter(stored)
+        for si, row in enumerate(_list(d.get("state", []), "optimizer 'state'")):
+            if type(row) is not list or len(row) != 2:
+                raise _Bad(f"optimizer state {si} is {_kind(row)}, not a list of 2 fields (param, layout)")
+            if type(row[0]) is str:
+                param, pshape = row[0], None
+            else:
+                spec = specs[_index(row[0], len(specs), _w("optimizer state {} param", si))]
+                param, pshape = spec.name, spec.shape
+            li = _index(row[1], len(layouts), _w("optimizer state {} layout", si))
+            layout = layouts[li]
+            produced += len(layout) + 1
+            if produced > self.max_entries:
+                raise _Bad(f"its optimizer state expands to more than {self.max_entries} entries")
+            entries_t = made.get((li, pshape))
+            if entries_t is None:
+                if pshape is None and any(shape == 0 for _, shape, _ in layout):
+                    raise _Bad(f"optimizer state {si} takes its parameter's shape, but names no signature tensor")
+                entries_t = made[(li, pshape)] = tuple(
+                    StateEntry(key=key, shape=pshape if shape == 0 else (None if shape is None else tuple(shape)),
+                               dtype=None if dti is None else self.dtypes[dti]) for key, shape, dti in layout)
+            for (_, _, dti), e in zip(layout, entries_t, strict=True):
+                if e.shape is None:
+                    continue
+                value = next(it, None)
+                if value is None:
+                    raise _Bad("optimizer 'tensors' has fewer locations than the state has tensors")
+                key = state_key(param, e.key)
+                assert dti is not None
+                placed[key] = self.place(value, e.shape, dti, _w("optimizer state '{}'", key))
+            state.append(ParamState(param=param, entries=entries_t))
+        if next(it, None) is not None:
+            raise _Bad("optimizer 'tensors' has more locations than the state has tensors")
+        for key in ("inferred", "unmapped"):
+            _opt(d.get(key), _str, f"optimizer {key!r}")
+        return OptimizerSpec(cls=cls, groups=tuple(groups), state=tuple(state), inferred=d.get("inferred"),
+                             unmapped=d.get("unmapped"), positional=bool(d.get("positional", False))), placed
+
+
+def _no_overlap(locs: dict[str, TensorLocation], what: str) -> None:
+    spans = sorted((loc.file, loc.offset, loc.offset + loc.nbytes, name) for name, loc in locs.items() if loc.nbytes)
+    for (f1, _b1, e1, n1), (f2, b2, _e2, n2) in zip(spans, spans[1:], strict=False):
+        if f1 == f2 and b2 < e1:
+            raise _Bad(f"{what} '{n1}' and '{n2}' overlap in {f1}")
+
+
+def _build_compact(raw: dict[str, Any], uri: str, max_entries: int) -> Manifest:
+    files = _files(_get(raw, "files", "the manifest"))
+    c = _Compact(raw, files, max_entries)
+    sig_raw = _obj(_get(raw, "signature", "the manifest"), "'signature'")
+    _check_signature_rest(sig_raw)
+    _check_plain(raw)
+    specs = c.tensors(_get(sig_raw, "tensors", "'signature'"))
+    step = _int(_get(raw, "step", "the manifest"), "'step'")
+    rows = _list(_get(raw, "tensors", "the manifest"), "'tensors'")
+    if len(rows) != len(specs):
+        raise _Bad(f"'tensors' has {len(rows)} locations for {len(specs)} signature tensors")
+    tensors = {}
+    for spec, value in zip(specs, rows, strict=True):
+        tensors[spec.name] = c.place(value, spec.shape, c.dtypes.index(spec.dtype),
+                                     _w("tensor '{}'", spec.name))
+    _no_overlap(tensors, "tensor")
+    opt = _opt(raw.pop("optimizer", None), _obj, "'optimizer'") or {}
+    stored = _list(opt.get("tensors", []), "optimizer 'tensors'")
+    optimizer: OptimizerSpec | None = None
+    opt_tensors: dict[str, TensorLocation] = {}
+    if sig_raw.get("optimizer") is not None:
+        optimizer, opt_tensors = c.optimizer(sig_raw["optimizer"], specs, stored)
+        if optimizer.positional:
+            raise _Bad("its optimizer signature claims position-keyed state; a resumer checkpoint keys it by name")
+        _no_overlap(opt_tensors, "optimizer state")
+    elif stored:
+        raise _Bad("optimizer 'tensors' holds locations but the signature has no optimizer")
+    sched = sig_raw.get("scheduler")
+    sig = Signature(tensors=specs, optimizer=optimizer,
+                    scheduler=None if sched is None else SchedulerSpec.from_dict(sched),
+                    step=sig_raw.get("step"), rng=tuple(sig_raw.get("rng", ())), world_size=sig_raw.get("world_size"),
+                    notes=tuple(sig_raw.get("notes", ())))
+    for key in ("signature", "tensors", "dtypes"):
+        raw.pop(key)
+    return Manifest(
+        uri=uri, step=step, time=raw.get("time") or "", signature=sig, files=tuple(files.values()), tensors=tensors,
+        optimizer_tensors=opt_tensors, optimizer_scalars=dict(opt.get("scalars", {})),
+        scheduler_state=(raw.get("scheduler") or {}).get("state"), rng=raw.get("rng"),
+        code=dict(raw.get("code") or {}), extra=dict(raw.get("extra") or {}), raw=raw)
