@@ -24,7 +24,7 @@ from resumer.core.errors import PlanRefused
 from resumer.core.plan import Action, Plan, Section
 from resumer.formats import rng
 from resumer.formats.source import CheckpointSource
-from resumer.runtime import preflight
+from resumer.runtime import preflight, sharded
 from resumer.runtime.capture import live_tensors, optimizer_param_names
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,21 @@ def stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer
     """
     if not plan.ok:
         raise PlanRefused(plan)
+    if model is None or not sharded.collective() or not sharded.is_sharded(model, optimizer):
+        return _stage(plan, source, optimizer, model=model, scheduler=scheduler)
+    # Sharded state on several ranks: every rank's checks and reads are gathered before any rank goes on to
+    # touch its model; one rank's refusal is every rank's (the same CheckpointError everywhere).
+    try:
+        staged = _stage(plan, source, optimizer, model=model, scheduler=scheduler)
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement, or the others hang
+        sharded.agree(exc)
+        raise  # agree raised already; for the type checker
+    sharded.agree(None)
+    return staged
+
+
+def _stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer | None, *,
+           model: nn.Module | None, scheduler: Any) -> Staged:
     started = time.perf_counter()
     carry = optimizer is not None and plan.optimizer_action() is Action.CARRY
     carried = {e.source for e in plan.section(Section.OPTIMIZER_STATE)
@@ -88,13 +103,16 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
     plan, source = staged.plan, staged.source
     tensors = live_tensors(model)
     by_name = {lt.name: lt.tensor for lt in tensors}
-    with torch.no_grad():
-        for e in plan.section(Section.MODEL):
-            if e.copies:
-                by_name[e.name].detach().copy_(source.tensor(e.source or e.name))
-    if staged.carry:
-        assert optimizer is not None
-        _apply_optimizer(plan, source, optimizer, {id(lt.tensor): lt.name for lt in tensors})
+    if sharded.is_sharded(model, optimizer):
+        _commit_sharded(staged, model, optimizer, {id(lt.tensor): lt.name for lt in tensors})
+    else:
+        with torch.no_grad():
+            for e in plan.section(Section.MODEL):
+                if e.copies:
+                    by_name[e.name].detach().copy_(source.tensor(e.source or e.name))
+        if staged.carry:
+            assert optimizer is not None
+            _apply_optimizer(plan, source, optimizer, {id(lt.tensor): lt.name for lt in tensors})
     if scheduler is not None and any(e.action is Action.RESTORE for e in plan.section(Section.SCHEDULER)):
         scheduler.load_state_dict(source.scheduler_state())
     if any(e.action is Action.RESTORE for e in plan.section(Section.RNG)):
@@ -107,8 +125,41 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
                         load_seconds=seconds, extra=source.extra())
 
 
+def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    names: dict[int, str]) -> None:
+    """Sharded live state (FSDP2 / DTensor): the full saved tensors go in through torch's own
+    ``set_model_state_dict`` / ``set_optimizer_state_dict`` (full state dicts keyed by name), which keep each rank's
+    own shard of them."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    plan, source = staged.plan, staged.source
+    full: dict[str, Any] = {e.name: source.tensor(e.source or e.name) for e in plan.section(Section.MODEL) if e.copies}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    if staged.carry:
+        assert optimizer is not None
+        osd, position = _optimizer_state(plan, source, optimizer, names)
+        name_of = {i: n for n, i in position.items()}
+        by_name: dict[str, Any] = {
+            "state": {name_of[i]: st for i, st in osd["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in osd["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,
                      names: dict[int, str]) -> None:
+    # load_state_dict matches this structure exactly (we built it from the live optimizer) and casts
+    # state to each parameter's dtype and device, as torch does for any resume.
+    optimizer.load_state_dict(_optimizer_state(plan, source, optimizer, names)[0])
+
+
+def _optimizer_state(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,
+                     names: dict[int, str]) -> tuple[dict[str, Any], dict[str, int]]:
+    """The optimizer state dict the plan makes: the live groups (saved hyperparameters where carried), state by
+    position; and each parameter name's position."""
     members = optimizer_param_names(optimizer, names)
     position: dict[str, int] = {}
     groups = []
@@ -127,6 +178,4 @@ def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.opti
     for e in plan.section(Section.OPTIMIZER_STATE):
         if e.action is Action.CARRY and e.source is not None:
             state[position[e.name]] = source.optimizer_state(plan.state_key(e.source))
-    # load_state_dict matches this structure exactly (we built it from the live optimizer) and casts
-    # state to each parameter's dtype and device, as torch does for any resume.
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}, position

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import errno
-import hashlib
-import inspect
-import json
 import logging
 import time
 import uuid
@@ -17,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resumer.core.errors import AlreadyCommitted, CheckpointError, StorageFullError, TransientStorageError, UsageError
+from resumer.core.errors import AlreadyCommitted, StorageFullError, TransientStorageError, UsageError
 from resumer.core.signature import Signature
 from resumer.core.version import __version__
 from resumer.formats import rng
@@ -34,28 +30,15 @@ from resumer.formats.native.manifest import (
     step_dir,
 )
 from resumer.formats.native.safetensors_io import TensorLocation, write_file
-from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature, unwrap
+from resumer.runtime import sharded
+from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature
+from resumer.runtime.writing import check_written as _check_written
+from resumer.runtime.writing import code_fingerprint
+from resumer.runtime.writing import discard as _discard
 from resumer.storage import retry
-from resumer.storage.fs import basename
 from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
-
-
-def code_fingerprint(model: nn.Module, sig: Signature) -> dict[str, Any]:
-    """What identifies the code: the model class, a hash of its source, a hash of the structure."""
-    cls = type(unwrap(model))
-    try:
-        source = inspect.getsource(inspect.getmodule(cls) or cls)
-        source_hash = hashlib.sha256(source.encode()).hexdigest()[:16]
-    except (OSError, TypeError):
-        source_hash = None
-    structure = {"tensors": [t.to_dict() for t in sig.tensors],
-                 "optimizer": sig.optimizer.cls if sig.optimizer else None,
-                 "groups": [list(g.params) for g in sig.optimizer.groups] if sig.optimizer else None}
-    structure_hash = hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()[:16]
-    return {"model_class": f"{cls.__module__}.{cls.__qualname__}", "source_sha256": source_hash,
-            "structure_sha256": structure_hash, "fingerprint": f"{structure_hash}-{source_hash}"}
 
 
 def _optimizer_items(optimizer: torch.optim.Optimizer, names: dict[int, str]
@@ -125,6 +108,9 @@ def snapshot(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UsageError(f"step must be a non-negative int, got {step!r}.")
     tensors = live_tensors(model)
+    if sharded.is_sharded(model, optimizer):
+        raise UsageError("This model's state is sharded (DTensor / FSDP2): save it with save_checkpoint on every rank "
+                         "(a collective save); a snapshot of one rank's shards would not be a checkpoint.")
     on_meta = [lt.name for lt in tensors if lt.tensor.device.type == "meta"]
     if on_meta:
         raise UsageError(f"Cannot save a model on the meta device ({on_meta[0]!r} has no data). Materialize it first.")
@@ -249,26 +235,6 @@ def _write_and_commit(snap: Snapshot, ckpt: Store, written: list[str]) -> list[d
     return files
 
 
-def _discard(ckpt: Store, names: list[str]) -> None:
-    """Remove the data files of a save that did not commit; failures are logged (they are uncommitted anyway)."""
-    for name in names:
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                ckpt.fs.rm_file(ckpt.path_of(name))  # one try, no retries: the save's own error is on its way
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the error being raised
-            logger.warning("[save] could not remove the uncommitted %s: %s", ckpt.uri_of(name), exc)
-
-
-def _check_written(ckpt: Store, files: list[dict[str, Any]]) -> None:
-    """One listing before the commit: every data file is there with its size (a store can lose an object)."""
-    sizes = {basename(str(e["name"])): e.get("size") for e in ckpt.ls(detail=True)}
-    for f in files:
-        if sizes.get(f["path"]) != f["size"]:
-            raise CheckpointError(f"{ckpt.uri_of(f['path'])} is missing or has the wrong size just before commit "
-                                  f"({sizes.get(f['path'])} bytes, wrote {f['size']}): the store lost it. Nothing "
-                                  "was committed; save again.", uri=ckpt.uri)
-
-
 def save_checkpoint(root: str | Store, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, *, extra: dict[str, Any] | None = None,
                     storage_options: dict[str, Any] | None = None) -> str:
@@ -277,5 +243,9 @@ def save_checkpoint(root: str | Store, step: int, model: nn.Module, optimizer: t
 
     Data files are written first and the manifest last: a reader never sees a half-written checkpoint.
     Optimizer state is stored by parameter name, so it survives reordering and renames.
+    Sharded state (an FSDP2 / DTensor model) is saved collectively: every rank calls this, writes its own shards,
+    and gets the same URI once all of them are committed (resumer.runtime.sharded).
     """
+    if sharded.is_sharded(model, optimizer):
+        return sharded.save(root, step, model, optimizer, scheduler, extra=extra, storage_options=storage_options)
     return write_snapshot(snapshot(step, model, optimizer, scheduler, extra=extra), root, storage_options)

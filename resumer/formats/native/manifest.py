@@ -22,7 +22,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from resumer.core.errors import CheckpointError
@@ -63,6 +63,16 @@ def data_file_name(kind: str, token: str) -> str:
     return f"{kind}.{token}.safetensors"
 
 
+def chunk_key(name: str, offsets: tuple[int, ...]) -> str:
+    """The safetensors key of one chunk of a sharded tensor (or optimizer state): its name and global offsets."""
+    return f"{name}#{','.join(map(str, offsets))}"
+
+
+def rank_file_name(kind: str, token: str, rank: int) -> str:
+    """A rank's own data file in a sharded save."""
+    return f"{kind}.{token}.rank{rank}.safetensors"
+
+
 def state_key(param: str, key: str) -> str:
     """The safetensors key of one piece of optimizer state, by parameter name."""
     return f"{param}/{key}"
@@ -76,6 +86,23 @@ class FileEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "checksum": self.checksum}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk:
+    """One piece of a sharded tensor: where it starts in the global tensor, and its bytes (``loc.shape`` is the
+    piece's size in every dimension)."""
+
+    offsets: tuple[int, ...]
+    loc: TensorLocation
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.loc.shape
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.loc.file, "offset": self.loc.offset, "offsets": list(self.offsets),
+                "sizes": list(self.loc.shape)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,6 +123,27 @@ class Manifest:
     code: dict[str, Any]
     extra: dict[str, Any]
     raw: dict[str, Any]
+    # Tensors (by name) and optimizer state (by state key) stored in pieces, one or more per rank that held a
+    # shard; they are absent from ``tensors`` / ``optimizer_tensors``. Their pieces tile them exactly.
+    chunks: dict[str, tuple[Chunk, ...]] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.chunks)
+
+    def pieces(self, key: str) -> list[tuple[str, TensorLocation]]:
+        """The byte ranges holding tensor or optimizer state ``key``: itself, or its chunks (by chunk key)."""
+        whole = self.tensors.get(key) or self.optimizer_tensors.get(key)
+        if whole is not None:
+            return [(key, whole)]
+        return [(chunk_key(key, c.offsets), c.loc) for c in self.chunks.get(key, ())]
+
+    def in_file(self, file: str) -> dict[str, TensorLocation]:
+        """Every byte range the manifest places in ``file``, by its safetensors key."""
+        out = {k: loc for k, loc in (*self.tensors.items(), *self.optimizer_tensors.items()) if loc.file == file}
+        for key, chunks in self.chunks.items():
+            out.update({chunk_key(key, c.offsets): c.loc for c in chunks if c.loc.file == file})
+        return out
 
     @property
     def total_bytes(self) -> int:
@@ -243,11 +291,25 @@ def _files(raw: Any) -> dict[str, FileEntry]:
     return files
 
 
-def _locations(raw: Any, files: dict[str, FileEntry], what: str) -> dict[str, TensorLocation]:
+def _locations(raw: Any, files: dict[str, FileEntry], what: str, chunks: dict[str, tuple[Chunk, ...]] | None = None
+               ) -> dict[str, TensorLocation]:
     out = {}
     for name, d in _obj(raw, f"{what} locations").items():
         where = f"{what} '{name}'"
         d = _obj(d, where)
+        if "chunks" in d and chunks is not None:
+            shape, dtype = _shape(_get(d, "shape", where), f"{where} 'shape'"), _dtype(_get(d, "dtype", where),
+                                                                                      f"{where} 'dtype'")
+            items = []
+            for i, c in enumerate(_list(d["chunks"], f"{where} chunks")):
+                c = _obj(c, f"{where} chunk {i}")
+                file = _str(_get(c, "file", f"{where} chunk {i}"), f"{where} chunk {i} 'file'")
+                if file not in files:
+                    raise _Bad(f"{where} chunk {i} lies in {file[:300]!r}, which the manifest does not list")
+                items.append((files[file], _get(c, "offset", where), _get(c, "offsets", where),
+                              _get(c, "sizes", where)))
+            chunks[name] = make_chunks(name, shape, dtype, items, what)
+            continue
         file = _str(_get(d, "file", where), f"{where} 'file'")
         entry = files.get(file)
         if entry is None:
@@ -261,11 +323,54 @@ def _locations(raw: Any, files: dict[str, FileEntry], what: str) -> dict[str, Te
         if loc.offset + loc.nbytes > entry.size:
             raise _Bad(f"{what} '{name}' lies outside {loc.file} ({entry.size} bytes)")
         out[name] = loc
-    spans = sorted((loc.file, loc.offset, loc.offset + loc.nbytes, name) for name, loc in out.items() if loc.nbytes)
-    for (f1, _b1, e1, n1), (f2, b2, _e2, n2) in zip(spans, spans[1:], strict=False):
-        if f1 == f2 and b2 < e1:
-            raise _Bad(f"{what} '{n1}' and '{n2}' overlap in {f1}")
+    _no_overlap(out, what)
     return out
+
+
+MAX_PAIRWISE_CHUNKS = 1024  # chunks of one tensor checked pair by pair (when not all cut along dimension 0)
+
+
+def make_chunks(name: str, shape: tuple[int, ...], dtype: str, items: list[tuple[FileEntry, Any, Any, Any]],
+                what: str = "tensor") -> tuple[Chunk, ...]:
+    """Checked chunks of tensor ``name`` (global ``shape``, ``dtype``) from (file, byte offset, global offsets,
+    sizes): each inside the tensor and inside its file, and together tiling the tensor exactly (no gap, no overlap).
+    Raises _Bad (a ValueError) naming what is wrong."""
+    where = f"{what} '{name}'"
+    out = []
+    for i, (entry, offset, offsets, sizes) in enumerate(items):
+        offsets = _fast_shape(offsets, _w("{} chunk {} offsets", where, i))
+        sizes = _fast_shape(sizes, _w("{} chunk {} sizes", where, i))
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                o + n > d for o, n, d in zip(offsets, sizes, shape, strict=True)):
+            raise _Bad(f"{where} chunk {i} at {list(offsets)} of size {list(sizes)} does not lie inside "
+                       f"{dtype}{list(shape)}")
+        if type(offset) is not int or not 0 <= offset <= MAX_COUNT:
+            _int(offset, f"{where} chunk {i} offset")
+        nbytes = math.prod(sizes) * dtype_size(dtype)
+        if offset + nbytes > entry.size:
+            raise _Bad(f"{where} chunk {i} lies outside {entry.path} ({entry.size} bytes)")
+        out.append(Chunk(offsets=offsets, loc=TensorLocation(file=entry.path, offset=offset, nbytes=nbytes,
+                                                             dtype=dtype, shape=sizes)))
+    _check_tiling(where, shape, out)
+    return tuple(out)
+
+
+def _check_tiling(where: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
+    covered = sum(math.prod(c.sizes) for c in chunks)
+    if not chunks or covered != math.prod(shape):
+        raise _Bad(f"the chunks of {where} cover {covered} of its {math.prod(shape)} elements: they do not tile it")
+    if all(c.offsets[1:] == (0,) * (len(shape) - 1) and c.sizes[1:] == shape[1:] for c in chunks) and shape:
+        rows = sorted((c.offsets[0], c.offsets[0] + c.sizes[0]) for c in chunks)
+        overlap = any(b < e for (_, e), (b, _) in zip(rows, rows[1:], strict=False))
+    elif len(chunks) > MAX_PAIRWISE_CHUNKS:
+        raise _Bad(f"{where} has {len(chunks)} chunks not all cut along dimension 0 (at most "
+                   f"{MAX_PAIRWISE_CHUNKS} are checked)")
+    else:
+        overlap = any(all(a.offsets[d] < b.offsets[d] + b.sizes[d] and b.offsets[d] < a.offsets[d] + a.sizes[d]
+                          for d in range(len(shape))) and math.prod(a.sizes) and math.prod(b.sizes)
+                      for i, a in enumerate(chunks) for b in chunks[i + 1:])
+    if overlap:
+        raise _Bad(f"the chunks of {where} overlap: they do not tile it")
 
 
 def _check_plain(raw: dict[str, Any]) -> None:
@@ -289,12 +394,20 @@ def _check_plain(raw: dict[str, Any]) -> None:
         _obj(scalars, f"optimizer scalars of {param!r}")
 
 
-def _check_agrees(sig: Signature, tensors: dict[str, TensorLocation]) -> None:
+def _check_agrees(sig: Signature, tensors: dict[str, TensorLocation],
+                  chunks: dict[str, tuple[Chunk, ...]] | None = None) -> None:
     """Each tensor the signature names has stored bytes of exactly its shape and dtype."""
-    missing = [t.name for t in sig.tensors if t.name not in tensors]
+    chunks = chunks or {}
+    for t in sig.tensors:
+        for c in chunks.get(t.name, ()):
+            if c.loc.dtype != t.dtype:
+                raise _Bad(f"tensor {t.name!r} is {t.dtype} in the signature but its chunks are {c.loc.dtype}")
+    missing = [t.name for t in sig.tensors if t.name not in tensors and t.name not in chunks]
     if missing:
         raise _Bad(f"signature names {len(missing)} tensor(s) with no stored bytes, e.g. {missing[0]!r}")
     for t in sig.tensors:
+        if t.name not in tensors:
+            continue
         loc = tensors[t.name]
         if (loc.shape, loc.dtype) != (t.shape, t.dtype):
             raise _Bad(f"tensor {t.name!r} is {t.dtype}{list(t.shape)} in the signature but its stored bytes are "
@@ -377,13 +490,17 @@ def _build(raw: dict[str, Any], uri: str) -> Manifest:
     if sig.optimizer is not None and sig.optimizer.positional:
         raise _Bad("its optimizer signature claims position-keyed state; a resumer checkpoint keys it by name")
     step = _int(_get(raw, "step", "the manifest"), "'step'")
-    tensors = _locations(_get(raw, "tensors", "the manifest"), files, "tensor")
+    chunks: dict[str, tuple[Chunk, ...]] = {}
+    tensors = _locations(_get(raw, "tensors", "the manifest"), files, "tensor", chunks)
     del raw["tensors"]
-    _check_agrees(sig, tensors)
+    _check_agrees(sig, tensors, chunks)
     opt = raw.pop("optimizer", None) or {}
+    opt_tensors = _locations(opt.get("tensors", {}), files, "optimizer state", chunks)
+    _no_overlap({**tensors, **opt_tensors, **{chunk_key(k, c.offsets): c.loc for k, cs in chunks.items() for c in cs}},
+                "tensor")
     return Manifest(
         uri=uri, step=step, time=raw.get("time") or "", signature=sig, files=tuple(files.values()), tensors=tensors,
-        optimizer_tensors=_locations(opt.get("tensors", {}), files, "optimizer state"),
+        chunks=chunks, optimizer_tensors=opt_tensors,
         optimizer_scalars=dict(opt.get("scalars", {})), scheduler_state=(raw.get("scheduler") or {}).get("state"),
         rng=raw.get("rng"), code=dict(raw.get("code") or {}), extra=dict(raw.get("extra") or {}), raw=raw)
 
@@ -443,9 +560,11 @@ def compact(raw: dict[str, Any]) -> dict[str, Any]:  # noqa: C901 - one branch p
         rows.append(row)
     file_index = {f["path"]: i for i, f in enumerate(raw["files"])}
 
-    def place(loc: dict[str, Any], shape: Any, dtype: Any) -> list[int]:
-        if loc["shape"] != list(shape) or loc["dtype"] != dtype or loc["file"] not in file_index:
+    def place(loc: dict[str, Any], shape: Any, dtype: Any) -> list[Any]:
+        if list(loc["shape"]) != list(shape) or loc["dtype"] != dtype:
             raise _NotCompact("a location that differs from its signature")
+        if "chunks" in loc:
+            return [[file_index[c["file"]], c["offset"], list(c["offsets"]), list(c["sizes"])] for c in loc["chunks"]]
         return [file_index[loc["file"]], loc["offset"]]
 
     if set(raw["tensors"]) != set(index) or len(index) != len(rows):
@@ -505,10 +624,20 @@ def long_form(raw: dict[str, Any]) -> dict[str, Any]:
     m = parse(json.dumps(raw).encode(), "<manifest>")
     out = dict(m.raw)
     out["signature"] = m.signature.to_dict()
-    out["tensors"] = {n: loc.to_dict() for n, loc in m.tensors.items()}
-    if out.get("optimizer", raw.get("optimizer")) is not None or m.optimizer_tensors:
-        out["optimizer"] = {"tensors": {n: loc.to_dict() for n, loc in m.optimizer_tensors.items()},
-                            "scalars": m.optimizer_scalars}
+    def located(key: str, loc: TensorLocation | None, shape: Any, dtype: Any) -> dict[str, Any]:
+        if loc is not None:
+            return loc.to_dict()
+        return {"dtype": dtype, "shape": list(shape), "chunks": [c.to_dict() for c in m.chunks[key]]}
+
+    out["tensors"] = {t.name: located(t.name, m.tensors.get(t.name), t.shape, t.dtype) for t in m.signature.tensors}
+    opt_tensors = {}
+    for st in m.signature.optimizer.state if m.signature.optimizer else ():
+        for e in st.entries:
+            key = state_key(st.param, e.key)
+            if e.shape is not None:
+                opt_tensors[key] = located(key, m.optimizer_tensors.get(key), e.shape, e.dtype)
+    if out.get("optimizer", raw.get("optimizer")) is not None or opt_tensors:
+        out["optimizer"] = {"tensors": opt_tensors, "scalars": m.optimizer_scalars}
     else:
         out["optimizer"] = None
     return out
@@ -566,6 +695,21 @@ class _Compact:
                 raise _Bad(f"its signature holds more than {self.max_entries} tensors")
         return tuple(specs)
 
+    def locate(self, key: str, value: Any, shape: tuple[int, ...], dti: int, where: Callable[[], str],
+               whole: dict[str, TensorLocation], chunks: dict[str, tuple[Chunk, ...]]) -> None:
+        """A location: [file, offset], or a list of chunks [file, offset, global offsets, sizes]."""
+        if type(value) is list and value and type(value[0]) is list:
+            items = []
+            for i, row in enumerate(value):
+                if type(row) is not list or len(row) != 4:
+                    raise _Bad(f"{where()} chunk {i} is {_kind(row)}, not a list of 4 fields (file, offset, offsets, "
+                               "sizes)")
+                entry = self.files[_index(row[0], len(self.files), _w("{} chunk {} file", where, i))]
+                items.append((entry, row[1], row[2], row[3]))
+            chunks[key] = make_chunks(key, shape, self.dtypes[dti], items)
+        else:
+            whole[key] = self.place(value, shape, dti, where)
+
     def place(self, value: Any, shape: tuple[int, ...], dti: int, where: Callable[[], str]) -> TensorLocation:
         if type(value) is not list or len(value) != 2:
             raise _Bad(f"{where()} is {_kind(value)}, not a list of 2 fields (file, offset)")
@@ -578,8 +722,8 @@ class _Compact:
             raise _Bad(f"{where()} lies outside {entry.path} ({entry.size} bytes)")
         return TensorLocation(file=entry.path, offset=offset, nbytes=nbytes, dtype=self.dtypes[dti], shape=shape)
 
-    def optimizer(self, d: Any, specs: tuple[TensorSpec, ...], stored: list[Any]  # noqa: C901 - one check per field
-                  ) -> tuple[OptimizerSpec, dict[str, TensorLocation]]:
+    def optimizer(self, d: Any, specs: tuple[TensorSpec, ...], stored: list[Any],  # noqa: C901 - one per field
+                  chunks: dict[str, tuple[Chunk, ...]]) -> tuple[OptimizerSpec, dict[str, TensorLocation]]:
         d = _obj(d, "signature 'optimizer'")
         names = [s.name for s in specs]
         cls = _str(_get(d, "cls", "signature 'optimizer'"), "optimizer 'cls'")
@@ -644,7 +788,7 @@ class _Compact:
                     raise _Bad("optimizer 'tensors' has fewer locations than the state has tensors")
                 key = state_key(param, e.key)
                 assert dti is not None
-                placed[key] = self.place(value, e.shape, dti, _w("optimizer state '{}'", key))
+                self.locate(key, value, e.shape, dti, _w("optimizer state '{}'", key), placed, chunks)
             state.append(ParamState(param=param, entries=entries_t))
         if next(it, None) is not None:
             raise _Bad("optimizer 'tensors' has more locations than the state has tensors")
@@ -672,22 +816,23 @@ def _build_compact(raw: dict[str, Any], uri: str, max_entries: int) -> Manifest:
     rows = _list(_get(raw, "tensors", "the manifest"), "'tensors'")
     if len(rows) != len(specs):
         raise _Bad(f"'tensors' has {len(rows)} locations for {len(specs)} signature tensors")
-    tensors = {}
+    tensors: dict[str, TensorLocation] = {}
+    chunks: dict[str, tuple[Chunk, ...]] = {}
+    dti = {d: i for i, d in enumerate(c.dtypes)}
     for spec, value in zip(specs, rows, strict=True):
-        tensors[spec.name] = c.place(value, spec.shape, c.dtypes.index(spec.dtype),
-                                     _w("tensor '{}'", spec.name))
-    _no_overlap(tensors, "tensor")
+        c.locate(spec.name, value, spec.shape, dti[spec.dtype], _w("tensor '{}'", spec.name), tensors, chunks)
     opt = _opt(raw.pop("optimizer", None), _obj, "'optimizer'") or {}
     stored = _list(opt.get("tensors", []), "optimizer 'tensors'")
     optimizer: OptimizerSpec | None = None
     opt_tensors: dict[str, TensorLocation] = {}
     if sig_raw.get("optimizer") is not None:
-        optimizer, opt_tensors = c.optimizer(sig_raw["optimizer"], specs, stored)
+        optimizer, opt_tensors = c.optimizer(sig_raw["optimizer"], specs, stored, chunks)
         if optimizer.positional:
             raise _Bad("its optimizer signature claims position-keyed state; a resumer checkpoint keys it by name")
-        _no_overlap(opt_tensors, "optimizer state")
     elif stored:
         raise _Bad("optimizer 'tensors' holds locations but the signature has no optimizer")
+    _no_overlap({**tensors, **opt_tensors, **{chunk_key(k, ch.offsets): ch.loc for k, cs in chunks.items()
+                                                for ch in cs}}, "tensor")
     sched = sig_raw.get("scheduler")
     sig = Signature(tensors=specs, optimizer=optimizer,
                     scheduler=None if sched is None else SchedulerSpec.from_dict(sched),
@@ -697,6 +842,6 @@ def _build_compact(raw: dict[str, Any], uri: str, max_entries: int) -> Manifest:
         raw.pop(key)
     return Manifest(
         uri=uri, step=step, time=raw.get("time") or "", signature=sig, files=tuple(files.values()), tensors=tensors,
-        optimizer_tensors=opt_tensors, optimizer_scalars=dict(opt.get("scalars", {})),
+        chunks=chunks, optimizer_tensors=opt_tensors, optimizer_scalars=dict(opt.get("scalars", {})),
         scheduler_state=(raw.get("scheduler") or {}).get("state"), rng=raw.get("rng"),
         code=dict(raw.get("code") or {}), extra=dict(raw.get("extra") or {}), raw=raw)

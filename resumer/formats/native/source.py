@@ -17,7 +17,7 @@ import torch
 from resumer.core.errors import CheckpointError, ResumerError
 from resumer.formats import rng
 from resumer.formats.jsonvalue import decode
-from resumer.formats.native.manifest import MANIFEST, Manifest, state_key
+from resumer.formats.native.manifest import MANIFEST, Manifest, chunk_key, state_key
 from resumer.formats.native.prefault import FreshTensors
 from resumer.formats.native.readpass import read_file
 from resumer.formats.native.safetensors_io import TensorLocation, tensor_bytes
@@ -76,12 +76,14 @@ class NativeSource(CheckpointSource):
 
     def _locs(self, wanted: set[str], locations: dict[str, TensorLocation], *,
               whole: set[str] | None = None) -> Layout:
-        """The ``wanted`` entries of ``locations``, per file, in file order; every file in ``whole`` is
-        listed (possibly with no entry), so a hashing pass still covers it."""
+        """The byte ranges of the ``wanted`` entries of ``locations`` (or of their chunks, for a sharded
+        checkpoint), per file, in file order; every file in ``whole`` is listed (possibly with no entry), so a
+        hashing pass still covers it."""
         by_file: dict[str, list[tuple[str, TensorLocation]]] = {f: [] for f in whole or ()}
-        for key, loc in locations.items():
-            if key in wanted:
-                by_file.setdefault(loc.file, []).append((key, loc))
+        for key in sorted(wanted):
+            pieces = [(key, locations[key])] if key in locations else self.manifest.pieces(key)
+            for piece, loc in pieces:
+                by_file.setdefault(loc.file, []).append((piece, loc))
         return [(name, sorted(locs, key=lambda kl: kl[1].offset)) for name, locs in sorted(by_file.items())]
 
     def _layout(self, params: set[str]) -> Layout:
@@ -124,7 +126,8 @@ class NativeSource(CheckpointSource):
         """Read model tensors ``names`` (saved names) into fresh memory: one pass per model file (all of
         them when checksums are on), its header checked, every byte hashed; CheckpointError (and nothing
         kept) when a file is bad. The bytes hashed are the bytes later copied into the model."""
-        model_files = {loc.file for loc in self.manifest.tensors.values()} if self._hashing() else set()
+        model_files = ({loc.file for t in self.signature.tensors for _, loc in self.manifest.pieces(t.name)}
+                       if self._hashing() else set())
         layout = self._locs(names, self.manifest.tensors, whole=model_files)
         with FreshTensors([(loc.shape, torch_dtype(loc.dtype)) for _, locs in layout for _, loc in locs]) as fresh:
             staged: dict[str, torch.Tensor] = {}
@@ -132,7 +135,7 @@ class NativeSource(CheckpointSource):
             for name, chosen in layout:
                 staged.update(self._read_fresh(name, chosen, fresh, taken))
                 taken += len(chosen)
-        self._model = staged
+        self._model = self._assemble(staged, names)
 
     def load_optimizer_state(self, params: set[str]) -> None:
         """Read each optimizer file once, in order, into fresh tensors for ``params`` (saved names), its header
@@ -144,11 +147,39 @@ class NativeSource(CheckpointSource):
         fresh = self._reserved[1]
         try:
             taken = 0
+            pieces: dict[str, torch.Tensor] = {}
             for name, chosen in self._layout(params):  # the order reserve() made the tensors in
-                self._preloaded.update(self._read_fresh(name, chosen, fresh, taken))
+                pieces.update(self._read_fresh(name, chosen, fresh, taken))
                 taken += len(chosen)
+            self._preloaded.update(self._assemble(pieces, {state_key(p, e.key) for p in params
+                                                           for e in self._state_entries(p)}))
         finally:
             self._release()
+
+    def _assemble(self, pieces: dict[str, torch.Tensor], keys: set[str]) -> dict[str, torch.Tensor]:
+        """Whole tensors from the pieces read: a sharded tensor's chunks are copied into one fresh tensor of its
+        global shape (checked at parse time to tile it exactly)."""
+        chunks = self.manifest.chunks
+        if not chunks:
+            return pieces
+        out = {k: t for k, t in pieces.items() if k in keys and k not in chunks}
+        by_name = self.signature.by_name()
+        for key in keys:
+            if key not in chunks:
+                continue
+            first = chunks[key][0].loc
+            spec = by_name.get(key)
+            if spec is not None:
+                shape = spec.shape
+            else:
+                param, _, sub = key.rpartition("/")
+                shape = next(e.shape for e in self._state_entries(param) if e.key == sub)
+            full = torch.empty(shape, dtype=torch_dtype(first.dtype))
+            for c in chunks[key]:
+                piece = pieces.pop(chunk_key(key, c.offsets))
+                full[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.sizes, strict=True))] = piece.view(c.sizes)
+            out[key] = full
+        return out
 
     def _release(self) -> None:
         if self._reserved is not None:
@@ -167,8 +198,7 @@ class NativeSource(CheckpointSource):
             t = tensors[chosen[i][0]] = fresh.get(first + i)
             return tensor_bytes(t)
 
-        want = {k: loc for k, loc in (*self.manifest.tensors.items(), *self.manifest.optimizer_tensors.items())
-                if loc.file == name}
+        want = self.manifest.in_file(name)
         got, n = read_file(self._file(name), entry.size, furi, self.uri, want=want,
                            regions=[(loc.offset, loc.nbytes) for _, loc in chosen], into=into,
                            hashing=self._hashing(), on_bytes=self.progress)
@@ -282,14 +312,18 @@ def _plain_state(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and all(_plain_state(v) for v in value)
 
 
-def check_manifest(m: Manifest) -> None:
+def check_manifest(m: Manifest) -> None:  # noqa: C901 - one check per section
     """The manifest agrees with itself: every tensor's signature shape and dtype are those of its byte range,
     every optimizer state tensor the signature names is stored as named, and this torch has every dtype."""
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{m.uri}: the manifest contradicts itself: {why}. The checkpoint is corrupt; "
                                "nothing was loaded.", uri=m.uri)
 
+    for key, chunks in m.chunks.items():  # their shapes were checked to tile the signature's when parsed
+        torch_dtype_or_refuse(m, key, chunks[0].loc.dtype)
     for spec in m.signature.tensors:
+        if spec.name in m.chunks:
+            continue
         loc = m.tensors[spec.name]
         if (loc.shape, loc.dtype) != (spec.shape, spec.dtype):
             raise bad(f"tensor {spec.name!r} is {spec.dtype}{list(spec.shape)} in the signature, but its "
@@ -298,6 +332,8 @@ def check_manifest(m: Manifest) -> None:
         for e in param.entries:
             if e.shape is None:
                 continue
+            if state_key(param.param, e.key) in m.chunks:
+                continue
             stored = m.optimizer_tensors.get(state_key(param.param, e.key))
             if stored is None:
                 raise bad(f"optimizer state '{param.param}/{e.key}' is in the signature but has no stored bytes")
@@ -305,11 +341,15 @@ def check_manifest(m: Manifest) -> None:
                 raise bad(f"optimizer state '{param.param}/{e.key}' is {e.dtype}{list(e.shape)} in the signature, "
                           f"but its {stored.nbytes} stored bytes are {stored.dtype}{list(stored.shape)}")
     for what, loc in (*m.tensors.items(), *m.optimizer_tensors.items()):
-        try:
-            torch_dtype(loc.dtype)
-        except ValueError as exc:
-            raise CheckpointError(f"{m.uri}: tensor {what!r}: {exc}. Resume with a torch that has it.",
-                                  uri=m.uri) from None
+        torch_dtype_or_refuse(m, what, loc.dtype)
+
+
+def torch_dtype_or_refuse(m: Manifest, what: str, dtype: str) -> torch.dtype:
+    try:
+        return torch_dtype(dtype)
+    except ValueError as exc:
+        raise CheckpointError(f"{m.uri}: tensor {what!r}: {exc}. Resume with a torch that has it.",
+                              uri=m.uri) from None
 
 
 class NativeReader:

@@ -82,8 +82,7 @@ def _check_file(store: Store, furi: str, size: int, entry: Any, manifest: Manife
 
 
 def _check_header(manifest: Manifest, file: str, header: dict[str, Any], furi: str) -> None:
-    want = {n: loc for n, loc in manifest.tensors.items() if loc.file == file}
-    want.update({n: loc for n, loc in manifest.optimizer_tensors.items() if loc.file == file})
+    want = manifest.in_file(file)
     for name, loc in want.items():
         got = header.get(name)
         if got is None or (got.offset, got.nbytes, got.dtype, got.shape) != (loc.offset, loc.nbytes,

@@ -1,0 +1,59 @@
+"""What both savers (resumer.runtime.save and resumer.runtime.sharded) use: the code's fingerprint, the check
+just before a commit that every data file is there, and the removal of an uncommitted save's files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+from typing import Any
+
+from torch import nn
+
+from resumer.core.errors import CheckpointError
+from resumer.core.signature import Signature
+from resumer.runtime.capture import unwrap
+from resumer.storage.fs import basename
+from resumer.storage.store import Store
+
+logger = logging.getLogger("resumer.runtime.save")
+
+
+def code_fingerprint(model: nn.Module, sig: Signature) -> dict[str, Any]:
+    """What identifies the code: the model class, a hash of its source, a hash of the structure."""
+    cls = type(unwrap(model))
+    try:
+        source = inspect.getsource(inspect.getmodule(cls) or cls)
+        source_hash = hashlib.sha256(source.encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        source_hash = None
+    structure = {"tensors": [t.to_dict() for t in sig.tensors],
+                 "optimizer": sig.optimizer.cls if sig.optimizer else None,
+                 "groups": [list(g.params) for g in sig.optimizer.groups] if sig.optimizer else None}
+    structure_hash = hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()[:16]
+    return {"model_class": f"{cls.__module__}.{cls.__qualname__}", "source_sha256": source_hash,
+            "structure_sha256": structure_hash, "fingerprint": f"{structure_hash}-{source_hash}"}
+
+
+
+def discard(ckpt: Store, names: list[str]) -> None:
+    """Remove the data files of a save that did not commit; failures are logged (they are uncommitted anyway)."""
+    for name in names:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                ckpt.fs.rm_file(ckpt.path_of(name))  # one try, no retries: the save's own error is on its way
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the error being raised
+            logger.warning("[save] could not remove the uncommitted %s: %s", ckpt.uri_of(name), exc)
+
+
+
+def check_written(ckpt: Store, files: list[dict[str, Any]]) -> None:
+    """One listing before the commit: every data file is there with its size (a store can lose an object)."""
+    sizes = {basename(str(e["name"])): e.get("size") for e in ckpt.ls(detail=True)}
+    for f in files:
+        if sizes.get(f["path"]) != f["size"]:
+            raise CheckpointError(f"{ckpt.uri_of(f['path'])} is missing or has the wrong size just before commit "
+                                  f"({sizes.get(f['path'])} bytes, wrote {f['size']}): the store lost it. Nothing "
+                                  "was committed; save again.", uri=ckpt.uri)

@@ -1,0 +1,113 @@
+"""Rank processes for the sharded (FSDP2, gloo, CPU) tests: each scenario runs on every rank of a real process group
+(torch.multiprocessing.spawn) and writes what it saw to ``out/rank<r>.json`` (rank 0 also ``out/state.pt``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+
+def build(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    model.register_buffer("scale", torch.arange(3.0) + seed)
+    return model
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    loss = (model(torch.randn(4, 5, generator=g)) * model.scale).pow(2).sum()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(loss.item())
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole state as DTensor.full_tensor() gathers it (a collective): model, and optimizer state by name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def full(v: Any) -> Any:
+        return (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+
+    osd = get_optimizer_state_dict(model, opt)
+    return {"model": {k: full(v) for k, v in model.state_dict().items()},
+            "optimizer": {p: {k: full(v) for k, v in st.items()} for p, st in osd["state"].items()}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(world: int, root: str, scenario: str, out: str) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world`` ranks; returns each rank's report."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(world, free_port(), root, scenario, out), nprocs=world, join=True)
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _worker(rank: int, world: int, port: int, root: str, scenario: str, out: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        report = _scenario(rank, scenario, root, out)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = build(seed)
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.05)
+
+
+def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]:  # noqa: C901 - one per scenario
+    import resumer
+    from resumer.runtime import sharded
+
+    report: dict[str, Any] = {"rank": rank}
+    if scenario.startswith("save"):
+        model, opt = _sharded(0)
+        train_step(model, opt, 1)
+        if scenario == "save-write-fails" and rank == 1:
+            def broken(*args: Any, **kwargs: Any) -> Any:
+                raise OSError(5, "Input/output error (injected)")
+
+            sharded.write_file = broken  # type: ignore[assignment]
+        if scenario == "save-drops-a-shard" and rank == 1:
+            real = sharded.local_pieces
+            sharded.local_pieces = lambda key, t: [] if key == "0.weight" else real(key, t)  # type: ignore
+        try:
+            report["uri"] = resumer.save_checkpoint(root, int(os.environ.get("SAVE_STEP", "1")), model, opt)
+        except resumer.CheckpointError as exc:
+            report["error"], report["error_type"] = str(exc), type(exc).__name__
+        state = full_state(model, opt)
+        report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
+    else:
+        model, opt = _sharded(7)  # other values than the saved ones
+        before = full_state(model, opt)
+        try:
+            report["step"] = resumer.resume(root, model, opt).step
+        except resumer.CheckpointError as exc:
+            report["error"], report["error_type"] = str(exc), type(exc).__name__
+        state = full_state(model, opt)
+        report["unchanged"] = all(torch.equal(before["model"][k], v) for k, v in state["model"].items())
+        report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
+    if rank == 0:
+        torch.save(state, os.path.join(out, "state.pt"))
+    return report
