@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -58,7 +59,8 @@ def run(world: int, root: str, scenario: str, out: str) -> list[dict[str, Any]]:
 
 def _worker(rank: int, world: int, port: int, root: str, scenario: str, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A collective one rank never joins fails within a minute instead of hanging the test run.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         report = _scenario(rank, scenario, root, out)
         Path(out, f"rank{rank}.json").write_text(json.dumps(report))
@@ -101,6 +103,13 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
     else:
         model, opt = _sharded(7)  # other values than the saved ones
         before = full_state(model, opt)
+        if scenario == "resume-one-rank-fails" and rank == 1:
+            from resumer.formats.native.source import NativeSource
+
+            def broken(self: Any, names: Any) -> None:
+                raise resumer.CheckpointError("rank 1 could not read its bytes (injected)", uri=self.uri)
+
+            NativeSource.load_model = broken  # type: ignore[method-assign]
         try:
             report["step"] = resumer.resume(root, model, opt).step
         except resumer.CheckpointError as exc:

@@ -1,0 +1,75 @@
+"""Resuming FSDP2 state saved by 2 ranks (real processes, gloo on CPU): on 2 ranks bitwise with identical losses, on 3
+ranks with the full state exactly the saved one; all ranks agree before any touches its model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sharded_workers import run
+
+pytestmark = pytest.mark.slow
+
+
+def _save(tmp_path: Path, step: int = 1) -> tuple[str, list[dict], dict]:
+    root = str(tmp_path / "ckpts")
+    out = tmp_path / f"save{step}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAVE_STEP", str(step))
+        reports = run(2, root, "save", str(out))
+    assert all("error" not in r for r in reports), reports
+    return root, reports, torch.load(out / "state.pt")
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert a["optimizer"].keys() == b["optimizer"].keys()
+    for param, state in a["optimizer"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"][param][key]), (param, key)
+
+
+def test_two_ranks_resume_two_ranks_bitwise_with_identical_losses(tmp_path):
+    root, saved_reports, saved = _save(tmp_path)
+    reports = run(2, saved_reports[0]["uri"], "resume", str(tmp_path / "resume"))
+    assert [r.get("step") for r in reports] == [1, 1]
+    _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
+    assert reports[0]["losses"] == saved_reports[0]["losses"]  # the next steps are those of the uninterrupted run
+
+
+def test_three_ranks_resume_the_full_saved_state_exactly(tmp_path):
+    root, saved_reports, saved = _save(tmp_path)
+    reports = run(3, saved_reports[0]["uri"], "resume", str(tmp_path / "resume"))
+    assert [r.get("step") for r in reports] == [1, 1, 1]
+    _same(saved, torch.load(tmp_path / "resume" / "state.pt"))  # as DTensor.full_tensor() gathers it
+
+
+def test_one_rank_refusing_makes_every_rank_refuse_with_nothing_changed(tmp_path):
+    root, saved_reports, _ = _save(tmp_path)
+    reports = run(2, saved_reports[0]["uri"], "resume-one-rank-fails", str(tmp_path / "resume"))
+    errors = {r.get("error") for r in reports}
+    assert len(errors) == 1 and None not in errors, errors  # the same CheckpointError on every rank
+    (error,) = errors
+    assert "could not read its bytes (injected)" in error and "found by rank 1 of 2" in error
+    assert all(r["unchanged"] for r in reports)  # rank 0 read and checked everything, and still changed nothing
+
+
+def test_a_damaged_rank_file_is_refused_by_every_rank_and_the_root_falls_back_together(tmp_path):
+    _save(tmp_path, 1)
+    root, saved_reports, _ = _save(tmp_path, 2)
+    newest = Path(saved_reports[0]["uri"])
+    (rank1,) = newest.glob("model.*.rank1.safetensors")
+    data = bytearray(rank1.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit pattern in rank 1's last tensor bytes
+    rank1.write_bytes(bytes(data))
+
+    reports = run(2, str(newest), "resume", str(tmp_path / "direct"))
+    errors = {r.get("error") for r in reports}
+    assert len(errors) == 1 and None not in errors and "fails its checksum" in next(iter(errors)), errors
+    assert all(r["unchanged"] for r in reports)
+
+    reports = run(2, root, "resume", str(tmp_path / "from-root"))
+    assert [r.get("step") for r in reports] == [1, 1]  # every rank passed over step 2 and took step 1
