@@ -115,6 +115,22 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, names: lis
     return model_pieces, opt_pieces, scalars
 
 
+def _loss(extra: Any) -> Any:
+    """The recorded loss, as the unsharded save notes it for the health gate."""
+    loss = extra.get("loss") if isinstance(extra, dict) else None
+    return loss if isinstance(loss, (int, float, dict)) else None
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element of a floating tensor is finite (others always are); float8 is widened first."""
+    if not t.is_floating_point():
+        return True
+    try:
+        return bool(torch.isfinite(t.to(torch.float32) if t.element_size() == 1 else t).all())
+    except NotImplementedError:
+        return True
+
+
 def _owned(pieces: list[Piece], held: list[list[tuple[str, tuple[int, ...]]]], rank: int) -> list[Piece]:
     """The pieces this rank writes: those no lower rank holds too (replicated tensors are stored once)."""
     first: dict[tuple[str, tuple[int, ...]], int] = {}
@@ -181,7 +197,7 @@ def save(root: str | Store, step: int, model: nn.Module,  # noqa: C901 - same co
     token = [uuid.uuid4().hex[:12] if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     written: list[str] = []
-    outcome: dict[str, Any] = {"rank": rank, "error": None, "files": [], "placed": []}
+    outcome: dict[str, Any] = {"rank": rank, "error": None, "files": [], "placed": [], "nonfinite": []}
     meta: dict[str, Any] = {}
     model_pieces: list[Piece] = []
     opt_pieces: list[Piece] = []
@@ -196,6 +212,7 @@ def save(root: str | Store, step: int, model: nn.Module,  # noqa: C901 - same co
         rng_state = rng.capture()
         names = [t.name for t in sig.tensors]
         model_pieces, opt_pieces, scalars = _state(model, optimizer, names)
+        outcome["nonfinite"] = sorted({p[0] for p in model_pieces if not _finite(p[2])})
         if rank == 0:
             if ckpt.exists(MANIFEST):
                 raise AlreadyCommitted(f"{ckpt.uri} is already committed. Each step is saved once; pick a new step "
@@ -274,7 +291,8 @@ def _commit(ckpt: Store, step: int, gathered: list[dict[str, Any]], meta: dict[s
                       "scalars": meta["scalars"]} if has_optimizer else None,
         "scheduler": meta["scheduler"], "rng": meta["rng"],
         "world": {"world_size": world, "rank": 0, "sharded": True}, "code": meta["code"],
-        "health": {"nonfinite": [], "loss": (meta["extra"] or {}).get("loss")}, "extra": meta["extra"],
+        "health": {"nonfinite": sorted({n for g in gathered for n in g["nonfinite"]}),
+                   "loss": _loss(meta["extra"])}, "extra": meta["extra"],
     }
     try:
         data = dumps(raw)
