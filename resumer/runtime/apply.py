@@ -93,6 +93,10 @@ def _stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimize
         assert optimizer is not None
         preflight.check_groups(plan, source, optimizer)
     preflight.check_scheduler(plan, source, scheduler)
+    restrict = getattr(source, "restrict", None)
+    if model is not None and restrict is not None and sharded.is_sharded(model, optimizer):
+        saved = source.signature.optimizer.state_by_param() if carry and source.signature.optimizer else {}
+        restrict(sharded.local_regions(plan, model, saved))
     source.load(copies, carried)
     return Staged(plan=plan, source=source, carry=carry, started=started)
 
@@ -127,9 +131,9 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
 
 def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     names: dict[int, str]) -> None:
-    """Sharded live state (FSDP2 / DTensor): the full saved tensors go in through torch's own
-    ``set_model_state_dict`` / ``set_optimizer_state_dict`` (full state dicts keyed by name), which keep each rank's
-    own shard of them."""
+    """Sharded live state (FSDP2 / DTensor): each rank's own shard of the saved tensors (cut from what it read:
+    its region of each, see ``sharded.local_regions``) goes in through torch's own ``set_model_state_dict`` /
+    ``set_optimizer_state_dict``, as DTensors laid out like the live ones, keyed by name."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -137,16 +141,19 @@ def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Opt
     )
 
     plan, source = staged.plan, staged.source
-    full: dict[str, Any] = {e.name: source.tensor(e.source or e.name) for e in plan.section(Section.MODEL) if e.copies}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    live = {lt.name: lt.tensor for lt in live_tensors(model)}
+    sd: dict[str, Any] = {e.name: sharded.like(source.tensor(e.source or e.name), live[e.name])
+                          for e in plan.section(Section.MODEL) if e.copies}
+    set_model_state_dict(model, sd, options=StateDictOptions(strict=False))
     if staged.carry:
         assert optimizer is not None
         osd, position = _optimizer_state(plan, source, optimizer, names)
         name_of = {i: n for n, i in position.items()}
         by_name: dict[str, Any] = {
-            "state": {name_of[i]: st for i, st in osd["state"].items()},
+            "state": {name_of[i]: {k: sharded.like(v, live[name_of[i]]) for k, v in st.items()}
+                      for i, st in osd["state"].items()},
             "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in osd["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions())
 
 
 def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,

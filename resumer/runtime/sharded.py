@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from resumer.core.errors import AlreadyCommitted, CheckpointError, CheckpointMismatch, ResumerError, UsageError
+from resumer.core.plan import Action, Plan, Section
+from resumer.core.signature import ParamState
 from resumer.core.version import __version__
 from resumer.formats import rng
 from resumer.formats.jsonvalue import encode
@@ -148,13 +150,16 @@ def _write_pieces(ckpt: Store, name: str, pieces: list[Piece], written: list[str
     items = [(p[0] if p[3] else chunk_key(p[0], p[1]), p[2]) for p in pieces]
     written.append(name)
 
+    sums: dict[str, str] = {}
+
     def put() -> tuple[int, str, dict[str, Any]]:
+        sums.clear()
         with ckpt.create(name) as f:
-            return write_file(f, name, items)
+            return write_file(f, name, items, pieces=sums)
 
     size, checksum, index = retry.call(put, what="writing", uri=ckpt.uri_of(name))
     placed = [{"key": p[0], "whole": p[3], "file": name, "offset": index[k].offset, "offsets": list(p[1]),
-               "sizes": list(p[2].shape)} for p, (k, _) in zip(pieces, items, strict=True)]
+               "sizes": list(p[2].shape), "checksum": sums[k]} for p, (k, _) in zip(pieces, items, strict=True)]
     return {"path": name, "size": size, "checksum": checksum}, placed
 
 
@@ -169,10 +174,11 @@ def _locations(placed: list[dict[str, Any]], shapes: dict[str, tuple[tuple[int, 
         if len(pieces) == 1 and pieces[0]["whole"]:
             p = pieces[0]
             out[key] = {"file": p["file"], "offset": p["offset"], "nbytes": math.prod(p["sizes"]) * _size(dtype),
-                        "dtype": dtype, "shape": list(shape)}
+                        "dtype": dtype, "shape": list(shape), "checksum": p["checksum"]}
         else:
             out[key] = {"dtype": dtype, "shape": list(shape), "chunks": [
-                {"file": p["file"], "offset": p["offset"], "offsets": p["offsets"], "sizes": p["sizes"]}
+                {"file": p["file"], "offset": p["offset"], "offsets": p["offsets"], "sizes": p["sizes"],
+                 "checksum": p["checksum"]}
                 for p in sorted(pieces, key=lambda p: p["offsets"])]}
     return out
 
@@ -310,6 +316,53 @@ def _commit(ckpt: Store, step: int, gathered: list[dict[str, Any]], meta: dict[s
     except OSError as exc:
         return "lost", f"Committing {ckpt.uri} failed ({exc}); the checkpoint may or may not be committed."
     return "ok", ckpt.uri
+
+
+def _region(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The global offsets and sizes of this rank's shard of DTensor ``t`` (None: it needs all of it)."""
+    if not is_dtensor(t):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(int(o) for o in offsets), tuple(int(n) for n in shape)
+
+
+def local_regions(plan: Plan, model: nn.Module, saved_state: dict[str, ParamState]
+                  ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Of each saved tensor (and carried optimizer state of a parameter's shape) the plan copies into a DTensor,
+    the region this rank keeps: saved name or state key -> global offsets and sizes. ``saved_state``: the
+    checkpoint's optimizer state specs by saved parameter name (empty when no state is carried)."""
+    live = {lt.name: lt.tensor for lt in live_tensors(model)}
+    regions = {}
+    for e in plan.section(Section.MODEL):
+        region = _region(live.get(e.name)) if e.copies else None
+        if region is not None:
+            regions[e.source or e.name] = region
+    for e in plan.section(Section.OPTIMIZER_STATE):
+        t = live.get(e.name)
+        region = _region(t)
+        if e.action is not Action.CARRY or e.source is None or region is None or t is None:
+            continue
+        spec = saved_state.get(e.source)
+        for entry in spec.entries if spec else ():
+            if entry.shape is not None and tuple(entry.shape) == tuple(t.shape):
+                regions[state_key(plan.state_key(e.source), entry.key)] = region
+    return regions
+
+
+def like(value: Any, live: Any) -> Any:
+    """``value`` (a whole saved tensor) as this rank's shard laid out like DTensor ``live``, when it has the live
+    tensor's global shape; anything else as it is."""
+    if not is_dtensor(live) or not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(live.shape):
+        return value
+    from torch.distributed.tensor import DTensor
+
+    region = _region(live)
+    assert region is not None
+    local = value[tuple(slice(o, o + n) for o, n in zip(*region, strict=True))]
+    return DTensor.from_local(local.to(live.dtype).contiguous(), live.device_mesh, live.placements, run_check=False,
+                              shape=live.shape, stride=live.stride())
 
 
 def collective() -> bool:

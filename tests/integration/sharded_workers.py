@@ -17,9 +17,11 @@ from torch import nn
 
 
 def build(seed: int = 0) -> nn.Module:
+    """A small MLP; ``SHARD_WIDTH`` in the environment widens its hidden layer (default 7)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-    model.register_buffer("scale", torch.arange(3.0) + seed)
+    width = int(os.environ.get("SHARD_WIDTH", "7"))
+    model = nn.Sequential(nn.Linear(5, width), nn.ReLU(), nn.Linear(width, 4))
+    model.register_buffer("scale", torch.arange(4.0) + seed)
     return model
 
 
@@ -111,7 +113,8 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
 
             NativeSource.load_model = broken  # type: ignore[method-assign]
         try:
-            report["step"] = resumer.resume(root, model, opt).step
+            result = resumer.resume(root, model, opt)
+            report["step"], report["bytes_read"] = result.step, result.bytes_read
         except resumer.CheckpointError as exc:
             report["error"], report["error_type"] = str(exc), type(exc).__name__
         state = full_state(model, opt)

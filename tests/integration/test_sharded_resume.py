@@ -9,6 +9,8 @@ import pytest
 import torch
 from sharded_workers import run
 
+import resumer
+
 pytestmark = pytest.mark.slow
 
 
@@ -38,6 +40,17 @@ def test_two_ranks_resume_two_ranks_bitwise_with_identical_losses(tmp_path):
     assert [r.get("step") for r in reports] == [1, 1]
     _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
     assert reports[0]["losses"] == saved_reports[0]["losses"]  # the next steps are those of the uninterrupted run
+
+
+def test_each_of_two_ranks_reads_about_half_of_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARD_WIDTH", "4096")  # data bytes dominate the headers
+    root, saved_reports, saved = _save(tmp_path)
+    uri = saved_reports[0]["uri"]
+    m = resumer.read_manifest(uri)
+    reports = run(2, uri, "resume", str(tmp_path / "resume"))
+    _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
+    for r in reports:  # only the chunks overlapping its own shards, each checked against its own checksum
+        assert r["bytes_read"] <= 0.55 * m.total_bytes, (r["bytes_read"], m.total_bytes)
 
 
 def test_three_ranks_resume_the_full_saved_state_exactly(tmp_path):

@@ -57,6 +57,13 @@ MIN_PARSE_BUDGET = 64 * 1024 * 1024
 MAX_COUNT = 2**62  # sizes, offsets, steps and element counts above this are absurd, whatever the type says
 MAX_DIMS = 64
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_PIECE_SUM = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _piece_sum(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _PIECE_SUM.match(value):
+        raise _Bad(f"{where} checksum is {str(value)[:40]!r}, not 16 hex digits")
+    return value
 
 
 def data_file_name(kind: str, token: str) -> str:
@@ -126,6 +133,9 @@ class Manifest:
     # Tensors (by name) and optimizer state (by state key) stored in pieces, one or more per rank that held a
     # shard; they are absent from ``tensors`` / ``optimizer_tensors``. Their pieces tile them exactly.
     chunks: dict[str, tuple[Chunk, ...]] = field(default_factory=dict)
+    # A sharded checkpoint's checksum of each piece (whole tensor or chunk) by its safetensors key: a rank that
+    # reads only the pieces it needs checks each of them, not whole files.
+    piece_checksums: dict[str, str] = field(default_factory=dict)
 
     @property
     def sharded(self) -> bool:
@@ -291,9 +301,10 @@ def _files(raw: Any) -> dict[str, FileEntry]:
     return files
 
 
-def _locations(raw: Any, files: dict[str, FileEntry], what: str, chunks: dict[str, tuple[Chunk, ...]] | None = None
-               ) -> dict[str, TensorLocation]:
+def _locations(raw: Any, files: dict[str, FileEntry], what: str, chunks: dict[str, tuple[Chunk, ...]] | None = None,
+               sums: dict[str, str] | None = None) -> dict[str, TensorLocation]:
     out = {}
+    sums = {} if sums is None else sums
     for name, d in _obj(raw, f"{what} locations").items():
         where = f"{what} '{name}'"
         d = _obj(d, where)
@@ -308,8 +319,13 @@ def _locations(raw: Any, files: dict[str, FileEntry], what: str, chunks: dict[st
                     raise _Bad(f"{where} chunk {i} lies in {file[:300]!r}, which the manifest does not list")
                 items.append((files[file], _get(c, "offset", where), _get(c, "offsets", where),
                               _get(c, "sizes", where)))
-            chunks[name] = make_chunks(name, shape, dtype, items, what)
+            chunks[name] = made = make_chunks(name, shape, dtype, items, what)
+            for c, ch in zip(d["chunks"], made, strict=True):
+                if "checksum" in c:
+                    sums[chunk_key(name, ch.offsets)] = _piece_sum(c["checksum"], f"{where} chunk")
             continue
+        if "checksum" in d:
+            sums[name] = _piece_sum(d["checksum"], where)
         file = _str(_get(d, "file", where), f"{where} 'file'")
         entry = files.get(file)
         if entry is None:
@@ -491,16 +507,17 @@ def _build(raw: dict[str, Any], uri: str) -> Manifest:
         raise _Bad("its optimizer signature claims position-keyed state; a resumer checkpoint keys it by name")
     step = _int(_get(raw, "step", "the manifest"), "'step'")
     chunks: dict[str, tuple[Chunk, ...]] = {}
-    tensors = _locations(_get(raw, "tensors", "the manifest"), files, "tensor", chunks)
+    sums: dict[str, str] = {}
+    tensors = _locations(_get(raw, "tensors", "the manifest"), files, "tensor", chunks, sums)
     del raw["tensors"]
     _check_agrees(sig, tensors, chunks)
     opt = raw.pop("optimizer", None) or {}
-    opt_tensors = _locations(opt.get("tensors", {}), files, "optimizer state", chunks)
+    opt_tensors = _locations(opt.get("tensors", {}), files, "optimizer state", chunks, sums)
     _no_overlap({**tensors, **opt_tensors, **{chunk_key(k, c.offsets): c.loc for k, cs in chunks.items() for c in cs}},
                 "tensor")
     return Manifest(
         uri=uri, step=step, time=raw.get("time") or "", signature=sig, files=tuple(files.values()), tensors=tensors,
-        chunks=chunks, optimizer_tensors=opt_tensors,
+        chunks=chunks, piece_checksums=sums, optimizer_tensors=opt_tensors,
         optimizer_scalars=dict(opt.get("scalars", {})), scheduler_state=(raw.get("scheduler") or {}).get("state"),
         rng=raw.get("rng"), code=dict(raw.get("code") or {}), extra=dict(raw.get("extra") or {}), raw=raw)
 
@@ -564,8 +581,9 @@ def compact(raw: dict[str, Any]) -> dict[str, Any]:  # noqa: C901 - one branch p
         if list(loc["shape"]) != list(shape) or loc["dtype"] != dtype:
             raise _NotCompact("a location that differs from its signature")
         if "chunks" in loc:
-            return [[file_index[c["file"]], c["offset"], list(c["offsets"]), list(c["sizes"])] for c in loc["chunks"]]
-        return [file_index[loc["file"]], loc["offset"]]
+            return [[file_index[c["file"]], c["offset"], list(c["offsets"]), list(c["sizes"])]
+                    + ([c["checksum"]] if "checksum" in c else []) for c in loc["chunks"]]
+        return [file_index[loc["file"]], loc["offset"]] + ([loc["checksum"]] if "checksum" in loc else [])
 
     if set(raw["tensors"]) != set(index) or len(index) != len(rows):
         raise _NotCompact("tensors that are not the signature's")
@@ -625,9 +643,12 @@ def long_form(raw: dict[str, Any]) -> dict[str, Any]:
     out = dict(m.raw)
     out["signature"] = m.signature.to_dict()
     def located(key: str, loc: TensorLocation | None, shape: Any, dtype: Any) -> dict[str, Any]:
+        sums = m.piece_checksums
         if loc is not None:
-            return loc.to_dict()
-        return {"dtype": dtype, "shape": list(shape), "chunks": [c.to_dict() for c in m.chunks[key]]}
+            return {**loc.to_dict(), **({"checksum": sums[key]} if key in sums else {})}
+        return {"dtype": dtype, "shape": list(shape), "chunks": [
+            {**c.to_dict(), **({"checksum": sums[k]} if (k := chunk_key(key, c.offsets)) in sums else {})}
+            for c in m.chunks[key]]}
 
     out["tensors"] = {t.name: located(t.name, m.tensors.get(t.name), t.shape, t.dtype) for t in m.signature.tensors}
     opt_tensors = {}
@@ -670,6 +691,7 @@ class _Compact:
 
     def __init__(self, raw: dict[str, Any], files: dict[str, FileEntry], max_entries: int) -> None:
         self.raw, self.max_entries = raw, max_entries
+        self.sums: dict[str, str] = {}
         self.dtypes = [_dtype(d, f"dtypes[{i}]") for i, d in enumerate(_list(_get(raw, "dtypes", "the manifest"),
                                                                             "'dtypes'"))]
         self.files = list(files.values())
@@ -701,13 +723,19 @@ class _Compact:
         if type(value) is list and value and type(value[0]) is list:
             items = []
             for i, row in enumerate(value):
-                if type(row) is not list or len(row) != 4:
-                    raise _Bad(f"{where()} chunk {i} is {_kind(row)}, not a list of 4 fields (file, offset, offsets, "
-                               "sizes)")
+                if type(row) is not list or len(row) not in (4, 5):
+                    raise _Bad(f"{where()} chunk {i} is {_kind(row)}, not a list of 4 or 5 fields (file, offset, "
+                               "offsets, sizes, checksum)")
                 entry = self.files[_index(row[0], len(self.files), _w("{} chunk {} file", where, i))]
                 items.append((entry, row[1], row[2], row[3]))
-            chunks[key] = make_chunks(key, shape, self.dtypes[dti], items)
+            chunks[key] = made = make_chunks(key, shape, self.dtypes[dti], items)
+            for row, c in zip(value, made, strict=True):
+                if len(row) == 5:
+                    self.sums[chunk_key(key, c.offsets)] = _piece_sum(row[4], f"{where()} chunk")
         else:
+            if type(value) is list and len(value) == 3:
+                self.sums[key] = _piece_sum(value[2], where())
+                value = value[:2]
             whole[key] = self.place(value, shape, dti, where)
 
     def place(self, value: Any, shape: tuple[int, ...], dti: int, where: Callable[[], str]) -> TensorLocation:
@@ -842,6 +870,7 @@ def _build_compact(raw: dict[str, Any], uri: str, max_entries: int) -> Manifest:
         raw.pop(key)
     return Manifest(
         uri=uri, step=step, time=raw.get("time") or "", signature=sig, files=tuple(files.values()), tensors=tensors,
-        chunks=chunks, optimizer_tensors=opt_tensors, optimizer_scalars=dict(opt.get("scalars", {})),
+        chunks=chunks, piece_checksums=c.sums, optimizer_tensors=opt_tensors,
+        optimizer_scalars=dict(opt.get("scalars", {})),
         scheduler_state=(raw.get("scheduler") or {}).get("state"), rng=raw.get("rng"),
         code=dict(raw.get("code") or {}), extra=dict(raw.get("extra") or {}), raw=raw)

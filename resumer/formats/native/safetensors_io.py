@@ -57,9 +57,16 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def write_file(f: BinaryIO, file_name: str, items: Sequence[tuple[str, torch.Tensor]]
-               ) -> tuple[int, str, dict[str, TensorLocation]]:
-    """Write ``items`` as one safetensors file; returns (size, checksum, name -> location)."""
+def piece_checksum(data: Any) -> str:
+    """The checksum of one tensor's bytes (a sharded checkpoint's pieces are checked one by one: a rank reads
+    only the pieces it needs)."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def write_file(f: BinaryIO, file_name: str, items: Sequence[tuple[str, torch.Tensor]], *,
+               pieces: dict[str, str] | None = None) -> tuple[int, str, dict[str, TensorLocation]]:
+    """Write ``items`` as one safetensors file; returns (size, checksum, name -> location). With ``pieces``,
+    each item's own checksum (``piece_checksum``) is put there too, by name."""
     header: dict[str, Any] = {}
     pos = 0
     for name, t in items:
@@ -80,6 +87,8 @@ def write_file(f: BinaryIO, file_name: str, items: Sequence[tuple[str, torch.Ten
         host = host.cpu() if host.device.type != "cpu" else host
         host = host.contiguous()
         view = tensor_bytes(host)
+        if pieces is not None:
+            pieces[name] = piece_checksum(view)
         for i in range(0, len(view), CHUNK):
             piece = view[i:i + CHUNK]
             h.update(piece)

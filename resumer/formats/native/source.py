@@ -20,7 +20,7 @@ from resumer.formats.jsonvalue import decode
 from resumer.formats.native.manifest import MANIFEST, Manifest, chunk_key, state_key
 from resumer.formats.native.prefault import FreshTensors
 from resumer.formats.native.readpass import read_file
-from resumer.formats.native.safetensors_io import TensorLocation, tensor_bytes
+from resumer.formats.native.safetensors_io import TensorLocation, piece_checksum, tensor_bytes
 from resumer.formats.native.verify import read_manifest, verify
 from resumer.formats.source import CheckpointSource, Probe, ReadOptions
 from resumer.formats.torch_dtypes import torch_dtype
@@ -66,7 +66,27 @@ class NativeSource(CheckpointSource):
         self._model: dict[str, torch.Tensor] = {}
         self._handed: dict[str, torch.Tensor] = {}  # optimizer state state() gave out, see there
         self._verified = verified  # selection already checked it this way: do not hash it all twice
+        self._regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None  # see restrict()
         self._reserved: tuple[frozenset[str], FreshTensors] | None = None  # see reserve()
+
+    def restrict(self, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+        """A sharded resume: of each chunked tensor in ``regions`` (saved name or state key -> global offsets and
+        sizes of what this rank keeps), read only the chunks that overlap it, each checked against its own
+        checksum instead of whole files being read and checked. The rest of such a tensor is left zero: only the
+        region is to be used. Returns whether it applies (a sharded checkpoint with every piece's checksum)."""
+        m = self.manifest
+        keys = [k for cs in (m.in_file(f.path) for f in m.files) for k in cs]
+        if not m.sharded or (self.checksums and any(k not in m.piece_checksums for k in keys)):
+            return False
+        self._regions = regions
+        return True
+
+    def _overlaps(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
+        region = self._regions.get(key) if self._regions is not None else None
+        if region is None:
+            return True
+        r_off, r_size = region
+        return all(o < ro + rs and ro < o + s for o, s, ro, rs in zip(offsets, sizes, r_off, r_size, strict=True))
 
     def verify(self) -> bool:
         """Sizes of every file; headers and checksums (unless turned off) of every file, read whole."""
@@ -81,7 +101,11 @@ class NativeSource(CheckpointSource):
         hashing pass still covers it."""
         by_file: dict[str, list[tuple[str, TensorLocation]]] = {f: [] for f in whole or ()}
         for key in sorted(wanted):
-            pieces = [(key, locations[key])] if key in locations else self.manifest.pieces(key)
+            if key in locations:
+                pieces = [(key, locations[key])]
+            else:
+                pieces = [(chunk_key(key, c.offsets), c.loc) for c in self.manifest.chunks.get(key, ())
+                          if self._overlaps(key, c.offsets, c.sizes)]
             for piece, loc in pieces:
                 by_file.setdefault(loc.file, []).append((piece, loc))
         return [(name, sorted(locs, key=lambda kl: kl[1].offset)) for name, locs in sorted(by_file.items())]
@@ -92,7 +116,9 @@ class NativeSource(CheckpointSource):
         return self._locs(wanted, self.manifest.optimizer_tensors)
 
     def _hashing(self) -> bool:
-        return self.checksums and not self._verified
+        """Whether each file read is read whole and checked against its checksum (else, with ``restrict``, each
+        piece read is checked against its own)."""
+        return self.checksums and not self._verified and self._regions is None
 
     def load(self, tensors: set[str], optimizer_params: set[str]) -> None:
         """Read the model ``tensors`` and the optimizer state of ``optimizer_params`` into fresh memory, side by
@@ -174,9 +200,11 @@ class NativeSource(CheckpointSource):
             else:
                 param, _, sub = key.rpartition("/")
                 shape = next(e.shape for e in self._state_entries(param) if e.key == sub)
-            full = torch.empty(shape, dtype=torch_dtype(first.dtype))
+            full = torch.zeros(shape, dtype=torch_dtype(first.dtype))
             for c in chunks[key]:
-                piece = pieces.pop(chunk_key(key, c.offsets))
+                piece = pieces.pop(chunk_key(key, c.offsets), None)
+                if piece is None:  # outside this rank's region (restrict): not read
+                    continue
                 full[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.sizes, strict=True))] = piece.view(c.sizes)
             out[key] = full
         return out
@@ -203,6 +231,11 @@ class NativeSource(CheckpointSource):
                            regions=[(loc.offset, loc.nbytes) for _, loc in chosen], into=into,
                            hashing=self._hashing(), on_bytes=self.progress)
         self.bytes_read += n
+        if self._regions is not None and self.checksums and not self._verified:
+            for key, _ in chosen:
+                if piece_checksum(tensor_bytes(tensors[key])) != self.manifest.piece_checksums[key]:
+                    raise CheckpointError(f"{furi}: {key!r} fails its checksum: its bytes changed after the "
+                                          "checkpoint was written. Nothing was loaded.", uri=self.uri)
         if got is not None and got != entry.checksum:
             raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed "
                                   "after the checkpoint was written. Nothing was loaded.", uri=self.uri)
