@@ -219,6 +219,7 @@ def save(root: str | Store, step: int, model: nn.Module,  # noqa: C901 - same co
         names = [t.name for t in sig.tensors]
         model_pieces, opt_pieces, scalars = _state(model, optimizer, names)
         outcome["nonfinite"] = sorted({p[0] for p in model_pieces if not _finite(p[2])})
+        outcome["rng"] = rng_state
         if rank == 0:
             if ckpt.exists(MANIFEST):
                 raise AlreadyCommitted(f"{ckpt.uri} is already committed. Each step is saved once; pick a new step "
@@ -296,7 +297,9 @@ def _commit(ckpt: Store, step: int, gathered: list[dict[str, Any]], meta: dict[s
         "optimizer": {"tensors": _locations([p for p in placed if p["key"] not in model_names], shapes),
                       "scalars": meta["scalars"]} if has_optimizer else None,
         "scheduler": meta["scheduler"], "rng": meta["rng"],
-        "world": {"world_size": world, "rank": 0, "sharded": True}, "code": meta["code"],
+        "world": {"world_size": world, "rank": 0, "sharded": True,
+                  "rng_per_rank": [g.get("rng") or {} for g in gathered]},  # restored per rank at the same world size
+        "code": meta["code"],
         "health": {"nonfinite": sorted({n for g in gathered for n in g["nonfinite"]}),
                    "loss": _loss(meta["extra"])}, "extra": meta["extra"],
     }

@@ -96,10 +96,12 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
         if scenario == "save-drops-a-shard" and rank == 1:
             real = sharded.local_pieces
             sharded.local_pieces = lambda key, t: [] if key == "0.weight" else real(key, t)  # type: ignore
+        torch.manual_seed(100 + rank)  # each rank's own RNG stream
         try:
             report["uri"] = resumer.save_checkpoint(root, int(os.environ.get("SAVE_STEP", "1")), model, opt)
         except resumer.CheckpointError as exc:
             report["error"], report["error_type"] = str(exc), type(exc).__name__
+        report["draws"] = torch.rand(3).tolist()
         state = full_state(model, opt)
         report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
     else:
@@ -117,6 +119,7 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
             report["step"], report["bytes_read"] = result.step, result.bytes_read
         except resumer.CheckpointError as exc:
             report["error"], report["error_type"] = str(exc), type(exc).__name__
+        report["draws"] = torch.rand(3).tolist()
         state = full_state(model, opt)
         report["unchanged"] = all(torch.equal(before["model"][k], v) for k, v in state["model"].items())
         report["losses"] = [train_step(model, opt, s) for s in (2, 3)]

@@ -40,6 +40,8 @@ def test_two_ranks_resume_two_ranks_bitwise_with_identical_losses(tmp_path):
     assert [r.get("step") for r in reports] == [1, 1]
     _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
     assert reports[0]["losses"] == saved_reports[0]["losses"]  # the next steps are those of the uninterrupted run
+    assert [r["draws"] for r in reports] == [r["draws"] for r in saved_reports]  # each rank's own RNG stream
+    assert reports[0]["draws"] != reports[1]["draws"]
 
 
 def test_each_of_two_ranks_reads_about_half_of_the_checkpoint(tmp_path, monkeypatch):

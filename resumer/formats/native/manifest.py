@@ -403,6 +403,9 @@ def _check_plain(raw: dict[str, Any]) -> None:
         if too_deep(value, MAX_DEPTH - 1):
             raise _Bad(f"{key} is nested more than {MAX_DEPTH} levels deep")
     _obj(raw.get("scheduler") or {}, "'scheduler'")
+    per_rank = (raw.get("world") or {}).get("rng_per_rank")
+    for i, state in enumerate(_opt(per_rank, _list, "world 'rng_per_rank'") or []):
+        _obj(state, f"world 'rng_per_rank' {i}")
     health = raw.get("health") or {}
     _strs(health.get("nonfinite") or [], "health 'nonfinite'")
     opt = _obj(raw.get("optimizer") or {}, "'optimizer'")

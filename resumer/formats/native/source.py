@@ -259,7 +259,7 @@ class NativeSource(CheckpointSource):
             "scheduler": self._decode(m.scheduler_state, "scheduler state"),
             "extra": self._decode(m.extra, "extra metadata"),
         }
-        self._plain["rng"] = rng.parse(m.rng, self.uri) if m.rng else None
+        self._plain["rng"] = rng.parse(_own_rng(m), self.uri) if m.rng else None
         for param, values in self._plain["scalars"].items():
             for key, value in values.items() if isinstance(values, dict) else ((None, values),):
                 if not _plain_state(value):
@@ -337,6 +337,16 @@ class NativeSource(CheckpointSource):
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _own_rng(m: Manifest) -> Any:
+    """The RNG state this process restores: in a process group of the world size a sharded save had, this rank's
+    own; otherwise the saving rank 0's."""
+    per_rank = (m.raw.get("world") or {}).get("rng_per_rank")
+    dist = torch.distributed
+    if per_rank and dist.is_available() and dist.is_initialized() and dist.get_world_size() == len(per_rank):
+        return per_rank[dist.get_rank()] or m.rng
+    return m.rng
 
 
 def _plain_state(value: Any) -> bool:
