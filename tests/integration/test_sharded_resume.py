@@ -88,3 +88,18 @@ def test_a_damaged_rank_file_is_refused_by_every_rank_and_the_root_falls_back_to
 
     reports = run(2, root, "resume", str(tmp_path / "from-root"))
     assert [r.get("step") for r in reports] == [1, 1]  # every rank passed over step 2 and took step 1
+
+
+def test_a_one_process_checkpoint_resumes_into_two_fsdp2_ranks_exactly(tmp_path):
+    from sharded_workers import build, train_step
+
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    train_step(model, opt, 1)
+    uri = resumer.save_checkpoint(str(tmp_path / "ckpts"), 1, model, opt)
+    assert not resumer.read_manifest(uri).sharded
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+             "optimizer": {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}}
+    reports = run(2, uri, "resume", str(tmp_path / "resume"))
+    assert [r.get("step") for r in reports] == [1, 1]
+    _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
