@@ -70,12 +70,16 @@ def _worker(rank: int, world: int, port: int, root: str, scenario: str, out: str
         dist.destroy_process_group()
 
 
-def _sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _sharded(seed: int, renamed: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``renamed``: a parameterless layer inserted after the first (the second Linear becomes ``3``)."""
     from torch.distributed.fsdp import fully_shard
 
     model = build(seed)
+    if renamed:
+        model = nn.Sequential(model[0], nn.Identity(), model[1], model[2])
+        model.register_buffer("scale", torch.arange(4.0) + seed)
     fully_shard(model[0])
-    fully_shard(model[2])
+    fully_shard(model[-1])
     fully_shard(model)
     return model, torch.optim.AdamW(model.parameters(), lr=0.05)
 
@@ -105,7 +109,7 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
         state = full_state(model, opt)
         report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
     else:
-        model, opt = _sharded(7)  # other values than the saved ones
+        model, opt = _sharded(7, renamed=scenario == "resume-renamed")  # other values than the saved ones
         before = full_state(model, opt)
         if scenario == "resume-one-rank-fails" and rank == 1:
             from resumer.formats.native.source import NativeSource
@@ -115,7 +119,7 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
 
             NativeSource.load_model = broken  # type: ignore[method-assign]
         try:
-            result = resumer.resume(root, model, opt)
+            result = resumer.resume(root, model, opt, renames="auto" if scenario == "resume-renamed" else None)
             report["step"], report["bytes_read"] = result.step, result.bytes_read
         except resumer.CheckpointError as exc:
             report["error"], report["error_type"] = str(exc), type(exc).__name__

@@ -103,3 +103,15 @@ def test_a_one_process_checkpoint_resumes_into_two_fsdp2_ranks_exactly(tmp_path)
     reports = run(2, uri, "resume", str(tmp_path / "resume"))
     assert [r.get("step") for r in reports] == [1, 1]
     _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
+
+
+def test_renames_auto_carries_sharded_state_past_an_inserted_parameterless_layer(tmp_path):
+    root, saved_reports, saved = _save(tmp_path)
+    reports = run(2, saved_reports[0]["uri"], "resume-renamed", str(tmp_path / "resume"))
+    assert [r.get("step") for r in reports] == [1, 1], reports
+    got = torch.load(tmp_path / "resume" / "state.pt")
+    moved = {"0.weight": "0.weight", "0.bias": "0.bias", "2.weight": "3.weight", "2.bias": "3.bias", "scale": "scale"}
+    for old, new in moved.items():
+        assert torch.equal(saved["model"][old], got["model"][new]), old
+        for key, value in saved["optimizer"].get(old, {}).items():
+            assert torch.equal(value, got["optimizer"][new][key]), (old, key)
