@@ -66,8 +66,27 @@ def _worker(rank: int, world: int, port: int, root: str, scenario: str, out: str
     try:
         report = _scenario(rank, scenario, root, out)
         Path(out, f"rank{rank}.json").write_text(json.dumps(report))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish()
+
+
+def finish() -> None:
+    """End a rank whose scenario succeeded. FSDP2 modules sit in reference cycles that keep their device mesh,
+    and so the gloo process group, alive past ``destroy_process_group``; freed later, during interpreter
+    finalization, gloo's threads abort the process now and then ("terminate called without an active
+    exception", SIGABRT, after the report was written). So: free them first, leave the group together, and
+    skip finalization."""
+    import gc
+    import sys
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _sharded(seed: int, renamed: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:

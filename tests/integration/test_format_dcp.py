@@ -263,8 +263,12 @@ def _write_two_ranks(rank: int, directory: str, port: int) -> None:
         full = get_state_dict(run.model, run.optimizer, options=StateDictOptions(full_state_dict=True))
         if rank == 0:  # the reference: the same state gathered whole
             torch.save(full, os.path.join(os.path.dirname(directory), "reference.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    from sharded_workers import finish
+
+    finish()
 
 
 def test_a_checkpoint_saved_by_two_ranks_resumes_into_one_plain_model(tmp_path: Path) -> None:
