@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from resumer.core.errors import UsageError
 from resumer.core.plan import Policy
 from resumer.core.renames import parse_renames
-from resumer.jobs.fields import Fields
+from resumer.jobs.fields import SHARDING, Fields
 
 if TYPE_CHECKING:
     from resumer.core.decision import Decision
@@ -56,6 +56,7 @@ class AttemptConfig:
     grace_s: float = 30.0
     keep_last: int | None = None
     keep_every: int | None = None
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) != (self.plan_hash is None):
@@ -72,7 +73,8 @@ class AttemptConfig:
                    optimizer=spec.optimizer, scheduler=spec.scheduler, storage_options=dict(spec.storage_options),
                    checkpoint=checkpoint, plan_hash=plan_hash,
                    policy=Policy.parse(decision.policy), renames=tuple(spec.renames), every=spec.every,
-                   grace_s=spec.grace_s, keep_last=spec.keep_last, keep_every=spec.keep_every)
+                   grace_s=spec.grace_s, keep_last=spec.keep_last, keep_every=spec.keep_every,
+                   sharding=spec.sharding)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (it holds the storage options: never log or record it)."""
@@ -113,7 +115,8 @@ class AttemptConfig:
             renames=_renames(d.get("renames")), every=_FIELDS.integer(d.get("every", 10), "every"),
             grace_s=_FIELDS.number(d.get("grace_s", 30.0), "grace_s", unit="seconds"),
             keep_last=_FIELDS.optional_integer(d.get("keep_last"), "keep_last"),
-            keep_every=_FIELDS.optional_integer(d.get("keep_every"), "keep_every"))
+            keep_every=_FIELDS.optional_integer(d.get("keep_every"), "keep_every"),
+            sharding=_FIELDS.choice(d.get("sharding", "none"), "sharding", SHARDING))
 
 
 _FIELDS = Fields("Attempt config")

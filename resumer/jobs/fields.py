@@ -7,6 +7,8 @@ from typing import Any
 
 from resumer.core.errors import UsageError
 
+SHARDING = ("none", "fsdp")  # how a job's workers hold the model: replicated (DDP), or sharded by FSDP2
+
 
 @dataclass(frozen=True, slots=True)
 class Fields:
@@ -32,3 +34,9 @@ class Fields:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise self.error(name, f"must be a number{' of ' + unit if unit else ''} >= 0, got {value!r}")
         return float(value)
+
+    def choice(self, value: Any, name: str, allowed: tuple[str, ...]) -> str:
+        """``value`` as one of ``allowed``."""
+        if value not in allowed:
+            raise self.error(name, f"must be one of {', '.join(allowed)}, got {value!r}")
+        return str(value)

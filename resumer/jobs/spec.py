@@ -8,7 +8,7 @@ Example (``jobs/mlp.yaml``)::
     optimizer: resumer.examples:adam                   # factory(model)
     scheduler: resumer.examples:step_lr                # factory(optimizer), optional
     config: {total_steps: 60}                          # passed to the entrypoint
-    scaling: {workers: 2, use_gpu: false}
+    scaling: {workers: 2, use_gpu: false}              # sharding: fsdp shards the model (FSDP2) over them
     storage: {root: runs/mlp/checkpoints, options: {}}
     checkpoint: {every: 10, keep_last: 3, grace_s: 30}   # grace_s: time to write an emergency checkpoint
     resume: {policy: strict, renames: [auto]}          # from: PATH starts the job from any checkpoint
@@ -30,7 +30,7 @@ from resumer.core.errors import UsageError
 from resumer.core.failures import Budget
 from resumer.core.plan import Policy
 from resumer.core.renames import parse_renames
-from resumer.jobs.fields import Fields
+from resumer.jobs.fields import SHARDING, Fields
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 _REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -49,6 +49,7 @@ class JobSpec:
     workers: int = 2
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    sharding: str = "none"  # "fsdp": resumer.jobs.worker.build() shards the model with FSDP2's fully_shard
     root: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
     every: int = 10
@@ -67,7 +68,8 @@ class JobSpec:
         """JSON-ready, for passing to workers and recording; storage options are left out (secrets)."""
         return {"name": self.name, "entrypoint": self.entrypoint, "model": self.model, "optimizer": self.optimizer,
                 "scheduler": self.scheduler, "config": self.config, "workers": self.workers,
-                "use_gpu": self.use_gpu, "root": self.root, "every": self.every, "policy": self.policy.value,
+                "use_gpu": self.use_gpu, "sharding": self.sharding, "root": self.root, "every": self.every,
+                "policy": self.policy.value,
                 "renames": list(self.renames), "start_from": self.start_from, "hang_timeout_s": self.hang_timeout_s}
 
 
@@ -134,7 +136,7 @@ def parse(raw: Any, *, base_dir: str = ".") -> JobSpec:
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise _err("name", f"must be letters, digits, '.', '_' or '-' (1-101 chars), got {name!r}")
-    scaling = _section(raw, "scaling", {"workers", "use_gpu", "resources_per_worker"})
+    scaling = _section(raw, "scaling", {"workers", "use_gpu", "resources_per_worker", "sharding"})
     storage = _section(raw, "storage", {"root", "options"})
     ckpt = _section(raw, "checkpoint", {"every", "keep_last", "keep_every", "grace_s"})
     resume = _section(raw, "resume", {"policy", "renames", "from"})
@@ -173,6 +175,7 @@ def parse(raw: Any, *, base_dir: str = ".") -> JobSpec:
         scheduler=_ref(raw.get("scheduler"), "scheduler", True), config=config,
         workers=_FIELDS.integer(scaling.get("workers", 2), "scaling.workers"), use_gpu=use_gpu,
         resources_per_worker=dict(scaling.get("resources_per_worker") or {}),
+        sharding=_FIELDS.choice(scaling.get("sharding", "none"), "scaling.sharding", SHARDING),
         root=root, storage_options=dict(storage.get("options") or {}),
         every=_FIELDS.integer(ckpt.get("every", 10), "checkpoint.every"),
         keep_last=_FIELDS.optional_integer(ckpt.get("keep_last"), "checkpoint.keep_last"),

@@ -94,14 +94,53 @@ def build() -> tuple[nn.Module, Any, Any]:
     if cfg is None:
         raise CheckpointError("resumer.jobs.worker.build() runs inside a job launched by resumer (no attempt config).")
     model = build_from_refs(cfg.model)[0]
+    if cfg.sharding == "fsdp":
+        model = shard(model)
+    else:
+        try:
+            import ray.train.torch
+
+            model = ray.train.torch.prepare_model(model)
+        except (ImportError, RuntimeError):  # not inside a Ray Train worker: a plain local run
+            pass
+    _, optimizer, scheduler = _optimizer_for(model, cfg)  # after sharding: the optimizer holds the shards
+    return model, optimizer, scheduler
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """``model`` sharded over the process group by FSDP2 (``scaling.sharding: fsdp``): each direct child that
+    holds parameters is one unit (the items of a container child, such as the blocks of an ``nn.Sequential``
+    or ``nn.ModuleList``, are units of their own), then the root. A loop that shards its model its own way
+    builds it itself; ``save`` and ``restore`` recognise sharded parameters either way."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ResumerError("scaling.sharding: fsdp needs the process group Ray Train sets up; this process has "
+                           "none (run the job with 'resumer submit', or leave sharding out for a local run).")
+    model = model.to(_device())
+    for child in model.children():
+        units = child.children() if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) else [child]
+        for unit in units:
+            if any(True for _ in unit.parameters()):
+                fully_shard(unit)
+    fully_shard(model)
+    return model
+
+
+def _device() -> torch.device:
     try:
         import ray.train.torch
 
-        model = ray.train.torch.prepare_model(model)
-    except (ImportError, RuntimeError):  # not inside a Ray Train worker: a plain local run
-        pass
-    _, optimizer, scheduler = _optimizer_for(model, cfg)
-    return model, optimizer, scheduler
+        return torch.device(ray.train.torch.get_device())
+    except (ImportError, RuntimeError):
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded (DTensors, as FSDP2 makes them): every rank then saves."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _optimizer_for(model: nn.Module, cfg: AttemptConfig) -> tuple[nn.Module, Any, Any]:
@@ -185,12 +224,42 @@ def save(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     cfg = attempt_config()
     if cfg is None:
         return None
+    if sharded(model):
+        return _save_sharded(cfg, step, model, optimizer, scheduler, metrics, force)
     if preemption.noticed() is not None:
         uri = _emergency(cfg, step, model, optimizer, scheduler, metrics) if _claim(cfg, step) else None
         raise Preempted(step, uri)
     if (not force and step % cfg.every != 0) or rank() != 0:
         return None
     return _write(cfg, step, model, optimizer, scheduler, metrics)
+
+
+def _save_sharded(cfg: AttemptConfig, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+                  metrics: dict[str, float] | None, force: bool) -> str | None:
+    """``save`` for sharded state: each rank holds only its shards, so every rank writes (a collective call of
+    ``save_checkpoint``; ``force`` must be the same on every rank). A preemption notice reaches the ranks one
+    by one, so they first agree whether any was notified (one small all-reduce per call): then all of them
+    write the emergency checkpoint together, or none does; a checkpoint missing the notified rank's shards is
+    never committed."""
+    if _any_rank_noticed():
+        try:
+            uri = _write(cfg, step, model, optimizer, scheduler, metrics, emergency=True)
+        except AlreadyCommitted as exc:  # this step was committed by the cadence save before the notice
+            uri = str(exc.uri)
+        raise Preempted(step, uri)
+    if not force and step % cfg.every != 0:
+        return None
+    return _write(cfg, step, model, optimizer, scheduler, metrics)
+
+
+def _any_rank_noticed() -> bool:
+    """Whether any rank has had a preemption notice (every rank calls this at the same step)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if preemption.noticed() is not None else 0],
+                        device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _emergency(cfg: AttemptConfig, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
@@ -233,6 +302,8 @@ def _write(cfg: AttemptConfig, step: int, model: nn.Module, optimizer: Any, sche
         notice = preemption.noticed() or time.time()
         logger.warning("[preemption] rank %d: emergency checkpoint %s committed %.1fs after the notice (%.1fs)",
                        rank(), uri, time.time() - notice, time.monotonic() - started)
+    if rank() != 0 and sharded(model):  # every rank wrote its shards: rank 0 reports and prunes, once
+        return uri
     board = _get_board(cfg)
     if board is not None:
         board.committed.remote(step, uri)

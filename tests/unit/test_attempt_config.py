@@ -47,7 +47,7 @@ def _save(root: Path, step: int) -> str:
 
 
 def test_the_launcher_builds_it_from_the_spec_and_the_decision_and_it_round_trips(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, policy="partial", renames=["auto"])
+    spec = dataclasses.replace(_spec(tmp_path, policy="partial", renames=["auto"]), sharding="fsdp")
     uri = _save(tmp_path, 4)
     decision = JobPlanner(spec).decide(2, FailureClass.CRASHED)
     cfg = AttemptConfig.for_decision(spec, decision)
@@ -55,7 +55,7 @@ def test_the_launcher_builds_it_from_the_spec_and_the_decision_and_it_round_trip
     assert (cfg.checkpoint, cfg.plan_hash, cfg.policy, cfg.renames) == (uri, decision.plan.digest(), Policy.PARTIAL,
                                                                         ("auto",))
     assert (cfg.job, cfg.attempt, cfg.root, cfg.every, cfg.keep_last, cfg.grace_s) == ("j", 2, spec.root, 4, 3, 5.0)
-    assert (cfg.model, cfg.optimizer, cfg.scheduler) == (MODEL, OPTIMIZER, None)
+    assert (cfg.model, cfg.optimizer, cfg.scheduler, cfg.sharding) == (MODEL, OPTIMIZER, None, "fsdp")
     assert AttemptConfig.from_json(cfg.to_json()) == cfg
     fresh = AttemptConfig.for_decision(spec, Decision(job="j", attempt=1, outcome=Outcome.STARTED))
     assert fresh.checkpoint is None and fresh.plan_hash is None
@@ -86,6 +86,7 @@ GOOD = {"job": "j", "attempt": 2, "root": "/r", "model": MODEL}
     ({"root": ""}, "Attempt config field 'root': must be a non-empty string"),
     ({"checkpoint": "/r/step-0000000004"}, "Attempt config field 'plan_hash'"),
     ({"polcy": "strict"}, "Attempt config field 'polcy': unknown field"),
+    ({"sharding": "zero3"}, "Attempt config field 'sharding': must be one of none, fsdp"),
 ])
 def test_a_bad_field_is_named_when_the_worker_parses_it(patch: dict[str, Any], message: str) -> None:
     import json
@@ -184,3 +185,11 @@ def test_a_vanished_checkpoint_is_not_marked(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(CheckpointError, match="rank 0: "):
         resumer.jobs.worker.restore(model, optimizer)
     assert not fs.find(root.split("://", 1)[1])
+
+
+def test_sharding_outside_a_process_group_is_refused_saying_what_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = AttemptConfig(job="j", attempt=1, root=str(tmp_path), model=MODEL, optimizer=OPTIMIZER, sharding="fsdp")
+    monkeypatch.setenv(ENV, cfg.to_json())
+    with pytest.raises(resumer.core.errors.ResumerError, match="sharding: fsdp needs the process group"):
+        resumer.jobs.worker.build()

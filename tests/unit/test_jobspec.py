@@ -26,6 +26,7 @@ def test_repo_job_specs_parse() -> None:
 def test_defaults_and_budgets() -> None:
     spec = jobspec.parse({**BASE, "retries": {"hung": {"max": 1, "timeout_s": 30}, "crashed": {"max": 2}}})
     assert spec.workers == 2 and spec.every == 10 and spec.policy.value == "strict"
+    assert spec.sharding == "none" and jobspec.parse({**BASE, "scaling": {"sharding": "fsdp"}}).sharding == "fsdp"
     assert spec.hang_timeout_s == 30 and spec.budgets[FailureClass.CRASHED].max_restarts == 2
     assert spec.budgets[FailureClass.HUNG].max_restarts == 1
 
@@ -36,6 +37,7 @@ def test_defaults_and_budgets() -> None:
     ({"storage": {}}, "Job spec field 'storage.root': is required"),
     ({"scaling": {"workers": 0}}, "Job spec field 'scaling.workers': must be an integer >= 1, got 0"),
     ({"scaling": {"gpus": 1}}, "Job spec field 'scaling.gpus': unknown field"),
+    ({"scaling": {"sharding": "zero3"}}, "Job spec field 'scaling.sharding': must be one of none, fsdp, got 'zero3'"),
     ({"resume": {"policy": "lenient"}}, "Job spec field 'resume': Unknown policy 'lenient'"),
     ({"retries": {"crashed": {"timeout_s": 3}}}, "Job spec field 'retries.crashed.timeout_s': only 'hung'"),
     ({"checkpoint": {"every": "10"}}, "Job spec field 'checkpoint.every'"),
