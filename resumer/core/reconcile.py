@@ -55,7 +55,7 @@ def reconcile(saved: Signature, current: Signature, policy: Policy | str = Polic
     saved_opt, positions = _bind(saved, current, named, acc)
     opt_reset = _optimizer(saved_opt, current.optimizer, sources, named, acc)
     _scheduler(saved, current, opt_reset, acc)
-    _rng_and_step(saved, acc)
+    _rng_and_step(saved, current, acc)
     if policy is Policy.PARTIAL and not sources and saved.tensors:
         acc.refusals.append(Refusal(subject="model", problem="nothing in the checkpoint matches the current "
                                     "model by name and shape, so nothing would load"))
@@ -64,7 +64,9 @@ def reconcile(saved: Signature, current: Signature, policy: Policy | str = Polic
                          f"fresh (e.g. saved '{lost[0][0]}', current '{lost[0][1]}'): renamed? Try --rename auto, "
                          "or --rename OLD=NEW")
     if saved.world_size and current.world_size and saved.world_size != current.world_size:
-        acc.notes.append(f"world size {saved.world_size} saved, {current.world_size} now")
+        per_rank = (f": each of the {saved.rng_ranks} ranks' RNG state was saved, and every rank now restores "
+                    "rank 0's" if saved.rng_ranks and saved.rng else "")
+        acc.notes.append(f"world size {saved.world_size} saved, {current.world_size} now{per_rank}")
     acc.notes.extend(saved.notes)
     suggestion = suggest_options(saved, current, policy, rules, reconcile) if acc.refusals and suggest else None
     return Plan(policy=policy, checkpoint=checkpoint, step=saved.step, entries=tuple(acc.entries),
@@ -353,11 +355,15 @@ def _unaligned_group(acc: _Acc) -> str | None:
     return None
 
 
-def _rng_and_step(saved: Signature, acc: _Acc) -> None:
+def _rng_and_step(saved: Signature, current: Signature, acc: _Acc) -> None:
     if not saved.rng:
         acc.add(section=Section.RNG, name="rng", action=Action.SKIP, reason="the checkpoint holds no RNG state")
+    whose = ""
+    if saved.rng_ranks:
+        whose = (" on each rank, its own" if current.world_size == saved.rng_ranks
+                 else f" on every rank, rank 0's (saved per rank for {saved.rng_ranks} ranks)")
     for kind in saved.rng:
-        reason = "restored where CUDA is available" if kind == "cuda" else "restored"
+        reason = ("restored where CUDA is available" if kind == "cuda" else "restored") + whose
         acc.add(section=Section.RNG, name=kind, action=Action.RESTORE, reason=reason)
     if saved.step is not None:
         acc.add(section=Section.STEP, name="step", action=Action.KEEP,

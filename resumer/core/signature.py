@@ -176,6 +176,8 @@ class Signature:
     rng: tuple[str, ...] = ()
     world_size: int | None = None
     notes: tuple[str, ...] = field(default=())
+    rng_ranks: int | None = None  # a sharded save keeps each rank's RNG state: how many ranks it kept
+
 
     def by_name(self) -> dict[str, TensorSpec]:
         return {t.name: t for t in self.tensors}
@@ -197,6 +199,7 @@ class Signature:
             "rng": list(self.rng),
             "world_size": self.world_size,
             "notes": list(self.notes),
+            **({"rng_ranks": self.rng_ranks} if self.rng_ranks else {}),  # absent unless set: digests stay
         }
 
     @classmethod
@@ -205,6 +208,7 @@ class Signature:
         sch = d.get("scheduler")
         step = d.get("step")
         ws = d.get("world_size")
+        ranks = d.get("rng_ranks")
         return cls(
             tensors=tuple(TensorSpec.from_dict(t) for t in d["tensors"]),
             optimizer=None if opt is None else OptimizerSpec.from_dict(opt),
@@ -213,6 +217,7 @@ class Signature:
             rng=tuple(str(r) for r in d.get("rng", ())),
             world_size=None if ws is None else int(ws),
             notes=tuple(str(n) for n in d.get("notes", ())),
+            rng_ranks=None if ranks is None else int(ranks),
         )
 
 

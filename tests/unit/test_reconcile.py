@@ -221,6 +221,20 @@ def test_world_size_change_is_noted() -> None:
     assert "world size 4 saved, 2 now" in reconcile(saved, cur).notes
 
 
+def test_per_rank_rng_is_restored_per_rank_only_at_the_saved_world_size_and_the_plan_says_so() -> None:
+    saved = Signature(tensors=tuple(BASE), step=1, rng=("cpu",), world_size=2, rng_ranks=2)
+    same = reconcile(saved, Signature(tensors=tuple(BASE), world_size=2))
+    assert [e.reason for e in same.entries if e.section is Section.RNG] == ["restored on each rank, its own"]
+    assert not any("world size" in n for n in same.notes)
+    other = reconcile(saved, Signature(tensors=tuple(BASE), world_size=1))
+    assert [e.reason for e in other.entries if e.section is Section.RNG] == [
+        "restored on every rank, rank 0's (saved per rank for 2 ranks)"]
+    assert ("world size 2 saved, 1 now: each of the 2 ranks' RNG state was saved, and every rank now restores "
+            "rank 0's") in other.notes
+    assert Signature.from_dict(saved.to_dict()) == saved
+    assert "rng_ranks" not in Signature(tensors=tuple(BASE)).to_dict()  # digests of other plans unchanged
+
+
 def test_suggestion_never_drops_what_a_rename_would_keep() -> None:
     """``partial`` would resume, but would drop 'enc.weight' while 'backbone.weight' (same shape) starts fresh."""
     saved = sig([t("enc.weight", 4, 4), t("head.weight", 2, 4)], opt=None)

@@ -868,7 +868,8 @@ def _build_compact(raw: dict[str, Any], uri: str, max_entries: int) -> Manifest:
     sig = Signature(tensors=specs, optimizer=optimizer,
                     scheduler=None if sched is None else SchedulerSpec.from_dict(sched),
                     step=sig_raw.get("step"), rng=tuple(sig_raw.get("rng", ())), world_size=sig_raw.get("world_size"),
-                    notes=tuple(sig_raw.get("notes", ())))
+                    notes=tuple(sig_raw.get("notes", ())),
+                    rng_ranks=len((raw.get("world") or {}).get("rng_per_rank") or ()) or None)
     for key in ("signature", "tensors", "dtypes"):
         raw.pop(key)
     return Manifest(
