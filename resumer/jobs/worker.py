@@ -16,12 +16,14 @@ controller names the checkpoint URI, not the root). The controller chose it by s
 rank checks the checksums as it reads, and one that finds the checkpoint corrupt quarantines it, so the
 controller's next attempt falls back to the previous checkpoint. ``save`` reports progress every call
 (heartbeat for hang detection, metrics) and writes on rank 0 every ``checkpoint.every`` steps
-(replicated DDP state). Outside a resumer-launched job both calls are harmless no-ops (restore returns 0).
+(replicated DDP state), or on every rank together when the model is sharded (FSDP2, ``scaling.sharding: fsdp``:
+``build`` shards it). Outside a resumer-launched job both calls are harmless no-ops (restore returns 0).
 
 Preemption: ``restore`` installs a SIGTERM handler (``resumer.jobs.preemption``). After a notice, the next
 ``save`` on the notified rank writes an emergency checkpoint of its (replicated) state, whatever the
 cadence, and raises ``resumer.core.errors.Preempted``; the controller resumes from that checkpoint. When
-several ranks are notified at once, the first to claim the step on the progress board writes it.
+several ranks are notified at once, the first to claim the step on the progress board writes it. With sharded
+state every rank writes the emergency checkpoint together: the ranks agree at each ``save`` whether any was notified.
 """
 
 from __future__ import annotations
