@@ -23,6 +23,7 @@ from torch import nn
 from resumer.core.errors import PlanRefused
 from resumer.core.plan import Action, Plan, Section
 from resumer.formats import rng
+from resumer.formats.native.manifest import state_key
 from resumer.formats.source import CheckpointSource
 from resumer.runtime import preflight, sharded
 from resumer.runtime.capture import live_tensors, optimizer_param_names
@@ -142,15 +143,21 @@ def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Opt
 
     plan, source = staged.plan, staged.source
     live = {lt.name: lt.tensor for lt in live_tensors(model)}
-    sd: dict[str, Any] = {e.name: sharded.like(source.tensor(e.source or e.name), live[e.name])
+    is_local = getattr(source, "is_local", lambda key: False)  # read as this rank's region only (restrict)
+    sd: dict[str, Any] = {e.name: sharded.like(source.tensor(e.source or e.name), live[e.name],
+                                               local=is_local(e.source or e.name))
                           for e in plan.section(Section.MODEL) if e.copies}
     set_model_state_dict(model, sd, options=StateDictOptions(strict=False))
     if staged.carry:
         assert optimizer is not None
         osd, position = _optimizer_state(plan, source, optimizer, names)
         name_of = {i: n for n, i in position.items()}
+        saved_of = {e.name: plan.state_key(e.source) for e in plan.section(Section.OPTIMIZER_STATE)
+                    if e.action is Action.CARRY and e.source is not None}
         by_name: dict[str, Any] = {
-            "state": {name_of[i]: {k: sharded.like(v, live[name_of[i]]) for k, v in st.items()}
+            "state": {name_of[i]: {k: sharded.like(v, live[name_of[i]],
+                                                   local=is_local(state_key(saved_of[name_of[i]], k)))
+                                   for k, v in st.items()}
                       for i, st in osd["state"].items()},
             "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in osd["param_groups"]]}
         set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions())

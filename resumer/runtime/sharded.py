@@ -354,18 +354,27 @@ def local_regions(plan: Plan, model: nn.Module, saved_state: dict[str, ParamStat
     return regions
 
 
-def like(value: Any, live: Any) -> Any:
-    """``value`` (a whole saved tensor) as this rank's shard laid out like DTensor ``live``, when it has the live
-    tensor's global shape; anything else as it is."""
-    if not is_dtensor(live) or not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(live.shape):
+def like(value: Any, live: Any, *, local: bool = False) -> Any:
+    """``value`` as this rank's shard laid out like DTensor ``live``: cut from it when it is a whole saved tensor
+    of the live tensor's global shape, or taken as it is when ``local`` (already this rank's region, read so);
+    anything else as it is."""
+    if not is_dtensor(live) or not isinstance(value, torch.Tensor):
         return value
     from torch.distributed.tensor import DTensor
 
     region = _region(live)
     assert region is not None
-    local = value[tuple(slice(o, o + n) for o, n in zip(*region, strict=True))]
-    return DTensor.from_local(local.to(live.dtype).contiguous(), live.device_mesh, live.placements, run_check=False,
-                              shape=live.shape, stride=live.stride())
+    if local:
+        if tuple(value.shape) != region[1]:
+            raise ResumerError(f"A shard read for {tuple(live.shape)} has shape {tuple(value.shape)}, not this "
+                               f"rank's {region[1]} (a bug in resumer's sharded read; nothing was changed).")
+        local_value = value
+    elif tuple(value.shape) != tuple(live.shape):
+        return value
+    else:
+        local_value = value[tuple(slice(o, o + n) for o, n in zip(*region, strict=True))]
+    return DTensor.from_local(local_value.to(live.dtype).contiguous(), live.device_mesh, live.placements,
+                              run_check=False, shape=live.shape, stride=live.stride())
 
 
 def collective() -> bool:

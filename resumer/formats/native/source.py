@@ -67,13 +67,15 @@ class NativeSource(CheckpointSource):
         self._handed: dict[str, torch.Tensor] = {}  # optimizer state state() gave out, see there
         self._verified = verified  # selection already checked it this way: do not hash it all twice
         self._regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None  # see restrict()
+        self._local: set[str] = set()  # keys held as this rank's region only, see restrict()
         self._reserved: tuple[frozenset[str], FreshTensors] | None = None  # see reserve()
 
     def restrict(self, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
         """A sharded resume: of each chunked tensor in ``regions`` (saved name or state key -> global offsets and
         sizes of what this rank keeps), read only the chunks that overlap it, each checked against its own
-        checksum instead of whole files being read and checked. The rest of such a tensor is left zero: only the
-        region is to be used. Returns whether it applies (a sharded checkpoint with every piece's checksum)."""
+        checksum instead of whole files being read and checked. Such a tensor is then held as the region alone
+        (see :meth:`is_local`): a rank never holds more of a tensor than it keeps. Returns whether it applies (a
+        sharded checkpoint with every piece's checksum)."""
         m = self.manifest
         keys = [k for cs in (m.in_file(f.path) for f in m.files) for k in cs]
         if not m.sharded or (self.checksums and any(k not in m.piece_checksums for k in keys)):
@@ -182,9 +184,14 @@ class NativeSource(CheckpointSource):
         finally:
             self._release()
 
+    def is_local(self, key: str) -> bool:
+        """Whether saved tensor or state key ``key`` is held as this rank's region only (its global offsets and
+        sizes as given to :meth:`restrict`), not whole."""
+        return key in self._local
+
     def _assemble(self, pieces: dict[str, torch.Tensor], keys: set[str]) -> dict[str, torch.Tensor]:
         """Whole tensors from the pieces read: a sharded tensor's chunks are copied into one fresh tensor of its
-        global shape (checked at parse time to tile it exactly)."""
+        global shape (checked at parse time to tile it exactly), or, restricted, into one of its region's shape."""
         chunks = self.manifest.chunks
         if not chunks:
             return pieces
@@ -192,6 +199,11 @@ class NativeSource(CheckpointSource):
         by_name = self.signature.by_name()
         for key in keys:
             if key not in chunks:
+                continue
+            region = self._regions.get(key) if self._regions is not None else None
+            if region is not None:
+                out[key] = _region_of(key, chunks[key], pieces, region)
+                self._local.add(key)
                 continue
             first = chunks[key][0].loc
             spec = by_name.get(key)
@@ -337,6 +349,29 @@ class NativeSource(CheckpointSource):
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _region_of(key: str, chunks: Any, pieces: dict[str, torch.Tensor],
+               region: tuple[tuple[int, ...], tuple[int, ...]]) -> torch.Tensor:
+    """The ``region`` (global offsets and sizes) of chunked tensor ``key`` from the chunks read that overlap it
+    (the chunks tile the tensor, so they cover the region): the one chunk read itself when it is exactly the region
+    (a resume at the saved layout: no copy), else a fresh tensor each overlap is copied into."""
+    r_off, r_size = region
+    read = [(c, pieces.pop(chunk_key(key, c.offsets))) for c in chunks if chunk_key(key, c.offsets) in pieces]
+    if len(read) == 1 and (read[0][0].offsets, read[0][0].sizes) == (r_off, r_size):
+        return read[0][1].view(r_size)
+    out = torch.empty(r_size, dtype=torch_dtype(chunks[0].loc.dtype))
+    covered = 0
+    for c, piece in read:
+        lo = [max(o, ro) for o, ro in zip(c.offsets, r_off, strict=True)]
+        hi = [min(o + n, ro + rn) for o, n, ro, rn in zip(c.offsets, c.sizes, r_off, r_size, strict=True)]
+        src = piece.view(c.sizes)[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, c.offsets, strict=True))]
+        out[tuple(slice(a - ro, b - ro) for a, b, ro in zip(lo, hi, r_off, strict=True))] = src
+        covered += src.numel()
+    if covered != out.numel():  # the chunks do not overlap (checked when parsed): so every element was written
+        raise ResumerError(f"'{key}': the chunks read cover {covered} of the {out.numel()} elements this rank keeps "
+                           "(a bug in resumer's sharded read; nothing was changed).")
+    return out
 
 
 def _own_rng(m: Manifest) -> Any:
