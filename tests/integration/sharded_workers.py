@@ -27,7 +27,8 @@ def build(seed: int = 0) -> nn.Module:
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
     g = torch.Generator().manual_seed(seed)
-    loss = (model(torch.randn(4, 5, generator=g)) * model.scale).pow(2).sum()
+    scale = model.module.scale if isinstance(model, nn.parallel.DistributedDataParallel) else model.scale
+    loss = (model(torch.randn(4, 5, generator=g)) * scale).pow(2).sum()
     loss.backward()
     opt.step()
     opt.zero_grad()
@@ -103,10 +104,64 @@ def _sharded(seed: int, renamed: bool = False) -> tuple[nn.Module, torch.optim.O
     return model, torch.optim.AdamW(model.parameters(), lr=0.05)
 
 
+def _replicated(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The same model replicated by DistributedDataParallel (gloo, CPU), its optimizer on the DDP parameters."""
+    model = nn.parallel.DistributedDataParallel(build(seed))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.05)
+
+
+def _planned(report: dict[str, Any], uri: str, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """What ``resumer.plan`` says on this rank, before the resume: whether it is ok, and its digest."""
+    import resumer
+
+    plan = resumer.plan(uri, model, opt)
+    report["plan_ok"], report["digest"] = plan.ok, plan.digest()
+
+
+def _ddp(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]:
+    """DDP <-> FSDP2: ``ddp-save`` trains DDP ranks one step and rank 0 saves it (every rank reports the URI);
+    ``ddp-resume`` resumes ``root`` into DDP ranks, ``fsdp2-resume-planned`` into FSDP2 ranks (both planned first).
+    Each rank writes its full state (of the unwrapped model) to ``out/state<r>.pt`` and reports the next two steps'
+    losses."""
+    import resumer
+
+    report: dict[str, Any] = {"rank": rank}
+    if scenario == "ddp-save":
+        model, opt = _replicated(0)
+        train_step(model, opt, 1)
+        torch.manual_seed(100 + rank)
+        # Replicated state is saved by rank 0 alone (as a job's workers do): save_checkpoint is collective only
+        # for sharded state; called on every DDP rank, each would write the whole state and race to commit it.
+        uri: list[Any] = [None]
+        if rank == 0:
+            try:
+                uri[0] = resumer.save_checkpoint(root, 1, model, opt)
+            except resumer.CheckpointError as exc:
+                report["error"], report["error_type"] = str(exc), type(exc).__name__
+        dist.broadcast_object_list(uri, src=0)  # every rank waits for the commit and learns its URI
+        report["uri"] = uri[0]
+        report["draws"] = torch.rand(3).tolist()
+    else:
+        model, opt = _replicated(7) if scenario == "ddp-resume" else _sharded(7)
+        _planned(report, root, model, opt)
+        try:
+            result = resumer.resume(root, model, opt)
+            report["step"], report["bytes_read"] = result.step, result.bytes_read
+        except resumer.CheckpointError as exc:
+            report["error"], report["error_type"] = str(exc), type(exc).__name__
+        report["draws"] = torch.rand(3).tolist()
+    state = full_state(getattr(model, "module", model), opt)
+    report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
+    torch.save(state, os.path.join(out, f"state{rank}.pt"))  # each rank's own: DDP ranks could differ
+    return report
+
+
 def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]:  # noqa: C901 - one per scenario
     import resumer
     from resumer.runtime import sharded
 
+    if scenario in ("ddp-save", "ddp-resume", "fsdp2-resume-planned"):
+        return _ddp(rank, scenario, root, out)
     report: dict[str, Any] = {"rank": rank}
     if scenario.startswith("save"):
         model, opt = _sharded(0)

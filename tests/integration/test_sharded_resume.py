@@ -115,3 +115,37 @@ def test_renames_auto_carries_sharded_state_past_an_inserted_parameterless_layer
         assert torch.equal(saved["model"][old], got["model"][new]), old
         for key, value in saved["optimizer"].get(old, {}).items():
             assert torch.equal(value, got["optimizer"][new][key]), (old, key)
+
+
+def _planned_alike(reports: list[dict]) -> None:
+    assert all(r["plan_ok"] for r in reports), reports
+    assert len({r["digest"] for r in reports}) == 1, reports  # every rank planned the same resume
+
+
+def test_two_fsdp2_ranks_resume_into_two_ddp_ranks_exactly_with_the_same_losses(tmp_path):
+    root, saved_reports, saved = _save(tmp_path)
+    reports = run(2, saved_reports[0]["uri"], "ddp-resume", str(tmp_path / "resume"))
+    _planned_alike(reports)
+    assert [r.get("step") for r in reports] == [1, 1], reports
+    for rank in (0, 1):  # each DDP rank holds the whole state, exactly the sharded one
+        _same(saved, torch.load(tmp_path / "resume" / f"state{rank}.pt"))
+    assert [r["draws"] for r in reports] == [r["draws"] for r in saved_reports]  # each rank's own RNG stream
+    # The next steps are those of the uninterrupted FSDP2 run, exactly: both ranks see the same batch, so DDP's
+    # all-reduce and FSDP2's reduce-scatter average two equal gradients, which is exact in either order.
+    assert [r["losses"] for r in reports] == [saved_reports[0]["losses"]] * 2
+
+
+def test_two_ddp_ranks_checkpoint_resumes_into_two_fsdp2_ranks_exactly(tmp_path):
+    saved_reports = run(2, str(tmp_path / "ckpts"), "ddp-save", str(tmp_path / "save"))
+    assert all("error" not in r for r in saved_reports), saved_reports
+    (uri,) = {r["uri"] for r in saved_reports}
+    assert uri is not None and not resumer.read_manifest(uri).sharded  # replicated state, written once by rank 0
+    saved = torch.load(tmp_path / "save" / "state0.pt")
+    _same(saved, torch.load(tmp_path / "save" / "state1.pt"))  # the DDP ranks held the same state
+
+    reports = run(2, uri, "fsdp2-resume-planned", str(tmp_path / "resume"))
+    _planned_alike(reports)
+    assert [r.get("step") for r in reports] == [1, 1], reports
+    _same(saved, torch.load(tmp_path / "resume" / "state0.pt"))  # as DTensor.full_tensor() gathers it
+    assert [r["draws"] for r in reports] == [saved_reports[0]["draws"]] * 2  # replicated: rank 0's RNG on each
+    assert [r["losses"] for r in reports] == [saved_reports[0]["losses"]] * 2  # exact, as in the other direction
