@@ -128,7 +128,12 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
     """Plan, verify, and apply: the model, optimizer, scheduler and RNG continue from the checkpoint.
 
     ``expect_plan``: the ``Plan.digest()`` another process (a job's controller) made for this checkpoint;
-    a plan that differs is refused (CheckpointError) before anything is read or changed.
+    a plan that differs is refused (CheckpointMismatch) before anything is read or changed.
+
+    A model trained across a process group (FSDP2-sharded, or wrapped in DistributedDataParallel) makes this a
+    collective call: every rank calls it, and every rank's checks and reads are gathered before any rank
+    touches its state; if one rank refuses, every rank raises the same CheckpointError and nothing changed
+    anywhere. A plain module is resumed by the calling process alone.
 
     From a root, the newest committed checkpoint is read once, its checksums checked on the way; one found
     corrupt is quarantined and passed over for the next newest, before anything live was touched.
@@ -146,12 +151,15 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
                      else contextlib.nullcontext())
             with guard:
                 the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
+                split = None
                 if expect_plan is not None and the_plan.digest() != expect_plan:
-                    raise CheckpointError(f"This process planned {source.uri} differently from the controller "
-                                          f"({the_plan.summary()}); refusing to train on split state. Nothing "
-                                          "was changed.", uri=source.uri, quarantine=False)
+                    # Refused before reading; with a distributed model every rank refuses with it (stage).
+                    split = CheckpointMismatch(f"This process planned {source.uri} differently from the "
+                                               f"controller ({the_plan.summary()}); refusing to train on split "
+                                               "state. Nothing was changed.", uri=source.uri)
                 try:
-                    staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler)
+                    staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler,
+                                   refused=split)
                 except CheckpointError as exc:
                     if not from_root or isinstance(exc, CheckpointMismatch):
                         raise  # a mismatch with this code: an older checkpoint would silently lose progress

@@ -54,22 +54,30 @@ class Staged:
 
 
 def stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer | None = None, *,
-          verify: bool = True, model: nn.Module | None = None, scheduler: Any = None) -> Staged:
+          verify: bool = True, model: nn.Module | None = None, scheduler: Any = None,
+          refused: Exception | None = None) -> Staged:
     """Everything that can fail, before anything live is touched: PlanRefused when the plan is not ok,
     CheckpointError when the checkpoint is corrupt or holds values the live objects cannot take, a
     ResumerError when storage fails (then nothing changed, and a caller may try another checkpoint).
 
     ``verify``: kept for callers; whether bytes are checksummed is the source's own setting (``resume``
     opens it with ``checksums=verify``). ``model`` and ``scheduler``: the live objects the saved values are
-    checked against (shapes, scheduler state); without them those checks are skipped.
+    checked against (shapes, scheduler state); without them those checks are skipped. ``refused``: this rank's
+    reason not to go on, found before staging (a plan that differs from the controller's): raised, and with a
+    distributed model every rank refuses with it.
     """
     if not plan.ok:
         raise PlanRefused(plan)
-    if model is None or not sharded.collective() or not sharded.is_sharded(model, optimizer):
+    if not sharded.distributed(model, optimizer):
+        if refused is not None:
+            raise refused
         return _stage(plan, source, optimizer, model=model, scheduler=scheduler)
-    # Sharded state on several ranks: every rank's checks and reads are gathered before any rank goes on to
-    # touch its model; one rank's refusal is every rank's (the same CheckpointError everywhere).
+    # A model trained across the process group (sharded, or replicated by DDP): every rank's checks and reads
+    # are gathered before any rank goes on to touch its model; one rank's refusal is every rank's (the same
+    # CheckpointError everywhere), so no rank trains on state the others do not have.
     try:
+        if refused is not None:
+            raise refused
         staged = _stage(plan, source, optimizer, model=model, scheduler=scheduler)
     except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement, or the others hang
         sharded.agree(exc)

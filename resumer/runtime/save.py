@@ -244,7 +244,9 @@ def save_checkpoint(root: str | Store, step: int, model: nn.Module, optimizer: t
     Data files are written first and the manifest last: a reader never sees a half-written checkpoint.
     Optimizer state is stored by parameter name, so it survives reordering and renames.
     Sharded state (an FSDP2 / DTensor model) is saved collectively: every rank calls this, writes its own shards,
-    and gets the same URI once all of them are committed (resumer.runtime.sharded).
+    and gets the same URI once all of them are committed (resumer.runtime.sharded). Replicated (DDP) state is the
+    same on every rank: save it from one rank (rank 0); called on several, each writes it and all but one fail
+    with AlreadyCommitted.
     """
     if sharded.is_sharded(model, optimizer):
         return sharded.save(root, step, model, optimizer, scheduler, extra=extra, storage_options=storage_options)

@@ -77,6 +77,15 @@ def is_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     return optimizer is not None and any(is_dtensor(v) for st in optimizer.state.values() for v in st.values())
 
 
+def distributed(model: nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Whether ``model`` is trained across the process group, so that a resume is a collective call every rank
+    makes: sharded (DTensors), or replicated by ``DistributedDataParallel``. A plain module is this process's own
+    (a rank may load it alone, for instance before wrapping it)."""
+    if model is None or not collective():
+        return False
+    return isinstance(model, nn.parallel.DistributedDataParallel) or is_sharded(model, optimizer)
+
+
 def local_pieces(key: str, t: Any) -> list[Piece]:
     """The piece of ``t`` this rank holds: a DTensor's local shard at its global offsets, or a plain tensor whole."""
     if not is_dtensor(t):

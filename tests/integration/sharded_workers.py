@@ -120,7 +120,9 @@ def _planned(report: dict[str, Any], uri: str, model: nn.Module, opt: torch.opti
 
 def _ddp(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]:
     """DDP <-> FSDP2: ``ddp-save`` trains DDP ranks one step and rank 0 saves it (every rank reports the URI);
-    ``ddp-resume`` resumes ``root`` into DDP ranks, ``fsdp2-resume-planned`` into FSDP2 ranks (both planned first).
+    ``ddp-resume`` resumes ``root`` into DDP ranks, ``fsdp2-resume-planned`` into FSDP2 ranks (both planned first);
+    ``ddp-resume-one-rank-fails`` (rank 1's read fails) and ``ddp-resume-split-plan`` (rank 1 expects another plan)
+    report whether each rank's model was left unchanged.
     Each rank writes its full state (of the unwrapped model) to ``out/state<r>.pt`` and reports the next two steps'
     losses."""
     import resumer
@@ -142,13 +144,25 @@ def _ddp(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]:
         report["uri"] = uri[0]
         report["draws"] = torch.rand(3).tolist()
     else:
-        model, opt = _replicated(7) if scenario == "ddp-resume" else _sharded(7)
+        model, opt = _replicated(7) if scenario.startswith("ddp-resume") else _sharded(7)
         _planned(report, root, model, opt)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        expect = None
+        if scenario == "ddp-resume-one-rank-fails" and rank == 1:
+            from resumer.formats.native.source import NativeSource
+
+            def broken(self: Any, names: Any) -> None:
+                raise resumer.CheckpointError("rank 1 could not read its bytes (injected)", uri=self.uri)
+
+            NativeSource.load_model = broken  # type: ignore[method-assign]
+        if scenario == "ddp-resume-split-plan":
+            expect = report["digest"] if rank == 0 else "0" * 64  # rank 1 was told another plan
         try:
-            result = resumer.resume(root, model, opt)
+            result = resumer.resume(root, model, opt, expect_plan=expect)
             report["step"], report["bytes_read"] = result.step, result.bytes_read
         except resumer.CheckpointError as exc:
             report["error"], report["error_type"] = str(exc), type(exc).__name__
+        report["unchanged"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         report["draws"] = torch.rand(3).tolist()
     state = full_state(getattr(model, "module", model), opt)
     report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
@@ -160,7 +174,8 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
     import resumer
     from resumer.runtime import sharded
 
-    if scenario in ("ddp-save", "ddp-resume", "fsdp2-resume-planned"):
+    if scenario in ("ddp-save", "ddp-resume", "fsdp2-resume-planned", "ddp-resume-one-rank-fails",
+                    "ddp-resume-split-plan"):
         return _ddp(rank, scenario, root, out)
     report: dict[str, Any] = {"rank": rank}
     if scenario.startswith("save"):

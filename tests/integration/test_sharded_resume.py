@@ -149,3 +149,22 @@ def test_two_ddp_ranks_checkpoint_resumes_into_two_fsdp2_ranks_exactly(tmp_path)
     _same(saved, torch.load(tmp_path / "resume" / "state0.pt"))  # as DTensor.full_tensor() gathers it
     assert [r["draws"] for r in reports] == [saved_reports[0]["draws"]] * 2  # replicated: rank 0's RNG on each
     assert [r["losses"] for r in reports] == [saved_reports[0]["losses"]] * 2  # exact, as in the other direction
+
+
+@pytest.mark.parametrize(("scenario", "error_type", "fragment"), [
+    ("ddp-resume-one-rank-fails", "CheckpointError", "rank 1 could not read its bytes (injected)"),
+    ("ddp-resume-split-plan", "CheckpointMismatch", "differently from the controller"),
+])
+def test_ddp_ranks_agree_one_ranks_refusal_is_every_ranks_and_no_model_changes(tmp_path, scenario, error_type,
+                                                                               fragment):
+    """Replicated (DDP) state: a resume is collective too. One rank failing to read, or planning differently
+    from what it was told, makes every rank refuse with the same error, and no rank's model changes."""
+    root, saved_reports, saved = _save(tmp_path)
+    reports = run(2, saved_reports[0]["uri"], scenario, str(tmp_path / "resume"))
+    errors = {r.get("error") for r in reports}
+    assert len(errors) == 1 and None not in errors, reports  # the same text on every rank
+    (error,) = errors
+    assert fragment in error and "found by rank 1 of 2; every rank refused, none changed its model" in error
+    assert [r["error_type"] for r in reports] == [error_type] * 2
+    assert [r["unchanged"] for r in reports] == [True, True]
+
