@@ -116,3 +116,42 @@ def test_the_two_worker_sharded_checkpoint_resumes_on_one_worker(
     final = resumer.latest_checkpoint(reference[1])
     assert final is not None and final.step == STEPS + 4
     assert not resumer.read_manifest(final.uri).sharded  # one worker saves replicated state again
+
+
+def test_sigterm_to_one_sharded_worker_commits_an_emergency_checkpoint_holding_every_shard(
+        reference: tuple[dict[int, list[float]], str], tmp_path: Path) -> None:
+    """A preemption notice (SIGTERM) reaches rank 1 only: at the next step boundary BOTH workers write their
+    shards of the emergency checkpoint (no cadence save in this job, so it is the only checkpoint there is), and
+    the job resumes from it with every loss equal to the uninterrupted run's."""
+    from resumer.jobs.launcher import RayLauncher
+
+    raw = raw_for(tmp_path)
+    raw["checkpoint"] = {"every": 100}
+    spec = jobspec.parse(raw)
+    launcher = RayLauncher(spec)
+    signalled: list[int] = []
+
+    def preempt() -> None:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            pids = launcher.worker_pids()
+            if len(pids) == 2 and launcher.last_step() >= 5:
+                signalled.append(launcher.last_step())
+                os.kill(pids[1][1], signal.SIGTERM)  # rank 1 alone is notified
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    result = run_job(spec, launcher=launcher, recorder=LogRecorder(), timeout_s=300)
+    assert signalled, "the worker was never signalled"
+    assert result.state is State.SUCCEEDED and result.attempts == 2, result.message
+    second = result.decisions[1]
+    assert second.outcome is Outcome.RESUMED and second.previous_failure is FailureClass.PREEMPTED
+    assert second.step is not None and second.step >= signalled[0]
+    assert [c.uri for c in resumer.list_checkpoints(spec.root)] == [second.checkpoint]  # the only one, ever
+    m = resumer.read_manifest(second.checkpoint)  # type: ignore[arg-type]
+    assert m.raw["extra"]["emergency"] is True and m.sharded
+    assert sorted({f.path.rsplit(".", 2)[1] for f in m.files}) == ["rank0", "rank1"]  # both workers' shards
+    got, want = losses(result), reference[0]
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(v == want[s][0] for s, vals in got.items() for v in vals)
