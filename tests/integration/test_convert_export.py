@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_trainer import Tokens, arguments, gpt2
 
 import resumer
 from resumer.cli.main import cli
@@ -45,35 +46,14 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 STEPS = 3
 
 
-def gpt2(seed: int = 7) -> torch.nn.Module:
-    """The model factory (no arguments): initialised differently from the trained one."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
-    return transformers.GPT2LMHeadModel(config)
-
-
 def wider_gpt2() -> torch.nn.Module:
     """A code change strict cannot resume into: every hidden size differs."""
     config = transformers.GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=64, n_positions=32)
     return transformers.GPT2LMHeadModel(config)
 
 
-class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    def __init__(self) -> None:
-        self.ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def trainer_args(output_dir: str) -> Any:
-    return transformers.TrainingArguments(output_dir=output_dir, max_steps=STEPS, save_steps=STEPS,
-                                          per_device_train_batch_size=2, report_to=[], use_cpu=True,
-                                          disable_tqdm=True, logging_strategy="no", weight_decay=0.1,
-                                          warmup_steps=1)
+    return arguments(output_dir, steps=STEPS, save_every=STEPS, weight_decay=0.1)
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
+from tiny_trainer import Tokens, arguments, gpt2
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -55,29 +56,8 @@ def chosen_note(plan: Any) -> str:
 # --- Hugging Face Trainer output_dir -----------------------------------------------------------------------
 
 
-def gpt2(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
-    return transformers.GPT2LMHeadModel(config)
-
-
-class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """A few rows of token ids, their own labels."""
-
-    def __init__(self) -> None:
-        self.ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def trainer_args(output_dir: str) -> Any:
-    return transformers.TrainingArguments(output_dir=output_dir, max_steps=HF_STEPS, save_steps=SAVE_EVERY,
-                                          per_device_train_batch_size=2, report_to=[], use_cpu=True,
-                                          disable_tqdm=True, logging_strategy="no", warmup_steps=1)
+    return arguments(output_dir, steps=HF_STEPS, save_every=SAVE_EVERY)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_trainer import Tokens, arguments, gpt2
 
 import resumer
 from resumer.cli.main import cli
@@ -38,30 +39,8 @@ safe_globals = transformers.trainer_pt_utils.safe_globals
 STEPS = 3
 
 
-def gpt2(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
-    return transformers.GPT2LMHeadModel(config)
-
-
-class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """A few rows of token ids, their own labels."""
-
-    def __init__(self) -> None:
-        self.ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def trainer_args(output_dir: str) -> Any:
-    return transformers.TrainingArguments(output_dir=output_dir, max_steps=STEPS, save_steps=STEPS,
-                                          per_device_train_batch_size=2, report_to=[], use_cpu=True,
-                                          disable_tqdm=True, logging_strategy="no", weight_decay=0.1,
-                                          warmup_steps=1)
+    return arguments(output_dir, steps=STEPS, save_every=STEPS, weight_decay=0.1)
 
 
 def built_like_trainer(model: torch.nn.Module, output_dir: str) -> tuple[torch.optim.Optimizer, Any]:
