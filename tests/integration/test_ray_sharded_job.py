@@ -53,6 +53,25 @@ def losses(result: Any) -> dict[int, list[float]]:
     return out
 
 
+def signal_rank_1_at(launcher: Any, step: int, sig: signal.Signals) -> list[int]:
+    """Send ``sig`` to rank 1's worker process once the job has reported ``step`` (from a thread, bounded in
+    time); the returned list gets the step it was sent at."""
+    sent: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            pids = launcher.worker_pids()
+            if len(pids) == 2 and launcher.last_step() >= step:
+                sent.append(launcher.last_step())
+                os.kill(pids[1][1], sig)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return sent
+
+
 @pytest.fixture(scope="module")
 def reference(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, list[float]], str]:
     spec = jobspec.parse(raw_for(tmp_path_factory.mktemp("reference")))
@@ -73,19 +92,7 @@ def test_a_sigkilled_sharded_worker_resumes_with_identical_losses(
 
     spec = jobspec.parse(raw_for(tmp_path))
     launcher = RayLauncher(spec)
-    killed: list[int] = []
-
-    def killer() -> None:
-        deadline = time.monotonic() + 200
-        while time.monotonic() < deadline:
-            pids = launcher.worker_pids()
-            if len(pids) == 2 and launcher.last_step() >= 6:
-                os.kill(pids[1][1], signal.SIGKILL)  # a real worker process, holding half of every tensor
-                killed.append(pids[1][1])
-                return
-            time.sleep(0.1)
-
-    threading.Thread(target=killer, daemon=True).start()
+    killed = signal_rank_1_at(launcher, 6, signal.SIGKILL)  # a real worker process, holding half of every tensor
     result = run_job(spec, launcher=launcher, recorder=LogRecorder(), timeout_s=300)
     assert killed, "the worker was never killed"
     assert result.state is State.SUCCEEDED and result.attempts == 2, result.message
@@ -129,19 +136,7 @@ def test_sigterm_to_one_sharded_worker_commits_an_emergency_checkpoint_holding_e
     raw["checkpoint"] = {"every": 100}
     spec = jobspec.parse(raw)
     launcher = RayLauncher(spec)
-    signalled: list[int] = []
-
-    def preempt() -> None:
-        deadline = time.monotonic() + 200
-        while time.monotonic() < deadline:
-            pids = launcher.worker_pids()
-            if len(pids) == 2 and launcher.last_step() >= 5:
-                signalled.append(launcher.last_step())
-                os.kill(pids[1][1], signal.SIGTERM)  # rank 1 alone is notified
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=preempt, daemon=True).start()
+    signalled = signal_rank_1_at(launcher, 5, signal.SIGTERM)  # rank 1 alone is notified
     result = run_job(spec, launcher=launcher, recorder=LogRecorder(), timeout_s=300)
     assert signalled, "the worker was never signalled"
     assert result.state is State.SUCCEEDED and result.attempts == 2, result.message
