@@ -141,13 +141,13 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
 def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     names: dict[int, str]) -> None:
     """Sharded live state (FSDP2 / DTensor): each rank's own shard of the saved tensors (cut from what it read:
-    its region of each, see ``sharded.local_regions``) goes in through torch's own ``set_model_state_dict`` /
-    ``set_optimizer_state_dict``, as DTensors laid out like the live ones, keyed by name."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    its region of each, see ``sharded.local_regions``) goes in as DTensors laid out like the live ones: the model's
+    through torch's own ``set_model_state_dict``, keyed by name; the optimizer's through the optimizer's own
+    ``load_state_dict``, keyed by position as for unsharded state. Not ``set_optimizer_state_dict``: on an
+    optimizer with no state yet (every relaunched job's) it first runs a step at learning rate 0 over every
+    parameter to create state it then replaces, which costs a training step's memory and time and moves the
+    parameters of any optimizer whose update does not vanish at learning rate 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     plan, source = staged.plan, staged.source
     live = {lt.name: lt.tensor for lt in live_tensors(model)}
@@ -162,13 +162,10 @@ def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Opt
         name_of = {i: n for n, i in position.items()}
         saved_of = {e.name: plan.state_key(e.source) for e in plan.section(Section.OPTIMIZER_STATE)
                     if e.action is Action.CARRY and e.source is not None}
-        by_name: dict[str, Any] = {
-            "state": {name_of[i]: {k: sharded.like(v, live[name_of[i]],
-                                                   local=is_local(state_key(saved_of[name_of[i]], k)))
-                                   for k, v in st.items()}
-                      for i, st in osd["state"].items()},
-            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in osd["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions())
+        osd["state"] = {i: {k: sharded.like(v, live[name_of[i]], local=is_local(state_key(saved_of[name_of[i]], k)))
+                            for k, v in st.items()}
+                        for i, st in osd["state"].items()}
+        optimizer.load_state_dict(osd)
 
 
 def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,

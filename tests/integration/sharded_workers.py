@@ -43,8 +43,14 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
         return (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
 
     osd = get_optimizer_state_dict(model, opt)
-    return {"model": {k: full(v) for k, v in model.state_dict().items()},
+    return {"model": full_model(model),
             "optimizer": {p: {k: full(v) for k, v in st.items()} for p, st in osd["state"].items()}}
+
+
+def full_model(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as DTensor.full_tensor() gathers it (a collective). Unlike :func:`full_state` it leaves an
+    optimizer with no state as it is (torch's get_optimizer_state_dict would make its state with a step)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in model.state_dict().items()}
 
 
 def free_port() -> int:
@@ -90,8 +96,22 @@ def finish() -> None:
     os._exit(0)
 
 
+class OwnDecay(torch.optim.AdamW):
+    """AdamW plus a decay of its own, applied at every step whatever the learning rate (as some optimizers' updates
+    are): a step at learning rate 0 still moves every parameter."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(0.5)
+        return loss
+
+
 def _sharded(seed: int, renamed: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """``renamed``: a parameterless layer inserted after the first (the second Linear becomes ``3``)."""
+    """``renamed``: a parameterless layer inserted after the first (the second Linear becomes ``3``). The optimizer
+    is AdamW, or :class:`OwnDecay` when the environment says ``OPTIMIZER=own-decay``."""
     from torch.distributed.fsdp import fully_shard
 
     model = build(seed)
@@ -101,7 +121,8 @@ def _sharded(seed: int, renamed: bool = False) -> tuple[nn.Module, torch.optim.O
     fully_shard(model[0])
     fully_shard(model[-1])
     fully_shard(model)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.05)
+    kind = OwnDecay if os.environ.get("OPTIMIZER") == "own-decay" else torch.optim.AdamW
+    return model, kind(model.parameters(), lr=0.05)
 
 
 def _replicated(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -199,7 +220,7 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
         report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
     else:
         model, opt = _sharded(7, renamed=scenario == "resume-renamed")  # other values than the saved ones
-        before = full_state(model, opt)
+        before = full_model(model)  # the optimizer has no state yet, as in a relaunched job
         if scenario == "resume-one-rank-fails" and rank == 1:
             from resumer.formats.native.source import NativeSource
 
@@ -214,7 +235,7 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
             report["error"], report["error_type"] = str(exc), type(exc).__name__
         report["draws"] = torch.rand(3).tolist()
         state = full_state(model, opt)
-        report["unchanged"] = all(torch.equal(before["model"][k], v) for k, v in state["model"].items())
+        report["unchanged"] = all(torch.equal(before[k], v) for k, v in state["model"].items())
         report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
     if rank == 0:
         torch.save(state, os.path.join(out, "state.pt"))

@@ -44,6 +44,17 @@ def test_two_ranks_resume_two_ranks_bitwise_with_identical_losses(tmp_path):
     assert reports[0]["draws"] != reports[1]["draws"]
 
 
+def test_resuming_into_an_optimizer_without_state_takes_no_step(tmp_path, monkeypatch):
+    # A relaunched job's optimizer has no state yet. torch's set_optimizer_state_dict would first run a step at
+    # learning rate 0 to create some, which moves the parameters of an optimizer whose update does not vanish there.
+    monkeypatch.setenv("OPTIMIZER", "own-decay")
+    root, saved_reports, saved = _save(tmp_path)
+    reports = run(2, saved_reports[0]["uri"], "resume", str(tmp_path / "resume"))
+    assert [r.get("step") for r in reports] == [1, 1]
+    _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
+    assert reports[0]["losses"] == saved_reports[0]["losses"]
+
+
 def test_each_of_two_ranks_reads_about_half_of_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("SHARD_WIDTH", "4096")  # data bytes dominate the headers
     root, saved_reports, saved = _save(tmp_path)
