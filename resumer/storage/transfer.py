@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
@@ -38,6 +39,17 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="resumer-get")
         return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads were not copied, so work handed to its pool would wait forever
+    (a read that never returns). The child makes a pool of its own when it first needs one."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 class _RemoteFile(io.RawIOBase):

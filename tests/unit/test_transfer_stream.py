@@ -109,3 +109,34 @@ def test_open_for_scan_picks_the_stream_for_s3fs_only() -> None:
     with transfer.open_for_scan(mem, "/x/k", len(DATA)) as f:
         assert isinstance(f, transfer.BlockReader)
         assert read(f, len(DATA)) == DATA
+
+
+def _read_in_child(path: str, conn: Any) -> None:
+    import fsspec
+
+    with transfer.BlockReader(fsspec.filesystem("memory"), path, len(DATA), block_size=4 << 20) as f:  # 1 block
+        conn.send(xxhash.xxh3_64_hexdigest(read(f, len(DATA))))
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="fork is POSIX's")
+def test_a_forked_child_reads_with_a_pool_of_its_own() -> None:
+    # The parent's pool threads are not copied into a forked child, but its pool still counted them as idle: a read
+    # handed to it started no thread and never returned.
+    import multiprocessing
+
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe_file("/fork/k", DATA)
+    with transfer.BlockReader(mem, "/fork/k", len(DATA), block_size=1 << 20) as f:  # 3 blocks: pool threads, idle
+        assert read(f, len(DATA)) == DATA
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_read_in_child, args=("/fork/k", child))
+    proc.start()
+    got = parent.recv() if parent.poll(120) else None  # a bound on a hang, not a speed: a read takes milliseconds
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+    assert got == xxhash.xxh3_64_hexdigest(DATA)
+    assert proc.exitcode == 0
