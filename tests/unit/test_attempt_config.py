@@ -5,6 +5,7 @@ rank plans once; a checkpoint a rank finds corrupt is quarantined, so the next a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,9 @@ def test_the_worker_reads_the_typed_value_and_a_bad_one_stops_it_naming_the_fiel
         resumer.jobs.worker.restore(build(MODEL)[0])
 
 
-def test_each_rank_plans_once_against_the_controllers_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_rank_plans_once_against_the_controllers_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="resumer.jobs.worker")
     spec = _spec(tmp_path)
     _save(tmp_path, 4)
     decision = JobPlanner(spec).decide(2, FailureClass.PREEMPTED)
@@ -131,6 +134,8 @@ def test_each_rank_plans_once_against_the_controllers_digest(tmp_path: Path, mon
         model, optimizer, scheduler = build(MODEL, OPTIMIZER)
         assert resumer.jobs.worker.restore(model, optimizer, scheduler) == 4
     assert calls == [decision.checkpoint] * 2
+    logged = [r.getMessage() for r in caplog.records if r.name == "resumer.jobs.worker"]
+    assert [m.split(": ", 1)[0] for m in logged] == ["[restore] rank 0", "[restore] rank 1"]  # each rank's plan
 
 
 def _corrupt(uri: str) -> None:
@@ -191,5 +196,6 @@ def test_sharding_outside_a_process_group_is_refused_saying_what_to_do(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = AttemptConfig(job="j", attempt=1, root=str(tmp_path), model=MODEL, optimizer=OPTIMIZER, sharding="fsdp")
     monkeypatch.setenv(ENV, cfg.to_json())
-    with pytest.raises(resumer.core.errors.ResumerError, match="sharding: fsdp needs the process group"):
+    with pytest.raises(resumer.core.errors.ResumerError, match="sharding: fsdp needs the process group") as err:
         resumer.jobs.worker.build()
+    assert "run the job with 'resumer submit', or leave sharding out for a local run" in str(err.value)
