@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 import resumer
 from resumer import examples as ex
+from resumer.checkpoints.catalog import health_problem
 
 
 def test_async_save_captures_the_state_at_save_time(tmp_path: pytest.TempPathFactory) -> None:
@@ -68,6 +70,29 @@ def test_health_gate_skips_non_finite_checkpoints(tmp_path: pytest.TempPathFacto
     assert reasons[3] == "unhealthy: 1 tensor(s) hold NaN/Inf at save time, e.g. '0.weight'"
     assert reasons[2] == "unhealthy: the recorded loss is nan"
     assert sorted(os.listdir(tmp_path)) == ["step-0000000001", "step-0000000002", "step-0000000003"]
+
+
+def test_the_health_gate_reads_the_loss_recorded_in_the_health_block_first(tmp_path: pytest.TempPathFactory) -> None:
+    """The manifest's ``health`` block is the record the gate reads; ``extra["loss"]`` only stands in for a
+    manifest whose health block has no loss."""
+    m = resumer.read_manifest(resumer.save_checkpoint(str(tmp_path), 1, ex.mlp_v1(), extra={"loss": 0.3}))
+    assert health_problem(m) is None
+    nan = {"__resumer__": "float", "v": "nan"}
+    assert health_problem(replace(m, raw={**m.raw, "health": {"nonfinite": [], "loss": nan}})) == (
+        "the recorded loss is nan")  # over extra's finite 0.3
+    assert health_problem(replace(m, raw={**m.raw, "health": {"nonfinite": [], "loss": float("inf")}})) == (
+        "the recorded loss is inf")
+    assert health_problem(replace(m, raw={**m.raw, "health": {"nonfinite": []}}, extra={"loss": nan})) == (
+        "the recorded loss is nan")  # no loss in the health block: extra's
+
+
+def test_latest_checkpoint_reports_the_bytes_it_verifies(tmp_path: pytest.TempPathFactory) -> None:
+    root = str(tmp_path)
+    resumer.save_checkpoint(root, 1, ex.mlp_v1())
+    seen: list[int] = []
+    chosen = resumer.latest_checkpoint(root, progress=seen.append)
+    assert chosen is not None and chosen.step == 1
+    assert seen and sum(seen) == chosen.manifest.total_bytes > 0  # every byte read for the checksums
 
 
 def test_async_saves_in_a_row_reuse_host_buffers_without_mixing_states(tmp_path: pytest.TempPathFactory) -> None:

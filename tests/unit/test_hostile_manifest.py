@@ -133,6 +133,11 @@ def test_hostile_manifest_is_passed_over_by_every_reader(tmp_path, kind):
     assert result.newest_valid == good and result.deleted == ()
     assert os.path.exists(os.path.join(bad, MANIFEST))  # reported and marked, never deleted
     assert os.path.exists(os.path.join(bad, QUARANTINE))
+    # Still listed when asked for quarantined ones, with the reason, so people can find it (no manifest to show).
+    listed = {i.uri: i for i in resumer.list_checkpoints(root, include_quarantined=True)}
+    assert list(listed) == [bad, good]
+    assert listed[bad].step == 2 and listed[bad].manifest is None and fragments[0] in listed[bad].quarantine
+    assert [i.uri for i in resumer.list_checkpoints(root)] == [good]
 
 
 def test_newer_format_is_passed_over_but_never_quarantined(tmp_path):

@@ -85,6 +85,9 @@ def test_a_copied_step_directory_is_never_selected_resumed_or_marked(tmp_path: P
     assert rejected[0].reason.endswith("its manifest says step 10, its directory name says step 99 (copied or "
                                        "renamed?). It is not used and not marked; move it back to its step's "
                                        "directory name to use it.")
+    # The audit record (a job's rejected.json) says which step the copy really holds.
+    assert rejected[0].to_dict() == {"uri": os.path.join(root, "step-0000000099"), "step": 99,
+                                     "reason": rejected[0].reason, "manifest_step": 10}
 
 
 # ---------------------------------------------------------------------------------------------------------------

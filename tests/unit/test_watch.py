@@ -191,6 +191,22 @@ def test_quarantined_reported_once_and_never_as_new(root: str, model: nn.Module)
     assert w.poll() == []
 
 
+@pytest.mark.parametrize("mark", [b"[\"a list, not a record\"]", b"{\"reason\": 7}", b"{not json", b""])
+def test_a_quarantine_mark_that_makes_no_sense_reads_as_unknown(root: str, model: nn.Module, fs_of: FsOf,
+                                                                mark: bytes) -> None:
+    """The mark lies in storage like everything else: whatever it holds, the checkpoint stays quarantined and
+    its reason reads as "unknown" (never an error that stops the watcher or the listing)."""
+    uri = resumer.save_checkpoint(root, 1, model)
+    fs, path = fs_of(uri)
+    fs.pipe_file(f"{path}/{QUARANTINE}", mark)
+    assert catalog.quarantine_reason(Store.open(uri)) == "unknown"
+    (event,) = Watcher(root, clock=FakeClock()).poll()
+    assert (event.kind, event.uri, event.reason) == (EventKind.QUARANTINED, uri, "unknown")
+    assert [(i.uri, i.quarantine) for i in resumer.list_checkpoints(root, include_quarantined=True)] == [
+        (uri, "unknown")]
+    assert resumer.list_checkpoints(root) == []
+
+
 def test_transient_error_reading_a_manifest_is_retried_next_poll(root: str, model: nn.Module,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     resumer.save_checkpoint(root, 1, model)
