@@ -196,6 +196,31 @@ def test_expired_and_malformed_leases_are_not_trusted(root: str, fs_of: Any) -> 
         assert "step-0000000001" in lease.active_leases(root)  # a live lease is never swept
 
 
+def test_a_lease_on_a_checkpoints_manifest_leases_its_directory(root: str) -> None:
+    ckpt = f"{root}/step-0000000007"
+    assert lease.split_checkpoint(f"{ckpt}/{MANIFEST}/") == (root, "step-0000000007")
+    with lease.hold(f"{ckpt}/{MANIFEST}", holder="reader:3") as held:
+        assert held.lease.step_dir == "step-0000000007" and held.lease.checkpoint == ckpt
+        assert [x.holder for x in lease.active_leases(root)["step-0000000007"]] == ["reader:3"]
+    assert lease.active_leases(root) == {}
+
+
+def test_a_lease_written_by_another_tool_is_honoured(root: str, fs_of: Any) -> None:
+    """A lease file with a UTC time written as '...Z' and no 'created' is a live reader's all the same: prune keeps
+    its checkpoint (on every supported Python, 3.10 included, whose fromisoformat refuses 'Z')."""
+    uris = {s: resumer.save_checkpoint(root, s, torch.nn.Linear(2, 2)) for s in (5, 6)}
+    fs, path = fs_of(f"{root}/.leases")
+    fs.makedirs(path, exist_ok=True)
+    record = {"holder": "other-tool:1", "checkpoint": uris[5], "expires": "2099-01-01T00:00:00Z"}
+    fs.pipe_file(f"{path}/step-0000000005.{'4' * 32}.json", json.dumps(record).encode())
+    [found] = lease.active_leases(root)["step-0000000005"]
+    assert found.created == "" and found.holder == "other-tool:1"
+    assert found.expires_at == dt.datetime(2099, 1, 1, tzinfo=dt.timezone.utc)
+    result = prune(root, RetentionPolicy(keep_last=1))
+    assert _reasons(result) == {6: NEWEST, 5: "leased by other-tool:1 until 2099-01-01T00:00:00Z"}
+    assert result.deleted == () and resumer.read_manifest(uris[5]).step == 5
+
+
 @pytest.mark.parametrize(("target", "ttl", "message"), [
     ("{root}", 600, "a lease names one checkpoint directory"),
     ("{root}/step-1/model.x.safetensors", 600, "a lease names one checkpoint directory"),
