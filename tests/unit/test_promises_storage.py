@@ -29,6 +29,7 @@ from resumer.checkpoints import catalog, lease, retention
 from resumer.checkpoints.retention import RetentionPolicy, prune
 from resumer.core.errors import CheckpointError
 from resumer.formats.native.manifest import MANIFEST, QUARANTINE, long_form
+from resumer.storage.store import Store
 
 # ---------------------------------------------------------------------------------------------------------------
 # prune: a checkpoint quarantined while the prune runs is not deleted
@@ -53,8 +54,10 @@ def test_prune_keeps_a_checkpoint_quarantined_during_the_prune(tmp_path: Path,
     monkeypatch.setattr(retention, "_second_look", marked_meanwhile)
     result = prune(root, RetentionPolicy(keep_last=1))
     assert result.deleted == () and result.bytes_freed == 0
-    assert {d.step: d.reason for d in result.decisions} == {
-        2: "newest valid checkpoint", 1: "quarantined: kept for inspection (marked during prune)"}
+    assert {d.step: (d.action, d.reason) for d in result.decisions} == {
+        2: (retention.PruneAction.KEEP, "newest valid checkpoint"),
+        1: (retention.PruneAction.KEEP, "quarantined: kept for inspection (marked during prune)")}
+    assert [d["action"] for d in json.loads(json.dumps(result.to_dict()))["decisions"]] == ["keep", "keep"]
     assert sorted(os.listdir(step1)) == sorted([*files, QUARANTINE])  # manifest and data all still there
     resumer.verify(resumer.read_manifest(uris[1]), checksums=True)
 
@@ -121,6 +124,32 @@ def test_verify_refuses_header_offsets_swapped_against_the_manifest(swapped: str
     with pytest.raises(CheckpointError, match=r"tensor 'a' in the file does not match the manifest\. The "
                                               r"checkpoint is corrupt; nothing was loaded\."):
         resumer.verify(manifest, checksums=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a reader that cannot write still falls back past a corrupt checkpoint
+
+
+def test_a_reader_that_cannot_mark_a_corrupt_checkpoint_falls_back_and_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Read-only credentials: the quarantine mark cannot be written. Selection goes on to the older checkpoint;
+    the failure to mark is logged with the checkpoint and the reason, never raised."""
+    root = str(tmp_path / "ckpts")
+    uris = {s: resumer.save_checkpoint(root, s, nn.Linear(4, 4)) for s in (1, 2)}
+    with open(os.path.join(uris[2], MANIFEST), "wb") as f:
+        f.write(b"{not json")
+
+    def read_only(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Store, "write_atomic", read_only)
+    with caplog.at_level("WARNING", logger="resumer.checkpoints.catalog"):
+        chosen = resumer.latest_checkpoint(root)
+    assert chosen is not None and chosen.uri == uris[1]
+    assert not os.path.exists(os.path.join(uris[2], QUARANTINE))
+    [warning] = [r.getMessage() for r in caplog.records if "[quarantine]" in r.getMessage()]
+    assert warning.startswith(f"[quarantine] could not mark {uris[2]} ([Errno 13] Permission denied): {uris[2]}/")
+    assert "is malformed" in warning
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -263,6 +263,9 @@ def test_prune_keeps_the_policy_and_deletes_the_rest(root: str, trained: Any, fs
                                 1500: OUT, 1000: "step is a multiple of keep-every 1000"}
     assert result.deleted == (uris[1500],) and result.newest_valid == uris[3000]
     assert result.bytes_freed == size_1500 > 0
+    as_json = json.loads(json.dumps(result.to_dict()))  # what `resumer prune --json` prints
+    assert as_json["deleted"] == [uris[1500]] and as_json["bytes_freed"] == size_1500
+    assert as_json["newest_valid"] == uris[3000] and as_json["failed"] == [] and as_json["dry_run"] is False
     assert _dirs(fs_of, root) == [f"step-{s:010d}" for s in (1000, 2000, 2500, 3000)]
     assert [i.step for i in resumer.list_checkpoints(root)] == [3000, 2500, 2000, 1000]
     assert f"[retention] deleted step=1500 uri={uris[1500]} (outside the policy)" in caplog.messages
@@ -313,12 +316,17 @@ def test_dry_run_deletes_and_marks_nothing(root: str, trained: Any, fs_of: Any) 
     uris = _save(root, trained, 1, 2, 3, 4)
     _flip_a_byte(fs_of, uris[4])
     fs, path = fs_of(root)
+    stale = f"{path}/.leases/step-0000000002.{'3' * 32}.json"  # a crashed reader's, long expired
+    fs.makedirs(f"{path}/.leases", exist_ok=True)
+    fs.pipe_file(stale, json.dumps(_lease(2, "dead:1", expires="2000-01-01T00:00:00+00:00").to_dict()).encode())
     before = sorted(fs.find(path))
     result = prune(root, RetentionPolicy(keep_last=1), dry_run=True)
-    assert sorted(fs.find(path)) == before
+    assert sorted(fs.find(path)) == before  # not even the expired lease is swept
     assert _reasons(result) == {4: NEWER, 3: NEWEST, 2: OUT, 1: OUT}
     assert result.deleted == () and result.bytes_freed == 0
     assert result.summary().startswith("dry run: would delete 2 of 4 step directories")
+    assert prune(root, RetentionPolicy(keep_last=1)).deleted == (uris[2], uris[1])
+    assert not fs.exists(stale)  # a real prune sweeps it
 
 
 def test_nothing_is_deleted_without_a_valid_checkpoint(root: str, trained: Any, fs_of: Any) -> None:
@@ -354,6 +362,42 @@ def test_a_lease_taken_after_the_uncommit_restores_the_manifest(root: str, train
     assert fs.cat_file(f"{path}/{MANIFEST}") == manifest  # re-committed with the same bytes
     assert sorted(fs.ls(path, detail=False)) == files  # data intact, no tombstone left
     resumer.verify(resumer.read_manifest(uris[1]), checksums=True)
+
+
+def test_a_doomed_checkpoint_whose_manifest_cannot_be_read_is_kept(root: str, trained: Any, fs_of: Any) -> None:
+    """Decided from the listing, re-checked before deleting: a manifest that no longer parses (damaged since, or
+    never sound) means prune cannot tell what the directory holds, so it keeps it and says why."""
+    uris = _save(root, trained, 1, 2)
+    fs, path = fs_of(uris[1])
+    fs.pipe_file(f"{path}/{MANIFEST}", b"{not json")
+    files = sorted(fs.ls(path, detail=False))
+    result = prune(root, RetentionPolicy(keep_last=1))
+    [one] = [d for d in result.decisions if d.step == 1]
+    assert one.action is PruneAction.KEEP
+    assert one.reason.startswith(f"its manifest cannot be read, so it is kept: {uris[1]}/{MANIFEST} is malformed")
+    assert result.deleted == () and sorted(fs.ls(path, detail=False)) == files
+
+
+def test_a_checkpoint_another_prune_uncommits_meanwhile_is_left_to_it(root: str, trained: Any, fs_of: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the decision and the un-commit another pruner renames the manifest away: this prune leaves the
+    directory alone (the other one finishes it, or the next prune does), and says so."""
+    uris = _save(root, trained, 1, 2)
+    fs, path = fs_of(uris[1])
+    files = sorted(fs.ls(path, detail=False))
+    real = retention._leases_now
+
+    def other_pruner_first(r: Store, name: str) -> list[Lease]:
+        if name == "step-0000000001" and fs.exists(f"{path}/{MANIFEST}"):
+            fs.mv(f"{path}/{MANIFEST}", f"{path}/{RETIRING}")
+        return real(r, name)
+
+    monkeypatch.setattr(retention, "_leases_now", other_pruner_first)
+    result = prune(root, RetentionPolicy(keep_last=1))
+    [one] = [d for d in result.decisions if d.step == 1]
+    assert (one.action, one.reason) == (PruneAction.KEEP, "its manifest vanished during prune: left alone")
+    assert result.deleted == () and result.failed == ()
+    assert sorted(fs.ls(path, detail=False)) == sorted(f.replace(MANIFEST, RETIRING) for f in files)
 
 
 def test_an_interrupted_deletion_is_finished_by_the_next_prune(root: str, trained: Any, fs_of: Any,
