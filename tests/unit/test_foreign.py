@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -200,3 +202,108 @@ def test_unrecognised_layout_and_truncated_file(tmp_path: pytest.TempPathFactory
     cut.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(resumer.CheckpointError, match="not a readable torch.save file"):
         resumer.plan(str(cut), ex.mlp_v1())
+
+
+def test_bare_state_dict_plan_names_the_file(tmp_path: pytest.TempPathFactory) -> None:
+    model, _ = trained()
+    path = str(tmp_path / "bare.pt")
+    torch.save(model.state_dict(), path)
+    res = resumer.resume(path, ex.mlp_v1())
+    assert res.plan.checkpoint == path
+    assert resumer.open_source(path).uri == path
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_file_saved_from_gpu_tensors_loads_onto_the_cpu(tmp_path: pytest.TempPathFactory, monkeypatch, where) -> None:  # noqa: ANN001
+    """A checkpoint saved on a GPU records 'cuda:0' for each tensor; it loads onto the CPU, GPU or no GPU."""
+    import fsspec
+    import torch.serialization as ser
+
+    model, opt = trained()
+    everything_on_cuda = [(0, lambda _storage: "cuda:0", lambda _storage, _location: None)]
+    with monkeypatch.context() as m:
+        m.setattr(ser, "_package_registry", everything_on_cuda + list(ser._package_registry))
+        buf = io.BytesIO()
+        torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict()}, buf)
+    assert b"cuda:0" in buf.getvalue()
+    if where == "local":
+        path = str(tmp_path / "gpu.pt")
+        (tmp_path / "gpu.pt").write_bytes(buf.getvalue())
+    else:
+        path = f"memory://resumer-tests/{tmp_path.name}/gpu.pt"
+        fsspec.filesystem("memory").pipe_file(path, buf.getvalue())
+    source = resumer.open_source(path)
+    try:
+        assert {source.tensor(t.name).device.type for t in source.signature.tensors} == {"cpu"}
+        assert {v.device.type for v in source.optimizer_state("#0").values()} == {"cpu"}
+    finally:
+        source.close()
+    fresh = ex.mlp_v1()
+    fresh_opt = ex.adam(fresh)
+    resumer.resume(path, fresh, fresh_opt)
+    assert torch.equal(fresh[2].weight, model[2].weight)
+    assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"], opt.state[model[0].weight]["exp_avg"])
+
+
+def _groups_as_pairs(sd: dict) -> None:
+    sd["param_groups"] = [list(g.items()) for g in sd["param_groups"]]
+
+
+def _params_not_positions(sd: dict) -> None:
+    sd["param_groups"][0]["params"] = [True] + sd["param_groups"][0]["params"][1:]
+
+
+def _position_twice(sd: dict) -> None:
+    sd["param_groups"][0]["params"][1] = sd["param_groups"][0]["params"][0]
+
+
+def _state_not_a_mapping(sd: dict) -> None:
+    sd["state"] = list(sd["state"].values())
+
+
+def _state_of_no_group(sd: dict) -> None:
+    sd["state"][7] = sd["state"][0]
+
+
+def _no_param_groups(sd: dict) -> None:
+    del sd["param_groups"]
+
+
+@pytest.mark.parametrize(("damage", "fragment"), [
+    (_groups_as_pairs, "an optimizer param group's 'params' is not a list of positions"),
+    (_params_not_positions, "an optimizer param group's 'params' is not a list of positions"),
+    (_position_twice, "the optimizer's param groups list one position twice"),
+    (_state_not_a_mapping, "the optimizer's 'state' is not a mapping"),
+    (_state_of_no_group, "the optimizer holds state for position 7, which no param group lists"),
+    (_no_param_groups, "the optimizer entry is not an optimizer state_dict (no 'state' and 'param_groups')"),
+])
+def test_malformed_optimizer_entry_is_refused_naming_the_file(tmp_path: pytest.TempPathFactory, damage,  # noqa: ANN001
+                                                              fragment: str) -> None:
+    model, opt = trained()
+    sd = opt.state_dict()
+    damage(sd)
+    path = str(tmp_path / "odd.pt")
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": sd}, path)
+    fresh = ex.mlp_v1()
+    for call in (lambda: resumer.plan(path, fresh, ex.adam(fresh)), lambda: resumer.plan(path, fresh)):
+        with pytest.raises(resumer.CheckpointError) as info:
+            call()
+        assert str(info.value) == f"{path}: {fragment}."
+        assert info.value.uri == path
+
+
+def test_unusable_files_are_refused_naming_the_file(tmp_path: pytest.TempPathFactory, monkeypatch) -> None:  # noqa: ANN001
+    from resumer.formats import torch_save
+
+    model, _ = trained()
+    no_model = str(tmp_path / "no_model.pt")
+    torch.save({"weights": [1, 2, 3], "epoch": 1}, no_model)
+    with pytest.raises(resumer.CheckpointError, match="without a model state_dict") as info:
+        resumer.plan(no_model, ex.mlp_v1())
+    assert info.value.uri == no_model
+    big = str(tmp_path / "big.pt")
+    torch.save(model.state_dict(), big)
+    monkeypatch.setattr(torch_save, "MAX_FOREIGN_BYTES", 1000)
+    with pytest.raises(resumer.CheckpointError, match="is larger than 1000 bytes; refusing to load it whole") as info:
+        resumer.plan(big, ex.mlp_v1())
+    assert info.value.uri == big
