@@ -307,3 +307,79 @@ def test_unusable_files_are_refused_naming_the_file(tmp_path: pytest.TempPathFac
     with pytest.raises(resumer.CheckpointError, match="is larger than 1000 bytes; refusing to load it whole") as info:
         resumer.plan(big, ex.mlp_v1())
     assert info.value.uri == big
+
+
+def _saved_signature(path: str) -> resumer.Signature:
+    source = resumer.open_source(path)
+    source.close()
+    return source.signature
+
+
+SCHEDULERS = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[1, 3], gamma=0.5),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=1e-4),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.9 ** step),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_scheduler_in_a_torch_save_file_is_recognised_and_restored(tmp_path: pytest.TempPathFactory,
+                                                                   name: str) -> None:
+    model, opt = trained()
+    sched = SCHEDULERS[name](opt)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    path = str(tmp_path / "sched.pt")
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+                "scheduler_state_dict": sched.state_dict(), "step": 3}, path)
+    assert _saved_signature(path).scheduler.cls == f"torch.optim.lr_scheduler.{name}"
+    fresh = ex.mlp_v1()
+    fresh_opt = ex.adam(fresh)
+    fresh_sched = SCHEDULERS[name](fresh_opt)
+    res = resumer.resume(path, fresh, fresh_opt, fresh_sched)  # strict: a scheduler not restored is refused
+    assert [e.action for e in res.plan.section(resumer.Section.SCHEDULER)] == [Action.RESTORE]
+    assert fresh_sched.last_epoch == 3 and fresh_sched.get_last_lr() == sched.get_last_lr()
+
+
+def test_unrecognised_scheduler_is_said_and_starts_fresh(tmp_path: pytest.TempPathFactory) -> None:
+    model, opt = trained()
+    make = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10)  # noqa: E731
+    path = str(tmp_path / "onecycle.pt")
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+                "scheduler_state_dict": make(opt).state_dict()}, path)
+    assert _saved_signature(path).scheduler.cls == "unknown"
+    fresh = ex.mlp_v1()
+    fresh_opt = ex.adam(fresh)
+    plan = resumer.plan(path, fresh, fresh_opt, make(fresh_opt), policy="partial")
+    (entry,) = plan.section(resumer.Section.SCHEDULER)
+    assert entry.action is Action.FRESH and entry.reason.startswith("unknown saved, OneCycleLR now")
+
+
+@pytest.mark.parametrize(("keys", "cls"), [
+    ({"params", "lr", "momentum", "dampening", "nesterov"}, "torch.optim.sgd.SGD"),
+    ({"params", "lr", "alpha", "centered"}, "torch.optim.rmsprop.RMSprop"),
+    ({"lr_decay"}, "torch.optim.adagrad.Adagrad"),  # exactly the keys that tell it
+    ({"betas", "amsgrad"}, "torch.optim.adam.Adam|torch.optim.adamw.AdamW"),
+    ({"params", "lr", "rho"}, "unknown"),
+])
+def test_optimizer_class_inferred_from_hyperparameter_keys(keys: set, cls: str) -> None:
+    from resumer.formats.torch_save import infer_optimizer_class
+
+    inferred, how = infer_optimizer_class([dict.fromkeys(keys, 0)])
+    assert inferred == cls
+    if cls == "unknown":
+        assert how == "could not be inferred from the hyperparameter keys ['lr', 'rho']"
+
+
+def test_unknown_optimizer_class_is_said_and_refused_under_strict(tmp_path: pytest.TempPathFactory) -> None:
+    model, opt = trained(lambda m: torch.optim.Adadelta(m.parameters()))
+    path = str(tmp_path / "adadelta.pt")
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict()}, path)
+    fresh = ex.mlp_v1()
+    plan = resumer.plan(path, fresh, torch.optim.Adadelta(fresh.parameters()))
+    assert not plan.ok
+    assert any("could not be inferred from the hyperparameter keys ['capturable'," in n and "'params'" not in n
+               for n in plan.notes)
