@@ -383,3 +383,31 @@ def test_unknown_optimizer_class_is_said_and_refused_under_strict(tmp_path: pyte
     assert not plan.ok
     assert any("could not be inferred from the hyperparameter keys ['capturable'," in n and "'params'" not in n
                for n in plan.notes)
+
+
+def test_hyperparameter_no_checkpoint_holds_is_a_checkpoint_error_and_a_root_falls_back(tmp_path) -> None:  # noqa: ANN001
+    """A file's optimizer hyperparameter resumer cannot carry (a large tensor here) makes the FILE bad: a
+    CheckpointError naming it and the hyperparameter, and a folder of Trainer checkpoints passes it over."""
+    import json
+
+    model, opt = trained()
+    for step, mask in ((5, None), (10, torch.zeros(5000))):
+        d = tmp_path / "run" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        torch.save(model.state_dict(), d / "pytorch_model.bin")
+        sd = opt.state_dict()
+        if mask is not None:
+            sd["param_groups"][0]["mask"] = mask
+        torch.save(sd, d / "optimizer.pt")
+    bad = str(tmp_path / "bad.pt")
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": sd}, bad)
+    fresh = ex.mlp_v1()
+    with pytest.raises(resumer.CheckpointError, match="optimizer hyperparameter 'mask'") as info:
+        resumer.plan(bad, fresh, ex.adam(fresh))
+    assert info.value.uri == bad
+    fresh_opt = ex.adam(fresh)
+    res = resumer.resume(str(tmp_path / "run"), fresh, fresh_opt)
+    assert res.step == 5 and res.plan.checkpoint.endswith("checkpoint-5")
+    assert any("checkpoint-10" in n and "'mask'" in n for n in res.plan.notes)
+    assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"], opt.state[model[0].weight]["exp_avg"])
