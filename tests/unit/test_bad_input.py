@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import struct
 from collections.abc import Callable
@@ -349,6 +350,10 @@ def test_pickle_that_would_run_code_is_refused(root, fs_of, dst, snapshot, asser
         assert target in message
         assert "can run code" in message
         assert "weights_only=True" in message
+        assert f"GLOBAL {os.system.__module__}.system" in message  # what the file would have called
+        assert "Re-save it with tensors and plain values only" in message  # the fix, both ways
+        assert message.endswith(", or save with resumer.save_checkpoint.")
+        assert info.value.uri == target
         assert not marker.exists(), "unpickling ran the payload"
         assert_unchanged(dst, before)
     assert fs.exists(f"{path}/evil.pt")

@@ -411,3 +411,18 @@ def test_hyperparameter_no_checkpoint_holds_is_a_checkpoint_error_and_a_root_fal
     assert res.step == 5 and res.plan.checkpoint.endswith("checkpoint-5")
     assert any("checkpoint-10" in n and "'mask'" in n for n in res.plan.notes)
     assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"], opt.state[model[0].weight]["exp_avg"])
+
+
+def test_signature_of_position_keyed_optimizer_state(tmp_path: pytest.TempPathFactory) -> None:
+    """What reconcile and inspect see of the file's optimizer: positions, each state entry's shape and dtype."""
+    model, opt = trained()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to(torch.bfloat16)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": sd}, path)
+    spec = _saved_signature(path).optimizer
+    assert spec.positional and spec.cls == "torch.optim.adam.Adam"
+    assert [g.params for g in spec.groups] == [tuple(f"#{i}" for i in range(6))]
+    first = spec.state_by_param()["#0"]
+    assert {e.key: (e.shape, e.dtype) for e in first.entries} == {
+        "step": ((), "float32"), "exp_avg": ((64, 16), "bfloat16"), "exp_avg_sq": ((64, 16), "float32")}
