@@ -30,7 +30,7 @@ def make(*obs: Observation, planner: FakePlanner | None = None, **kw: object) ->
 def test_start_run_finish_records_before_launch() -> None:
     ctl, rec, launcher, _ = make(running(5, 0.0), Observation(status=Observed.SUCCEEDED, step=20))
     r = ctl.step()
-    assert (r.action, r.state) == ("launch", State.RUNNING)
+    assert (r.action, r.state, r.detail) == ("launch", State.RUNNING, "attempt 1: started")
     assert rec.events[0][0] == "decision" and launcher.launches == [rec.events[0][1]]
     assert ctl.step().detail == "running at step 5"
     r = ctl.step()
@@ -49,6 +49,7 @@ def test_crash_then_resume_and_time_to_recover() -> None:
     r = ctl.step()
     assert r.action == "launch" and r.decision is not None and r.decision.previous_failure is FailureClass.CRASHED
     assert r.decision.outcome is Outcome.RESUMED and r.decision.step == 10
+    assert r.detail == "attempt 2: resumed from step 10"
     clock.advance(3.0)
     ctl.step()  # step 11 > resume step 10: the first training step after the resume
     assert rec.of("metrics") == [(2, {"time_to_recover_s": 5.0})]
@@ -70,9 +71,12 @@ def test_budget_spent() -> None:
     steps = iter(range(100))
     obs = [failed(FailureClass.CRASHED, next(steps)) for _ in range(5)]
     ctl, _, launcher, _ = make(*obs, policy=policy)
+    results = []
     while not ctl.state.terminal:
-        ctl.step()
+        results.append(ctl.step())
     assert ctl.state is State.FAILED and len(launcher.launches) == 3
+    assert (results[-1].action, results[-1].state) == ("give-up", State.FAILED)
+    assert results[-1].detail == ctl.message
     assert "restart budget of 2 spent" in ctl.message
 
 
@@ -101,7 +105,7 @@ def test_refused_plan_stops_without_launching() -> None:
     refused = Decision(job="j", attempt=1, outcome=Outcome.REFUSED, message="To resume: --rename auto")
     ctl, rec, launcher, _ = make(running(1, 0), planner=FakePlanner(refused))
     r = ctl.step()
-    assert (r.action, r.state) == ("refuse", State.REFUSED)
+    assert (r.action, r.state, r.detail) == ("refuse", State.REFUSED, "To resume: --rename auto")
     assert launcher.launches == []
     assert rec.of("decision")[0].outcome is Outcome.REFUSED and rec.of("end") == [(1, "FAILED")]
     assert ctl.step().action == "none"
@@ -124,3 +128,20 @@ def test_startup_has_its_own_timeout() -> None:
     clock.advance(51)
     assert ctl.step().action == "backoff"
     assert launcher.stops == ["no first step within 101s of launch"]
+
+
+def test_time_to_recover_after_a_crash_before_the_first_checkpoint() -> None:
+    """The relaunch starts fresh (no step to resume from): its first reported step is the recovery."""
+    ctl, rec, _, clock = make(failed(FailureClass.CRASHED, 3), running(1, 4.0), running(2, 5.0),
+                              planner=FakePlanner(START))
+    ctl.step()
+    ctl.step()  # crashed
+    clock.advance(2.0)
+    r = ctl.step()
+    assert r.action == "launch" and r.decision is not None and r.decision.step is None
+    assert r.detail == "attempt 2: started"
+    clock.advance(2.0)
+    assert ctl.step().action == "observe"
+    assert rec.of("metrics") == [(2, {"time_to_recover_s": 4.0})]
+    ctl.step()
+    assert len(rec.of("metrics")) == 1

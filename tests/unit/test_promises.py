@@ -161,6 +161,12 @@ def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
     assert [budget.delay(n) for n in range(0, 7)] == [1.5, 1.5, 3.0, 6.0, 12.0, 20.0, 20.0]
 
 
+def test_zero_budgets_and_backoff_are_allowed() -> None:
+    """'>= 0': no restarts, or restarts at once (a backoff capped at 0 s), are budgets a job may ask for."""
+    assert [Budget(max_restarts=3, backoff_s=0.0, max_backoff_s=0.0).delay(n) for n in range(3)] == [0.0] * 3
+    assert Budget(max_restarts=0).max_restarts == 0
+
+
 @pytest.mark.parametrize("field", ["max_restarts", "backoff_s", "max_backoff_s"])
 def test_negative_budgets_are_refused(field: str) -> None:
     from resumer.core.errors import UsageError
