@@ -316,3 +316,43 @@ def test_every_positional_state_entry_must_fit_its_parameter() -> None:
         assert plan.ok is ok
         if not ok:
             assert "the state at position 0 has shape [2, 8]" in str(plan.refusals[0])
+
+
+def test_positional_state_falling_on_a_new_parameter_names_the_position() -> None:
+    """A position the current optimizer gives to a parameter the checkpoint lacks: nothing is guessed."""
+    saved_tensors = [t("a.weight", 4, 4), t("b.weight", 4)]
+    groups = (ParamGroupSpec(params=("#0", "#1")),)
+    state = tuple(ParamState(param=k, entries=(StateEntry(key="exp_avg", shape=s),))
+                  for k, s in (("#0", (4, 4)), ("#1", (4,))))
+    saved = Signature(tensors=tuple(saved_tensors), optimizer=OptimizerSpec(cls=ADAM, groups=groups, state=state,
+                                                                            positional=True))
+    plan = reconcile(saved, sig([t("a.weight", 4, 4), t("c.weight", 4)]), "partial")
+    (entry,) = plan.section(Section.OPTIMIZER)
+    assert entry.action is Action.RESET
+    assert ("optimizer state is keyed by position; position 1 falls on the current parameter 'c.weight', which the "
+            "checkpoint's model does not hold") in entry.reason
+    assert not any(e.action is Action.CARRY for e in plan.section(Section.OPTIMIZER_STATE))
+
+
+def test_refusal_message_lists_at_most_25_and_json_keeps_every_refusal() -> None:
+    many = [t(f"layer{i}.weight", 4) for i in range(30)]
+    plan = reconcile(sig(many, opt=None), sig([], opt=None), checkpoint="/r/step-0000000100")
+    assert len(plan.refusals) == 30 and not plan.ok
+    text = plan.describe_refusal()
+    assert text.startswith("Cannot resume /r/step-0000000100 under policy 'strict': 30 differences")
+    assert sum(line.startswith("  - ") for line in text.splitlines()) == 25
+    assert "  ... and 5 more (see the full plan: --json)" in text.splitlines()
+    d = plan.to_dict()
+    assert d["summary"] == plan.summary()
+    assert [r["text"] for r in d["refusals"]] == [str(r) for r in plan.refusals]
+    assert d["refusals"][0]["text"].startswith("model 'layer0.weight': ")
+
+
+def test_plan_entry_describes_itself() -> None:
+    from resumer.core.plan import PlanEntry
+
+    plain = PlanEntry(section=Section.MODEL, name="a.weight", action=Action.LOAD)
+    assert plain.describe() == "model 'a.weight': load"
+    moved = PlanEntry(section=Section.MODEL, name="b.weight", action=Action.LOAD_RENAMED, source="a.weight",
+                      reason="rule ^a -> b")
+    assert moved.describe() == "model 'b.weight': load-renamed from 'a.weight' (rule ^a -> b)"
