@@ -356,3 +356,42 @@ def test_plan_entry_describes_itself() -> None:
     moved = PlanEntry(section=Section.MODEL, name="b.weight", action=Action.LOAD_RENAMED, source="a.weight",
                       reason="rule ^a -> b")
     assert moved.describe() == "model 'b.weight': load-renamed from 'a.weight' (rule ^a -> b)"
+
+
+def test_auto_index_shift_in_a_nested_container_and_the_rule_names_it() -> None:
+    """An activation inserted in 'blocks.0.mlp': only that container's later children move; the outer
+    containers (whose indices did not change) are looked past, not a reason to stop looking."""
+    saved = sig([t("blocks.0.mlp.0.weight", 8, 4), t("blocks.0.mlp.2.weight", 4, 8), t("head.0.weight", 2, 4)],
+                scheduler="StepLR")
+    cur = current([t("blocks.0.mlp.0.weight", 8, 4), t("blocks.0.mlp.3.weight", 4, 8), t("head.0.weight", 2, 4)])
+    plan = reconcile(saved, cur, "strict", "auto")
+    assert plan.ok, plan.describe()
+    (r,) = plan.renames
+    assert (r.source, r.target) == ("blocks.0.mlp.2.weight", "blocks.0.mlp.3.weight")
+    assert r.rule == "auto: index shift in 'blocks.0.mlp'"
+    assert r.evidence == ("children of 'blocks.0.mlp' with parameters [0, 2] saved, [0, 3] now; same order, names, "
+                          "shapes and dtypes")
+    top = reconcile(sig([t("0.weight", 8, 4), t("2.weight", 2, 8)]), current([t("0.weight", 8, 4),
+                                                                             t("3.weight", 2, 8)]), "strict", "auto")
+    assert [r.rule for r in top.renames] == ["auto: index shift in the top-level module"]
+
+
+@pytest.mark.parametrize(("saved_name", "current_name", "rule"), [
+    ("fc.weight", "fc.inner.weight", "auto: wrapped 'fc.*' under 'inner'"),
+    ("fc.weight", "model.fc.weight", "auto: wrapped '*' under 'model'"),
+    ("q.weight", "base_model.model.q.base_layer.weight",  # peft LoRA
+     "auto: wrapped 'base_model.model' at the front, then 'base_layer' after 'q'"),
+    ("base_model.model.q.base_layer.weight", "q.weight",
+     "auto: unwrapped 'base_model.model' at the front, then 'base_layer' after 'q'"),
+    ("base_model.model.q.weight", "q.weight", "auto: unwrapped 'base_model.model'"),
+    ("fc.weight", "fc.weight.inner.weight", "auto: wrapped 'fc.*' under 'weight.inner'"),  # the leaf stays the leaf
+])
+def test_auto_wrapping_rule_says_what_was_inserted_or_removed(saved_name: str, current_name: str, rule: str) -> None:
+    plan = reconcile(sig([t(saved_name, 4, 4)]), sig([t(current_name, 4, 4)]), "strict", "auto")
+    assert plan.ok, plan.describe()
+    assert [(r.source, r.target, r.rule) for r in plan.renames] == [(saved_name, current_name, rule)]
+
+
+def test_rename_rules_describe_themselves() -> None:
+    assert parse_renames(None).describe() == "none"
+    assert parse_renames([r"^enc\.=backbone.", "auto"]).describe() == r"^enc\.=backbone., auto"
