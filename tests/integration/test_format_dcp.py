@@ -227,6 +227,29 @@ def test_a_truncated_data_file_is_refused_with_nothing_changed(copy_of: Path, sn
     assert_unchanged(fresh, before)
 
 
+def test_a_hyperparameter_no_checkpoint_holds_refuses_that_checkpoint_and_a_root_falls_back(
+        saved: tuple[str, Run], tmp_path: Path, snapshot: Any, assert_unchanged: Any) -> None:
+    # A tensor of 5,000 elements in a param group (a hyperparameter holds at most 4,096), saved by dcp.save itself: the checkpoint is bad (a CheckpointError
+    # naming it), not the caller's input, so a folder of checkpoints passes over it to the older one.
+    root = tmp_path / "checkpoint"
+    shutil.copytree(saved[0], root / f"step-{STEPS}")
+    run = make_run(seed=0)
+    run.optimizer.param_groups[0]["mask"] = torch.zeros(5000)
+    model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd, "lr_scheduler": run.scheduler.state_dict(), "step": STEPS + 2},
+                 checkpoint_id=str(root / "step-5"))
+    fresh = make_run(seed=9)
+    before = snapshot(fresh)
+    with pytest.raises(CheckpointError, match="optimizer hyperparameter") as caught:
+        resumer.resume(str(root / "step-5"), fresh.model, fresh.optimizer, fresh.scheduler)
+    assert caught.value.uri.endswith("step-5")
+    assert_unchanged(fresh, before)
+    result = resumer.resume(str(root), fresh.model, fresh.optimizer, fresh.scheduler)
+    assert result.step == STEPS and result.checkpoint.endswith(f"step-{STEPS}")
+
+
 def test_an_index_that_lies_about_an_item_is_refused_with_nothing_changed(copy_of: Path, snapshot: Any,
                                                                           assert_unchanged: Any) -> None:
     """Two items of different shapes swap places in the storage index: each range is a valid torch.save blob
