@@ -229,8 +229,9 @@ def test_a_truncated_data_file_is_refused_with_nothing_changed(copy_of: Path, sn
 
 def test_a_hyperparameter_no_checkpoint_holds_refuses_that_checkpoint_and_a_root_falls_back(
         saved: tuple[str, Run], tmp_path: Path, snapshot: Any, assert_unchanged: Any) -> None:
-    # A tensor of 5,000 elements in a param group (a hyperparameter holds at most 4,096), saved by dcp.save itself: the checkpoint is bad (a CheckpointError
-    # naming it), not the caller's input, so a folder of checkpoints passes over it to the older one.
+    # A tensor of 5,000 elements in a param group (a hyperparameter holds at most 4,096), saved by dcp.save
+    # itself: the checkpoint is bad (a CheckpointError naming it), not the caller's input, so a folder of
+    # checkpoints passes over it to the older one.
     root = tmp_path / "checkpoint"
     shutil.copytree(saved[0], root / f"step-{STEPS}")
     run = make_run(seed=0)
