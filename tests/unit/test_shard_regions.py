@@ -3,14 +3,33 @@ chunks, on plain tensors (the multi-process tests run it through real FSDP2 rank
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+import resumer
+from resumer import examples as ex
 from resumer.core.errors import ResumerError
-from resumer.formats.native.manifest import chunk_key
+from resumer.formats import rng
+from resumer.formats.native.manifest import (
+    MANIFEST,
+    MODEL_KIND,
+    OPTIMIZER_KIND,
+    chunk_key,
+    long_form,
+    rank_file_name,
+    state_key,
+    step_dir,
+)
 from resumer.formats.native.source import _region_of
+from resumer.runtime.sharded import _commit, _write_pieces
+from resumer.runtime.writing import check_written
+from resumer.storage.store import Store
 
 FULL = torch.arange(7 * 5, dtype=torch.float32).view(7, 5)
 
@@ -53,3 +72,69 @@ def test_a_region_the_pieces_read_do_not_cover_is_refused_never_left_unwritten()
     del pieces[chunk_key("w", (4, 0))]  # rows 4.. were not read
     with pytest.raises(ResumerError, match="cover 10 of the 25 elements"):
         _region_of("w", chunks, pieces, ((2, 0), (5, 5)))
+
+
+# --- a sharded checkpoint, read by NativeSource ---------------------------------------------------------------
+
+
+def _sharded(root: Path, ranks: int = 2) -> tuple[str, nn.Module, torch.optim.Optimizer, list[dict[str, Any]]]:
+    """A checkpoint as ``ranks`` ranks holding every tensor of at least ``ranks`` rows in row shards save it: each
+    rank's pieces in its own files, committed by the sharded save's own commit (which parses it back). Returns its
+    URI, the model and Adam it holds, and each rank's saved RNG state."""
+    model = ex.mlp_v1()
+    opt = ex.adam(model)
+    for step in range(2):
+        ex.train_step(model, opt, step)
+    plain = resumer.save_checkpoint(str(root / "plain"), 3, model, opt)
+    with open(f"{plain}/{MANIFEST}") as f:
+        lf = long_form(json.load(f))
+    lf["signature"]["world_size"] = ranks
+    meta = {"signature": lf["signature"], "scheduler": lf["scheduler"], "rng": lf["rng"],
+            "scalars": lf["optimizer"]["scalars"], "code": lf["code"], "extra": lf["extra"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {**model.state_dict(),
+             **{state_key(names[id(p)], k): v for p, st in opt.state.items() for k, v in st.items()}}
+    ckpt = Store.open(str(root / "sharded")).child(step_dir(3))
+    ckpt.makedirs()
+    gathered = []
+    for r in range(ranks):
+        outcome: dict[str, Any] = {"rank": r, "error": None, "files": [], "placed": [], "nonfinite": []}
+        torch.manual_seed(100 + r)
+        outcome["rng"] = rng.capture()
+        for kind, model_side in ((MODEL_KIND, True), (OPTIMIZER_KIND, False)):
+            pieces = []
+            for key, t in state.items():
+                if ("/" not in key) != model_side:
+                    continue
+                if t.dim() == 0 or t.shape[0] < ranks:
+                    if r == 0:
+                        pieces.append((key, (0,) * t.dim(), t, True))
+                    continue
+                rows = t.shape[0] // ranks
+                lo, hi = r * rows, (t.shape[0] if r == ranks - 1 else (r + 1) * rows)
+                pieces.append((key, (lo,) + (0,) * (t.dim() - 1), t[lo:hi], False))
+            done = _write_pieces(ckpt, rank_file_name(kind, "tok", r), pieces, [])
+            if done is not None:
+                outcome["files"].append(done[0])
+                outcome["placed"] += done[1]
+        gathered.append(outcome)
+    verdict = _commit(ckpt, 3, gathered, meta, True, ranks, check_written)
+    assert verdict == ("ok", ckpt.uri), verdict
+    return ckpt.uri, model, opt, [g["rng"] for g in gathered]
+
+
+def test_a_sharded_checkpoint_resumes_whole_into_unsharded_state(tmp_path: Path) -> None:
+    """Every chunk of every tensor and state entry lands at its global offsets (a resume on fewer ranks)."""
+    uri, model, opt, _ = _sharded(tmp_path)
+    m = resumer.read_manifest(uri)
+    assert m.sharded and {"2.weight", "2.weight/exp_avg"} <= set(m.chunks)
+    fresh = ex.mlp_v1()
+    fresh_opt = ex.adam(fresh)
+    res = resumer.resume(uri, fresh, fresh_opt)
+    assert res.step == 3
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    saved, got = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert saved.keys() == got.keys()
+    for i, st in saved.items():
+        assert all(torch.equal(got[i][k], v) for k, v in st.items()), i
