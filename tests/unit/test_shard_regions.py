@@ -14,7 +14,7 @@ from torch import nn
 
 import resumer
 from resumer import examples as ex
-from resumer.core.errors import ResumerError
+from resumer.core.errors import CheckpointError, ResumerError
 from resumer.formats import rng
 from resumer.formats.native.manifest import (
     MANIFEST,
@@ -26,7 +26,7 @@ from resumer.formats.native.manifest import (
     state_key,
     step_dir,
 )
-from resumer.formats.native.source import _region_of
+from resumer.formats.native.source import NativeSource, _region_of
 from resumer.runtime.sharded import _commit, _write_pieces
 from resumer.runtime.writing import check_written
 from resumer.storage.store import Store
@@ -138,3 +138,65 @@ def test_a_sharded_checkpoint_resumes_whole_into_unsharded_state(tmp_path: Path)
     assert saved.keys() == got.keys()
     for i, st in saved.items():
         assert all(torch.equal(got[i][k], v) for k, v in st.items()), i
+
+
+REGIONS = {
+    "2.weight": ((16, 0), (32, 64)),  # rows 16..47: half from each rank's chunk, copied out of both
+    "0.weight": ((32, 0), (32, 16)),  # exactly rank 1's chunk: rank 0's is not read
+    "2.weight/exp_avg": ((40, 0), (8, 64)),  # inside rank 1's chunk: rank 0's is not read
+}
+
+
+def test_a_restricted_read_holds_each_region_and_reads_only_the_chunks_that_overlap_it(tmp_path: Path) -> None:
+    uri, model, opt, _ = _sharded(tmp_path)
+    names = {t.name for t in resumer.read_manifest(uri).signature.tensors}
+    whole = NativeSource(resumer.read_manifest(uri), checksums=False)  # no hashing: reads only what it loads
+    whole.load(names, {"2.weight"})
+    src = NativeSource(resumer.read_manifest(uri))
+    src.prepare()
+    assert src.restrict(REGIONS) is True
+    src.load(names, {"2.weight"})
+    sd, st = model.state_dict(), opt.state[model[2].weight]
+    assert torch.equal(src.tensor("2.weight"), sd["2.weight"][16:48])
+    assert torch.equal(src.tensor("0.weight"), sd["0.weight"][32:])
+    for name in names - set(REGIONS):  # not restricted: whole, from every chunk
+        assert torch.equal(src.tensor(name), sd[name]), name
+    got = src.optimizer_state("2.weight")
+    assert torch.equal(got["exp_avg"], st["exp_avg"][40:48])
+    assert torch.equal(got["exp_avg_sq"], st["exp_avg_sq"]) and torch.equal(got["step"], st["step"])
+    assert {k for k in [*names, "2.weight/exp_avg", "2.weight/exp_avg_sq"] if src.is_local(k)} == set(REGIONS)
+    skipped = (32 * 16 + 32 * 64) * 4  # rank 0's chunks of 0.weight and of 2.weight's exp_avg
+    assert src.bytes_read == whole.bytes_read - skipped
+    src.close()
+    whole.close()
+
+
+def test_a_restricted_read_checks_each_chunk_it_reads_against_its_own_checksum(tmp_path: Path) -> None:
+    uri, model, _, _ = _sharded(tmp_path)
+    m = resumer.read_manifest(uri)
+    (chunk,) = [c for c in m.chunks["2.weight"] if c.offsets == (32, 0)]
+    with open(f"{uri}/{chunk.loc.file}", "r+b") as f:
+        f.seek(chunk.loc.offset + 100)
+        b = f.read(1)
+        f.seek(chunk.loc.offset + 100)
+        f.write(bytes([b[0] ^ 0x01]))
+    src = NativeSource(m)
+    src.prepare()
+    assert src.restrict(REGIONS)
+    with pytest.raises(CheckpointError, match=r"'2.weight#32,0' fails its checksum") as err:
+        src.load({t.name for t in m.signature.tensors}, set())
+    assert err.value.uri == uri
+
+
+def test_a_restricted_read_needs_a_sharded_checkpoint_with_every_piece_checksum(tmp_path: Path) -> None:
+    uri, _, _, _ = _sharded(tmp_path)
+    plain = resumer.latest_checkpoint(str(tmp_path / "plain")).uri
+    assert NativeSource(resumer.read_manifest(plain)).restrict(REGIONS) is False  # not sharded: read whole
+    with open(f"{uri}/{MANIFEST}") as f:
+        raw = long_form(json.load(f))
+    del raw["tensors"]["2.weight"]["chunks"][1]["checksum"]
+    with open(f"{uri}/{MANIFEST}", "w") as f:
+        json.dump(raw, f)
+    m = resumer.read_manifest(uri)
+    assert NativeSource(m).restrict(REGIONS) is False  # a piece it could not check: whole files, hashed
+    assert NativeSource(m, checksums=False).restrict(REGIONS) is True  # nothing is checked anyway
