@@ -187,8 +187,10 @@ def test_optimizer_header_is_checked_against_the_manifest(tmp_path: Path, verify
     assert data.count(b'"2.weight/exp_avg"') == 1
     Path(path).write_bytes(data.replace(b'"2.weight/exp_avg"', b'"2.weight/exp_avX"'))
     live = Live()
-    with pytest.raises(resumer.CheckpointError, match="'2.weight/exp_avg' is in the manifest but not in the file"):
+    with pytest.raises(resumer.CheckpointError,
+                       match="'2.weight/exp_avg' is in the manifest but not in the file") as err:
         resumer.resume(uri, live.model, live.opt, live.sched, verify=verify)
+    assert err.value.uri == uri  # the checkpoint at fault, for the caller that passes it over or marks it
     live.assert_unchanged()
 
 
