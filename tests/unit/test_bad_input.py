@@ -219,6 +219,10 @@ LATE_VALUES = {
     "rng": (lambda raw: raw["rng"].update(torch="AAAA"), "RNG state"),
     "scheduler": (lambda raw: raw["scheduler"].update(state={"__resumer__": "bogus"}), "scheduler"),
     "extra": (lambda raw: raw.update(extra={"__resumer__": "bogus"}), "extra"),
+    "hyperparameters": (lambda raw: raw["signature"]["optimizer"]["groups"][0]["hyperparams"].update(
+        lr={"__resumer__": "bogus"}), "the saved optimizer param group 0 in the manifest is malformed"),
+    "optimizer scalars": (lambda raw: raw["optimizer"]["scalars"].update({"0.weight": {"k": {"__resumer__": "x"}}}),
+                          "the saved optimizer state in the manifest is malformed"),
 }
 
 
