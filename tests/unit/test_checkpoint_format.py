@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import fsspec
 import numpy as np
 import pytest
 import safetensors.torch
@@ -13,6 +14,7 @@ from torch import nn
 
 import resumer
 from resumer.formats.native.manifest import FORMAT_VERSION, MANIFEST, long_form, state_key
+from resumer.runtime.inspect import inspect_checkpoint
 
 MODEL_KEYS = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
               "1.num_batches_tracked", "3.weight", "3.bias"]
@@ -240,3 +242,21 @@ def test_tied_weights_are_stored_once(root, fs_of, tmp_path):
     assert dst.head.weight is dst.embed.weight  # still tied
     assert torch.equal(dst.head.weight, src.head.weight)
     assert torch.equal(dst_opt.state[dst.embed.weight]["exp_avg"], opt.state[src.embed.weight]["exp_avg"])
+
+
+def test_a_checkpoint_behind_storage_options_is_read_and_verified_through_them(tmp_path) -> None:
+    """Every size check and read uses the storage options given (credentials, an endpoint), never a store opened
+    again without them: fsspec's dir:// filesystem stands in, as it cannot even be opened without its options."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    resumer.save_checkpoint(str(tmp_path / "root"), 5, model, opt)
+    options = {"path": str(tmp_path), "fs": fsspec.filesystem("file")}
+    fresh = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    res = resumer.resume("dir://root", fresh, fresh_opt, storage_options=options)
+    assert res.step == 5
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    info = inspect_checkpoint("dir://root", options, verify=True)
+    assert (info["step"], info["verified"]) == (5, True)
