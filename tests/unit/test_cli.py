@@ -17,6 +17,7 @@ from click.testing import Result
 
 import resumer
 from resumer import examples as ex
+from resumer.formats.native.manifest import FORMAT_VERSION
 
 MLP = "resumer.examples:mlp_v1"
 RunCli = Callable[..., Result]  # the resumer_cli fixture (conftest.py)
@@ -111,8 +112,11 @@ def test_inspect_json_and_text(resumer_cli: RunCli, root: str) -> None:
     assert sorted(f["path"].split(".")[0] for f in d["files"]) == ["model", "optimizer"]
     assert d["extra"] == {"loss": 0.25}
     assert len(d["checkpoints"]) == 1
+    assert d["format_version"] == FORMAT_VERSION and d["kind"] == "resumer"
+    assert d["code"]["model_class"] == "torch.nn.modules.container.Sequential" and d["code"]["fingerprint"]
     text = resumer_cli("inspect", root)
     assert "step        3" in text.stdout and "file        model." in text.stdout
+    assert f"code        torch.nn.modules.container.Sequential fingerprint {d['code']['fingerprint']}" in text.stdout
 
 
 def test_inspect_torch_save_file(resumer_cli: RunCli, tmp_path: Path) -> None:
