@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import resumer
+import resumer.formats.native.source as native_source
 from resumer.checkpoints.catalog import select
 from resumer.checkpoints.retention import RetentionPolicy, prune
 from resumer.checkpoints.watch import Watcher
@@ -159,6 +160,38 @@ def test_newer_format_is_passed_over_but_never_quarantined(tmp_path):
     assert prune(root, RetentionPolicy(keep_last=1)).deleted == ()
     assert not os.path.exists(os.path.join(newer, QUARANTINE))  # fine for a newer resumer: no reader marks it
     assert os.path.exists(os.path.join(newer, MANIFEST))
+
+
+def _torch_without(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """This torch, less ``dtype`` (as an older torch lacks the newer float8 kinds)."""
+    real = native_source.torch_dtype
+
+    def torch_dtype(name: str) -> torch.dtype:
+        if name == dtype:
+            raise ValueError(f"dtype {name!r} is not available in torch 0.0")
+        return real(name)
+
+    monkeypatch.setattr(native_source, "torch_dtype", torch_dtype)
+
+
+def test_a_dtype_this_torch_lacks_is_refused_changing_nothing_and_never_quarantined(tmp_path, monkeypatch):
+    """The checkpoint is sound, for a torch that has the dtype: refused before anything is read, naming the tensor
+    and what to do, and never marked (a mark would hide it from every reader, with the newest progress)."""
+    root = str(tmp_path / "ckpts")
+    _, newest, _ = _two_checkpoints(root)
+    _torch_without(monkeypatch, "float32")
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(resumer.CheckpointError, match=r"tensor '[\w./]+': dtype 'float32' is not available in torch "
+                                                      r"0\.0\. Resume with a torch that has it\.") as info:
+        resumer.resume(newest, model, torch.optim.Adam(model.parameters()))
+    assert info.value.uri == newest and info.value.quarantine is False
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(resumer.CheckpointError, match="every committed checkpoint failed verification"):
+        resumer.resume(root, model, torch.optim.Adam(model.parameters()))
+    assert [(c.step, c.quarantine) for c in resumer.list_checkpoints(root, include_quarantined=True)] == [
+        (2, None), (1, None)]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _peak(call: Callable[[], Any]) -> int:

@@ -423,11 +423,13 @@ def check_manifest(m: Manifest) -> None:  # noqa: C901 - one check per section
 
 
 def torch_dtype_or_refuse(m: Manifest, what: str, dtype: str) -> torch.dtype:
+    """The torch dtype of ``dtype``; a dtype this torch lacks is refused, but not quarantined: the checkpoint is
+    fine for a torch that has it (as one in a newer format is for a newer resumer)."""
     try:
         return torch_dtype(dtype)
     except ValueError as exc:
         raise CheckpointError(f"{m.uri}: tensor {what!r}: {exc}. Resume with a torch that has it.",
-                              uri=m.uri) from None
+                              uri=m.uri, quarantine=False) from None
 
 
 class NativeReader:
