@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import resumer
+import resumer.formats.native.source as native_source
 from resumer import examples as ex
 from resumer.core.errors import CheckpointError, ResumerError
 from resumer.formats import rng
@@ -200,3 +201,42 @@ def test_a_restricted_read_needs_a_sharded_checkpoint_with_every_piece_checksum(
     m = resumer.read_manifest(uri)
     assert NativeSource(m).restrict(REGIONS) is False  # a piece it could not check: whole files, hashed
     assert NativeSource(m, checksums=False).restrict(REGIONS) is True  # nothing is checked anyway
+
+
+def test_a_chunked_tensor_of_a_dtype_this_torch_lacks_is_refused_before_anything_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri, _, _, _ = _sharded(tmp_path)
+    real = native_source.torch_dtype
+
+    def torch_dtype(name: str) -> torch.dtype:  # this torch, less float32 (as an older one lacks newer dtypes)
+        if name == "float32":
+            raise ValueError(f"dtype {name!r} is not available in torch 0.0")
+        return real(name)
+
+    monkeypatch.setattr(native_source, "torch_dtype", torch_dtype)
+    src = NativeSource(resumer.read_manifest(uri))
+    with pytest.raises(CheckpointError, match=r"dtype 'float32' is not available in torch 0\.0\. Resume with a "
+                                              r"torch that has it\.") as err:
+        src.prepare()
+    assert err.value.uri == uri and err.value.quarantine is False and src.bytes_read == 0
+
+
+def test_each_rank_restores_its_own_rng_state_at_the_world_size_that_saved(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a process group of the saved world size, rank r restores rank r's RNG state; at any other size, the
+    saving rank 0's (the manifest's own). A process group of this size is faked: only its size and rank are read."""
+    uri, _, _, per_rank = _sharded(tmp_path)
+    m = resumer.read_manifest(uri)
+    assert not torch.equal(rng.parse(per_rank[1])["torch"], rng.parse(m.rng)["torch"])
+
+    def restored(rank: int, world: int) -> torch.Tensor:
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        src = NativeSource(m)
+        src.prepare()
+        return src.rng_state()["torch"]
+
+    assert torch.equal(restored(1, 2), rng.parse(per_rank[1])["torch"])
+    assert torch.equal(restored(0, 2), rng.parse(per_rank[0])["torch"])
+    assert torch.equal(restored(1, 3), rng.parse(m.rng)["torch"])
