@@ -260,3 +260,5 @@ def test_a_checkpoint_behind_storage_options_is_read_and_verified_through_them(t
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
     info = inspect_checkpoint("dir://root", options, verify=True)
     assert (info["step"], info["verified"]) == (5, True)
+    assert (info["kind"], info["format_version"]) == ("resumer", FORMAT_VERSION)
+    assert info["code"]["model_class"] == "torch.nn.modules.container.Sequential" and info["code"]["fingerprint"]
