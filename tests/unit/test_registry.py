@@ -116,7 +116,8 @@ def test_no_format_matched_says_what_was_tried_and_what_to_pass(root: str, files
         assert message.startswith(f"Cannot read {uri}: it is not a checkpoint of any known format. Tried: ")
         for fmt in registry.KNOWN_FORMATS.values():
             assert f"{fmt.name} ({fmt.description})" in message
-        assert "Pass one of these, or a root directory of resumer checkpoints" in message
+        assert "Pass one of these, or a root directory of resumer checkpoints. Nothing was loaded." in message
+        assert info.value.uri == uri
     # A directory that is neither a checkpoint nor a root of them says so too.
     odd = files("odd/readme.txt", b"hello").rsplit("/", 1)[0]
     with pytest.raises(CheckpointError, match=r"no root of resumer checkpoints \(no step-N directory under it\)"
