@@ -109,3 +109,18 @@ def test_async_saves_in_a_row_reuse_host_buffers_without_mixing_states(tmp_path:
         fresh = ex.mlp_v1()
         resumer.resume(f"{tmp_path}/step-{step:010d}", fresh, ex.adam(fresh))
         assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items()), step
+
+
+def test_async_save_keeps_every_dtype_of_the_state_it_copies(tmp_path: pytest.TempPathFactory) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3).double(), torch.nn.Linear(3, 3).to(torch.bfloat16))
+    model.register_buffer("count", torch.tensor([7], dtype=torch.int64))
+    with resumer.AsyncSaver(str(tmp_path)) as saver:
+        saver.save(1, model)
+        uri = saver.wait()
+    assert uri is not None
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 3).double(), torch.nn.Linear(3, 3).to(torch.bfloat16))
+    fresh.register_buffer("count", torch.tensor([0], dtype=torch.int64))
+    resumer.resume(uri, fresh)
+    for (name, want), got in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
