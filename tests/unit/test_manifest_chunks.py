@@ -75,6 +75,7 @@ VALID = {
     "blocks": BLOCKS,
     "blocks listed last first": BLOCKS[::-1],
     "blocks and an empty chunk inside one": [*BLOCKS, (2, 0, [1, 2], [0, 3])],
+    "rows and an empty chunk inside one": [*ROWS, (2, 0, [1, 0], [0, 3])],  # it covers nothing: no overlap
 }
 
 
