@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 
 import pytest
 import torch
 
-from resumer.formats.native.prefault import MIN_BYTES, FreshTensors
+from resumer.formats.native import prefault
+from resumer.formats.native.prefault import MIN_BYTES, PAGE, FreshTensors
 
 BIG = (MIN_BYTES // 4 + 1,)  # float32 elements: just over the threshold, so the helper thread runs
+FRESH = (10 << 20,)  # 40 MiB of float32: past glibc's largest mmap threshold, so always new, untouched pages
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and MADV_POPULATE_WRITE are Linux's")
+
+
+def resident(t: torch.Tensor) -> float:
+    """The fraction of the whole pages inside ``t``'s bytes that are in memory (Linux ``mincore``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    start = t.data_ptr()
+    lo, hi = -(-start // PAGE) * PAGE, (start + t.numel() * t.element_size()) // PAGE * PAGE
+    vec = ctypes.create_string_buffer((hi - lo) // PAGE)
+    assert libc.mincore(lo, hi - lo, vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec.raw) / len(vec.raw)
 
 
 def test_hands_out_each_spec_in_order_with_its_shape_and_dtype():
@@ -24,12 +40,26 @@ def test_hands_out_each_spec_in_order_with_its_shape_and_dtype():
     assert all(bool((t == 1).all()) for t in got)
 
 
-def test_the_helper_thread_touches_big_tensors_ahead_of_the_reader():
-    with FreshTensors([(BIG, torch.float32)] * 3) as fresh:
-        fresh._ready[2].wait(timeout=30)  # the helper got to the last one before anyone asked
+@linux
+def test_the_helper_thread_faults_in_big_tensors_ahead_of_the_reader():
+    with FreshTensors([(FRESH, torch.float32)] * 3) as fresh:
+        fresh._ready[2].wait(timeout=60)  # the helper got to the last one before anyone asked
         assert fresh._tensors[2] is not None
-        assert bool((fresh._tensors[2] == 0).all())  # touched (zeroed), not just reserved
-        assert [tuple(fresh.get(i).shape) for i in range(3)] == [BIG] * 3
+        assert resident(fresh._tensors[2]) == 1.0  # every page faulted in, not just reserved
+        assert [tuple(fresh.get(i).shape) for i in range(3)] == [FRESH] * 3
+
+
+@linux
+def test_populate_faults_in_every_page_and_without_it_zero_does(monkeypatch):
+    t = torch.empty(FRESH, dtype=torch.float32)
+    assert resident(t) < 0.5  # new pages: reserved, not yet in memory
+    assert prefault.populate(t)  # this kernel (5.14 or later) faults them in itself
+    assert resident(t) == 1.0
+    monkeypatch.setattr(prefault, "_populate_works", False)  # an older kernel
+    u = torch.empty(FRESH, dtype=torch.float32)
+    assert not prefault.populate(u)
+    prefault.touch(u)
+    assert resident(u) == 1.0 and bool((u == 0).all())
 
 
 def test_small_tensors_need_no_thread():

@@ -6,10 +6,17 @@ took 0.38 s, into touched memory 0.07 s, and touching it beforehand 0.19 s). A h
 each tensor's pages while the reader is busy with the previous one (I/O or hashing), so the two costs
 overlap instead of adding up. The tensors are ordinary ``torch.empty`` tensors: nothing is shared,
 aliased or mapped from the file.
+
+On Linux 5.14 or later the kernel faults a tensor's pages in itself, in one call (``madvise`` with
+``MADV_POPULATE_WRITE``), rather than one page fault per 4 KiB: measured here, 768 MiB of 2 MiB tensors in
+0.36-0.37 s against 0.66-0.74 s for ``zero_()`` (a busy machine; in fresh processes).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -17,12 +24,52 @@ import torch
 
 # Smaller tensors are left untouched: their faults are few, and the helper need not start for them alone.
 MIN_BYTES = 1 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MADV_POPULATE_WRITE = 23  # Linux 5.14 (include/uapi/asm-generic/mman-common.h)
+
+
+def _madvise() -> object | None:
+    """libc's ``madvise``, where this is Linux and it can be found; else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise()
+_populate_works = _MADVISE is not None  # set False the first time the kernel refuses (before 5.14: EINVAL)
+
+
+def populate(t: torch.Tensor) -> bool:
+    """Ask the kernel to fault in the whole pages inside ``t``'s bytes, writable (MADV_POPULATE_WRITE; contents
+    unchanged); the partial pages at either end are left to :func:`touch`. False where that cannot be asked."""
+    global _populate_works
+    if not _populate_works or _MADVISE is None:
+        return False
+    start = t.data_ptr()
+    lo, hi = -(-start // PAGE) * PAGE, (start + t.numel() * t.element_size()) // PAGE * PAGE
+    if hi <= lo:
+        return False
+    if _MADVISE(lo, hi - lo, MADV_POPULATE_WRITE) != 0:  # type: ignore[operator]
+        _populate_works = False  # an older kernel, or a sandbox that forbids it: zero_() from now on
+        return False
+    flat = t.reshape(-1).view(torch.uint8)
+    flat[:lo - start].zero_()  # the partial pages at the ends
+    flat[hi - start:].zero_()
+    return True
 
 
 def touch(t: torch.Tensor) -> None:
-    """Fault in every page of a tensor. A plain ``zero_()``: measured faster here than writing one byte
-    per page (0.16-0.19 s vs 0.27-0.29 s for 704 MiB), and the reader overwrites every byte anyway."""
-    t.reshape(-1).view(torch.uint8).zero_()  # as bytes: zero_ is not implemented for every dtype (float8)
+    """Fault in every page of a tensor: :func:`populate` where the kernel can, else a plain ``zero_()`` (measured
+    faster here than writing one byte per page: 0.16-0.19 s vs 0.27-0.29 s for 704 MiB); the reader overwrites
+    every byte anyway."""
+    if not populate(t):
+        t.reshape(-1).view(torch.uint8).zero_()  # as bytes: zero_ is not implemented for every dtype (float8)
 
 
 class FreshTensors:
