@@ -4,6 +4,7 @@ chunks, on plain tensors (the multi-process tests run it through real FSDP2 rank
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -172,19 +173,23 @@ def test_a_restricted_read_holds_each_region_and_reads_only_the_chunks_that_over
     whole.close()
 
 
-def test_a_restricted_read_checks_each_chunk_it_reads_against_its_own_checksum(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "offsets"), [("0.weight", (32, 0)), ("2.weight", (32, 0)), ("4.bias", (2,))],
+                         ids=["first-in-its-file", "middle", "last-in-its-file"])
+def test_a_restricted_read_checks_each_chunk_it_reads_against_its_own_checksum(tmp_path: Path, name: str,
+                                                                               offsets: tuple[int, ...]) -> None:
     uri, model, _, _ = _sharded(tmp_path)
     m = resumer.read_manifest(uri)
-    (chunk,) = [c for c in m.chunks["2.weight"] if c.offsets == (32, 0)]
+    (chunk,) = [c for c in m.chunks[name] if c.offsets == offsets]
     with open(f"{uri}/{chunk.loc.file}", "r+b") as f:
-        f.seek(chunk.loc.offset + 100)
+        f.seek(chunk.loc.offset + chunk.loc.nbytes - 1)
         b = f.read(1)
-        f.seek(chunk.loc.offset + 100)
+        f.seek(chunk.loc.offset + chunk.loc.nbytes - 1)
         f.write(bytes([b[0] ^ 0x01]))
     src = NativeSource(m)
     src.prepare()
     assert src.restrict(REGIONS)
-    with pytest.raises(CheckpointError, match=r"'2.weight#32,0' fails its checksum") as err:
+    key = f"{name}#{','.join(map(str, offsets))}"
+    with pytest.raises(CheckpointError, match=f"'{re.escape(key)}' fails its checksum") as err:
         src.load({t.name for t in m.signature.tensors}, set())
     assert err.value.uri == uri
 

@@ -233,8 +233,18 @@ class NativeSource(CheckpointSource):
         entry = self.manifest.file(name)
         furi = self.store.uri_of(name)
         tensors: dict[str, torch.Tensor] = {}
+        by_piece = self._regions is not None and self.checksums and not self._verified
+
+        def check(i: int) -> None:
+            """Piece ``i`` against its own checksum (a restricted read hashes pieces, not whole files)."""
+            key = chosen[i][0]
+            if piece_checksum(tensor_bytes(tensors[key])) != self.manifest.piece_checksums[key]:
+                raise CheckpointError(f"{furi}: {key!r} fails its checksum: its bytes changed after the "
+                                      "checkpoint was written. Nothing was loaded.", uri=self.uri)
 
         def into(i: int) -> memoryview:
+            if by_piece and i > 0:
+                check(i - 1)  # just read, so still in the CPU's cache: hashed there, not read back from memory
             t = tensors[chosen[i][0]] = fresh.get(first + i)
             return tensor_bytes(t)
 
@@ -243,11 +253,8 @@ class NativeSource(CheckpointSource):
                            regions=[(loc.offset, loc.nbytes) for _, loc in chosen], into=into,
                            hashing=self._hashing(), on_bytes=self.progress)
         self.bytes_read += n
-        if self._regions is not None and self.checksums and not self._verified:
-            for key, _ in chosen:
-                if piece_checksum(tensor_bytes(tensors[key])) != self.manifest.piece_checksums[key]:
-                    raise CheckpointError(f"{furi}: {key!r} fails its checksum: its bytes changed after the "
-                                          "checkpoint was written. Nothing was loaded.", uri=self.uri)
+        if by_piece and chosen:
+            check(len(chosen) - 1)
         if got is not None and got != entry.checksum:
             raise CheckpointError(f"{furi} fails its checksum ({got} != {entry.checksum}): the bytes changed "
                                   "after the checkpoint was written. Nothing was loaded.", uri=self.uri)
