@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 import threading
 
@@ -13,8 +14,17 @@ from resumer.formats.native import prefault
 from resumer.formats.native.prefault import MIN_BYTES, PAGE, FreshTensors
 
 BIG = (MIN_BYTES // 4 + 1,)  # float32 elements: just over the threshold, so the helper thread runs
-FRESH = (10 << 20,)  # 40 MiB of float32: past glibc's largest mmap threshold, so always new, untouched pages
+FRESH = (10 << 20,)  # 40 MiB of float32
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and MADV_POPULATE_WRITE are Linux's")
+
+
+def untouched(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialized tensor on new pages no one has touched: an anonymous mapping of its own (torch.empty may
+    hand back memory the allocator recycled, already in memory)."""
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8).view(dtype).view(shape)
 
 
 def resident(t: torch.Tensor) -> float:
@@ -41,7 +51,8 @@ def test_hands_out_each_spec_in_order_with_its_shape_and_dtype():
 
 
 @linux
-def test_the_helper_thread_faults_in_big_tensors_ahead_of_the_reader():
+def test_the_helper_thread_faults_in_big_tensors_ahead_of_the_reader(monkeypatch):
+    monkeypatch.setattr(prefault.torch, "empty", lambda shape, dtype: untouched(shape, dtype))
     with FreshTensors([(FRESH, torch.float32)] * 3) as fresh:
         fresh._ready[2].wait(timeout=60)  # the helper got to the last one before anyone asked
         assert fresh._tensors[2] is not None
@@ -51,12 +62,13 @@ def test_the_helper_thread_faults_in_big_tensors_ahead_of_the_reader():
 
 @linux
 def test_populate_faults_in_every_page_and_without_it_zero_does(monkeypatch):
-    t = torch.empty(FRESH, dtype=torch.float32)
+    t = untouched(FRESH)
     assert resident(t) < 0.5  # new pages: reserved, not yet in memory
     assert prefault.populate(t)  # this kernel (5.14 or later) faults them in itself
     assert resident(t) == 1.0
     monkeypatch.setattr(prefault, "_populate_works", False)  # an older kernel
-    u = torch.empty(FRESH, dtype=torch.float32)
+    u = untouched(FRESH)
+    assert resident(u) < 0.5
     assert not prefault.populate(u)
     prefault.touch(u)
     assert resident(u) == 1.0 and bool((u == 0).all())
