@@ -395,3 +395,108 @@ def test_auto_wrapping_rule_says_what_was_inserted_or_removed(saved_name: str, c
 def test_rename_rules_describe_themselves() -> None:
     assert parse_renames(None).describe() == "none"
     assert parse_renames([r"^enc\.=backbone.", "auto"]).describe() == r"^enc\.=backbone., auto"
+
+
+def test_a_second_saved_tensor_renamed_onto_a_loaded_one_is_dropped_and_strict_refuses_it() -> None:
+    saved = sig([t("a", 4), t("b", 4)], opt=None)
+    for policy in ("strict", "partial"):
+        plan = reconcile(saved, Signature(tensors=(t("x", 4),)), policy, {"^a$": "x", "^b$": "x"})
+        drop = plan.entry(Section.MODEL, "b")
+        assert (drop.action, drop.reason) == (Action.DROP, "'x' is already loaded from another saved tensor")
+        assert drop.refused is (policy == "strict")
+        assert any(r.subject == "model 'b'" for r in plan.refusals) is (policy == "strict")
+
+
+def test_nothing_matching_under_partial_is_refused_for_the_model() -> None:
+    plan = reconcile(SAVED, current([t("a", 1), t("b", 2)]), "partial")
+    assert [(r.subject, r.problem) for r in plan.refusals] == [
+        ("model", "nothing in the checkpoint matches the current model by name and shape, so nothing would load")]
+
+
+def test_model_entries_say_what_becomes_of_each_tensor() -> None:
+    cur = current([*BASE[:3], t("2.bias", 3), t("new", 5)])
+    partial = reconcile(SAVED, cur, "partial")
+    assert partial.entry(Section.MODEL, "2.bias").reason == "shape differs: keeps the code's init"
+    assert partial.entry(Section.MODEL, "new").reason == "missing in checkpoint; keeps the code's init"
+    strict = reconcile(SAVED, cur, "strict")
+    assert strict.entry(Section.MODEL, "2.bias").reason == "shape differs: cannot be loaded"
+    assert strict.entry(Section.MODEL, "new").reason == "missing in checkpoint"  # nothing is kept: it refuses
+
+
+def test_tied_entries_record_the_layout_and_whether_the_tensor_loads() -> None:
+    saved = Signature(tensors=(TensorSpec(name="embed.weight", shape=(10, 6), dtype="float32",
+                                          aliases=("head.weight",)),), step=1)
+    untied = Signature(tensors=(t("embed.weight", 10, 6), t("head.weight", 10, 6)))
+    head = reconcile(saved, untied, "partial").entry(Section.MODEL, "head.weight")
+    assert (head.action, head.source, head.saved, head.current) == (
+        Action.LOAD, "embed.weight", "float32[10, 6]", "float32[10, 6]")
+    # Tied now, but the tensor does not load (another shape): the alias shares that fate and says so.
+    tied_now = Signature(tensors=(TensorSpec(name="embed.weight", shape=(12, 6), dtype="float32",
+                                             aliases=("head.weight",)),))
+    alias = reconcile(saved, tied_now, "partial").entry(Section.MODEL, "head.weight")
+    assert (alias.action, alias.source) == (Action.TIED, None)
+    assert alias.reason == "tied to 'embed.weight' (the same tensor): not loaded: keeps the code's init with it"
+
+
+def test_optimizer_entries_give_their_reasons_and_counts() -> None:
+    plan = reconcile(SAVED, current(BASE), "strict")
+    opt = plan.entry(Section.OPTIMIZER, "optimizer")
+    assert (opt.action, opt.reason) == (Action.CARRY, "Adam state carried by name for 4/4 parameters")
+    assert plan.entry(Section.OPTIMIZER_STATE, "0.weight").reason == "state carried by name"
+    partial = reconcile(SAVED, current([*BASE[:3], t("2.bias", 3)]), "partial")
+    assert partial.entry(Section.OPTIMIZER, "optimizer").reason == "Adam state carried by name for 3/4 parameters"
+    reset = reconcile(SAVED, current(BASE), "reset-optimizer").entry(Section.OPTIMIZER, "optimizer")
+    assert reset.reason == "policy reset-optimizer: fresh Adam state from the code"
+    sgd = reconcile(SAVED, current(BASE, opt="torch.optim.sgd.SGD"), "partial").entry(Section.OPTIMIZER, "optimizer")
+    assert (sgd.action, sgd.reason) == (Action.RESET, "Adam saved, SGD now: fresh state from the code")
+
+
+def test_a_loaded_parameter_the_saved_optimizer_did_not_hold_starts_fresh_and_strict_refuses() -> None:
+    saved = sig(BASE, groups=[["0.weight", "0.bias", "2.weight"]])
+    for policy in ("strict", "partial"):
+        plan = reconcile(saved, current(BASE), policy)
+        e = plan.entry(Section.OPTIMIZER_STATE, "2.bias")
+        assert (e.action, e.reason) == (Action.FRESH, "parameter was not in the saved optimizer")
+        assert e.refused is (policy == "strict")
+        assert any(r.subject == "optimizer-state '2.bias'" for r in plan.refusals) is (policy == "strict")
+
+
+def test_saved_optimizer_state_left_over_is_dropped_with_why() -> None:
+    # Loaded into the model but no longer optimized: strict refuses (state would be lost).
+    cur = current(BASE, groups=[["0.weight", "0.bias", "2.weight"]])
+    for policy in ("strict", "partial"):
+        plan = reconcile(SAVED, cur, policy)
+        e = plan.entry(Section.OPTIMIZER_STATE, "2.bias")
+        assert (e.action, e.reason, e.refused) == (Action.DROP, "parameter no longer optimized", policy == "strict")
+    # Not loaded into the model at all: the model section refuses it already, the state drop does not again.
+    plan = reconcile(SAVED, current(BASE[:3]), "strict")
+    e = plan.entry(Section.OPTIMIZER_STATE, "2.bias")
+    assert (e.action, e.reason, e.refused) == (Action.DROP, "parameter not loaded into the model", False)
+
+
+def test_a_saved_param_group_without_counterpart_is_dropped_by_name_with_why() -> None:
+    saved = sig(BASE, groups=[["0.weight", "0.bias"], ["2.weight", "2.bias"]], scheduler="StepLR")
+    plan = reconcile(saved, current(BASE, groups=[["0.weight", "0.bias"]]), "partial")
+    e = plan.entry(Section.OPTIMIZER_GROUP, "saved group 1")
+    assert (e.action, e.source) == (Action.DROP, "group 1")
+    assert e.reason == "saved param group has no counterpart in the current optimizer"
+    sched = plan.entry(Section.SCHEDULER, "scheduler")
+    assert (sched.action, sched.reason) == (Action.FRESH, "drives 2 param groups saved, 1 now: fresh from the code")
+
+
+def test_the_scheduler_resets_with_an_optimizer_whose_positional_state_cannot_be_mapped() -> None:
+    saved_tensors = [t("a.weight", 4, 4), t("b.weight", 4)]
+    groups = (ParamGroupSpec(params=("#0", "#1")),)
+    state = tuple(ParamState(param=k, entries=(StateEntry(key="exp_avg", shape=s),))
+                  for k, s in (("#0", (4, 4)), ("#1", (4,))))
+    saved = Signature(tensors=tuple(saved_tensors), optimizer=OptimizerSpec(cls=ADAM, groups=groups, state=state,
+                                                                            positional=True),
+                      scheduler=SchedulerSpec(cls="StepLR", num_groups=1))
+    plan = reconcile(saved, sig([t("a.weight", 4, 4), t("c.weight", 4)], scheduler="StepLR"), "partial")
+    assert plan.optimizer_action() is Action.RESET
+    assert plan.entry(Section.SCHEDULER, "scheduler").action is Action.RESET
+
+
+def test_the_step_entry_says_where_training_continues() -> None:
+    e = reconcile(SAVED, current(BASE)).entry(Section.STEP, "step")
+    assert (e.action, e.reason) == (Action.KEEP, "training continues after step 100")
