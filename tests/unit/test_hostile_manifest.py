@@ -76,6 +76,8 @@ HOSTILE: dict[str, tuple[Edit, list[str]]] = {
     "boolean size": (_set(("files", 0, "size"), True), ["'size' is a boolean, not an integer"]),
     "boolean step": (_set(("step",), True), ["'step' is a boolean, not an integer"]),
     "float offset": (_set(("tensors", _first, "offset"), 8.0), ["'offset' is a number, not an integer"]),
+    "numeric file": (_set(("tensors", _first, "file"), 7), ["'file' is a number, not a string"]),
+    "text nbytes": (_set(("tensors", _first, "nbytes"), "48"), ["'nbytes' is a string, not an integer"]),
     "absurd offset": (_set(("tensors", _first, "offset"), 2**63), ["outside 0..4611686018427387904"]),
     "signature shape disagrees": (_set(("signature", "tensors", 0, "shape"), [3, 4]),
                                   ["in the signature but its stored bytes are float32[4, 3]"]),
