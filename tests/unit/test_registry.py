@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,8 @@ def test_each_registered_format_is_detected(root: str, saved: tuple[str, Any], f
     assert registry.detect(Store.open(f"{uri}/manifest.json")) == "native"
     assert registry.detect(Store.open(files("zip.pt", _torch_bytes({"model_state_dict": sd})))) == "torch-save"
     assert registry.detect(Store.open(files("legacy.pt", _torch_bytes(sd, legacy=True)))) == "torch-save"
+    # The two bytes that open a pickle (PROTO, protocol 2..5) are enough: torch-save's reader then says what is wrong.
+    assert registry.detect(Store.open(files("cut.pt", _torch_bytes(sd, legacy=True)[:2]))) == "torch-save"
     # Not a checkpoint of any format: a root (selection's business), nothing at all, text, a safetensors file, a
     # zip that is not torch.save's, the data file of a native checkpoint.
     assert registry.detect(Store.open(root)) is None
@@ -191,13 +194,17 @@ def test_a_new_format_plugs_in_with_one_registry_line(files: Callable[..., str],
 
 
 def test_a_format_whose_package_is_missing_is_skipped_and_named_when_asked_for(
-        files: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+        files: Callable[..., str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     entry = registry.Format(name="nowhere", reader="resumer_no_such_module:READER",
                             description="a checkpoint only another package reads", package="no-such-package")
     monkeypatch.setattr(registry, "KNOWN_FORMATS", {entry.name: entry, **registry.KNOWN_FORMATS})
     sd = {"w": torch.ones(2)}
     uri = files("plain.pt", _torch_bytes(sd))
-    assert registry.detect(Store.open(uri)) == "torch-save"  # the missing one is passed over, not fatal
+    with caplog.at_level(logging.DEBUG, logger="resumer"):
+        assert registry.detect(Store.open(uri)) == "torch-save"  # the missing one is passed over, not fatal
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"[format] nowhere not tried for {uri}: ") for m in logged)  # with -v: why
+    assert f"[format] {uri} is torch-save" in logged
     with pytest.raises(UsageError, match=r"needs no-such-package \(pip install no-such-package\)"):
         registry.open(Store.open(uri), format="nowhere")
     with pytest.raises(UsageError, match="Unknown checkpoint format 'nope'; known formats: nowhere, native"):
