@@ -426,3 +426,8 @@ def test_signature_of_position_keyed_optimizer_state(tmp_path: pytest.TempPathFa
     first = spec.state_by_param()["#0"]
     assert {e.key: (e.shape, e.dtype) for e in first.entries} == {
         "step": ((), "float32"), "exp_avg": ((64, 16), "bfloat16"), "exp_avg_sq": ((64, 16), "float32")}
+    # A value that is no tensor (an older torch's integer step) is listed by its key, with no shape.
+    sd["state"][1]["step"] = 2
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": sd}, path)
+    second = _saved_signature(path).optimizer.state_by_param()["#1"]
+    assert {e.key: e.shape for e in second.entries} == {"step": None, "exp_avg": (64,), "exp_avg_sq": (64,)}
