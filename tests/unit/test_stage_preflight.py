@@ -128,3 +128,32 @@ def test_a_ddp_model_stages_through_the_agreement_of_every_rank(tmp_path: Path, 
     with pytest.raises(CheckpointError) as info:
         stage(plan, resumer.open_source(root), model=ddp, refused=ValueError("the plan differs"))
     assert "the plan differs (found by rank 0 of 1; every rank refused" in str(info.value)
+
+
+def test_an_fsdp2_model_and_its_optimizer_resume_on_a_one_rank_group(tmp_path: Path, process_group: None) -> None:
+    """The sharded paths of stage (this rank's regions) and commit (DTensors laid out like the live ones), on
+    one CPU rank; the multi-rank cases are tests/integration's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    model = _named(nn.Linear(3, 4), nn.Linear(4, 2))
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    root = str(tmp_path / "ckpts")
+    resumer.save_checkpoint(root, 1, model, opt)
+
+    live = _named(nn.Linear(3, 4), nn.Linear(4, 2))
+    fully_shard(live, mesh=mesh)
+    live_opt = torch.optim.Adam(live.parameters(), lr=0.5)
+    plan = resumer.plan(root, live, live_opt)
+    staged = stage(plan, resumer.open_source(root), live_opt, model=live)
+    commit(staged, live, live_opt)
+    for name in ("b", "c"):
+        saved, got = getattr(model, name).weight, getattr(live, name).weight
+        assert torch.equal(got.full_tensor(), saved.full_tensor())
+        assert torch.equal(live_opt.state[got]["exp_avg"].full_tensor(), opt.state[saved]["exp_avg"].full_tensor())
+    assert live_opt.param_groups[0]["lr"] == 0.01
