@@ -102,6 +102,7 @@ def test_commit_logs_the_plan_summary(tmp_path: Path, caplog: pytest.LogCaptureF
     assert torch.equal(live.c.weight, model.c.weight)
     assert result.checkpoint == source.uri
     assert plan.summary() in [r.getMessage() for r in caplog.records]
+    assert plan.summary().endswith(", no optimizer: ok")  # a model-only plan says so
 
 
 @pytest.fixture
