@@ -33,7 +33,7 @@ from resumer.formats.native.safetensors_io import TensorLocation, write_file
 from resumer.runtime import sharded
 from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature
 from resumer.runtime.writing import check_written as _check_written
-from resumer.runtime.writing import code_fingerprint
+from resumer.runtime.writing import code_fingerprint, encode_extra
 from resumer.runtime.writing import discard as _discard
 from resumer.storage import retry
 from resumer.storage.store import Store
@@ -134,7 +134,7 @@ def snapshot(step: int, model: nn.Module, optimizer: torch.optim.Optimizer | Non
         if on_gpu:
             torch.cuda.synchronize()  # the non-blocking copies must land before the writer reads them
     meta = {"signature": sig.to_dict(), "scheduler": sched_state, "rng": rng_state, "world": world,
-            "code": code_fingerprint(model, sig), "extra": encode(extra or {}, "extra")}
+            "code": code_fingerprint(model, sig), "extra": encode_extra(extra)}
     return Snapshot(step=step, model_items=model_items, optimizer_items=opt_items, scalars=scalars, meta=meta)
 
 

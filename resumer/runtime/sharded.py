@@ -46,7 +46,7 @@ from resumer.formats.native.manifest import (
 from resumer.formats.native.safetensors_io import write_file
 from resumer.runtime.capture import class_path, live_tensors, signature
 from resumer.runtime.writing import check_written as _check_written
-from resumer.runtime.writing import code_fingerprint
+from resumer.runtime.writing import code_fingerprint, encode_extra
 from resumer.runtime.writing import discard as _discard
 from resumer.storage import retry
 from resumer.storage.store import Store
@@ -238,7 +238,7 @@ def save(root: str | Store, step: int, model: nn.Module,  # noqa: C901 - same co
             sig_dict = sig.to_dict()
             sig_dict["rng"] = list(rng_state)
             meta = {"signature": sig_dict, "scheduler": sched, "rng": rng_state, "scalars": scalars,
-                    "code": code_fingerprint(model, sig), "extra": encode(extra or {}, "extra")}
+                    "code": code_fingerprint(model, sig), "extra": encode_extra(extra)}
     except Exception as exc:  # noqa: BLE001 - every rank must reach the gathers, or the others hang
         failed(exc)
     held: list[Any] = [None] * world

@@ -12,8 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from resumer.core.errors import CheckpointError
+from resumer.core.errors import CheckpointError, UsageError
 from resumer.core.signature import Signature
+from resumer.formats.jsonvalue import encode
 from resumer.runtime.capture import unwrap
 from resumer.storage.fs import basename
 from resumer.storage.store import Store
@@ -36,6 +37,14 @@ def code_fingerprint(model: nn.Module, sig: Signature) -> dict[str, Any]:
     return {"model_class": f"{cls.__module__}.{cls.__qualname__}", "source_sha256": source_hash,
             "structure_sha256": structure_hash, "fingerprint": f"{structure_hash}-{source_hash}"}
 
+
+def encode_extra(extra: Any) -> dict[str, Any]:
+    """``extra`` as the manifest holds it: a JSON object. Anything else is refused before a byte is written; a
+    manifest whose ``extra`` is not an object is malformed, so every reader would skip the committed checkpoint."""
+    if extra is not None and not isinstance(extra, dict):
+        raise UsageError(f"extra must be a dict (or None), got a {type(extra).__name__}. Put the values in a dict, "
+                         "e.g. extra={\"loss\": loss}.")
+    return encode(extra or {}, "extra")
 
 
 def discard(ckpt: Store, names: list[str]) -> None:
