@@ -124,3 +124,18 @@ def test_async_save_keeps_every_dtype_of_the_state_it_copies(tmp_path: pytest.Te
     resumer.resume(uri, fresh)
     for (name, want), got in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+def test_nan_in_a_float8_tensor_is_noted_for_the_health_gate(tmp_path: pytest.TempPathFactory) -> None:
+    """float8_e4m3fn has no isfinite kernel: the check widens one-byte floats first, so its NaN is still seen."""
+    root = str(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("scale", torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn))
+    model.register_buffer("h16", torch.tensor([1.0, 2.0], dtype=torch.float16))
+    resumer.save_checkpoint(root, 1, model)
+    model.scale = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)
+    m = resumer.read_manifest(resumer.save_checkpoint(root, 2, model))
+    assert m.raw["health"]["nonfinite"] == ["scale"]
+    sel = resumer.select(root, healthy=True)
+    assert sel.chosen is not None and sel.chosen.step == 1
+    assert [r.reason for r in sel.rejected] == ["unhealthy: 1 tensor(s) hold NaN/Inf at save time, e.g. 'scale'"]
