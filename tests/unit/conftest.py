@@ -1,5 +1,6 @@
-"""The ``resumer`` command run in-process (click's ``CliRunner``): the same ``cli`` group the entry point runs,
-without starting a Python that imports torch, ray and mlflow again for every command.
+"""Fixtures of the unit tests: a one-rank gloo process group on loopback, and the ``resumer`` command run
+in-process (click's ``CliRunner``): the same ``cli`` group the entry point runs, without starting a Python that
+imports torch, ray and mlflow again for every command.
 
 What only a real process can show (the installed console script, ``python -m resumer``, file descriptor 1
 under ``--json``, the working directory on ``sys.path``) is tested in ``tests/integration/test_entry_points.py``.
@@ -9,17 +10,30 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 from click.testing import CliRunner, Result
 
 from resumer.cli import common as cli_module
 from resumer.cli.main import cli
 
 RunCli = Callable[..., Result]
+
+
+@pytest.fixture
+def process_group() -> Iterator[None]:
+    """A one-rank gloo process group on a free loopback port, destroyed after the test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 @pytest.fixture

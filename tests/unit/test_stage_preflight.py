@@ -5,13 +5,11 @@ CheckpointMismatch that names the checkpoint, raised before anything is read int
 from __future__ import annotations
 
 import logging
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import resumer
@@ -103,16 +101,6 @@ def test_commit_logs_the_plan_summary(tmp_path: Path, caplog: pytest.LogCaptureF
     assert result.checkpoint == source.uri
     assert plan.summary() in [r.getMessage() for r in caplog.records]
     assert plan.summary().endswith(", no optimizer: ok")  # a model-only plan says so
-
-
-@pytest.fixture
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_a_ddp_model_stages_through_the_agreement_of_every_rank(tmp_path: Path, process_group: None,

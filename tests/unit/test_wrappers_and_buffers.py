@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import resumer
@@ -54,16 +51,6 @@ def test_batchnorm_removed_partial_drops_buffers(tmp_path: pytest.TempPathFactor
     dropped = {e.name for e in plan.section(Section.MODEL) if e.action is Action.DROP}
     assert dropped == {"features.1.weight", "features.1.bias", "features.1.running_mean", "features.1.running_var",
                        "features.1.num_batches_tracked"}
-
-
-@pytest.fixture
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_ddp_prefix_both_ways(tmp_path: pytest.TempPathFactory, process_group: None) -> None:
