@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from resumer.core.errors import CheckpointError, ResumerError
+from resumer.core.errors import CheckpointError
 from resumer.core.signature import (
     BUFFER,
     PARAMETER,
@@ -40,7 +40,7 @@ from resumer.core.signature import (
     TensorSpec,
 )
 from resumer.formats.dcp_metadata import METADATA, SUFFIX, Layout, read_metadata
-from resumer.formats.jsonvalue import encode, walk_refused
+from resumer.formats.jsonvalue import encode_saved, walk_refused
 from resumer.formats.source import CheckpointSource, Probe, ReadOptions
 from resumer.formats.torch_dtypes import dtype_name
 from resumer.formats.torch_save import (
@@ -122,15 +122,6 @@ class DcpSource(CheckpointSource):
             raise CheckpointError(f"Refused {self.uri}: item {key!r}: {why}.", uri=self.uri)
         return value
 
-    def _encoded(self, value: Any, what: str) -> Any:
-        """``value`` (read from the checkpoint) as plain JSON; one no checkpoint can hold makes this checkpoint bad
-        (a CheckpointError naming it, so a root passes over to an older one), not the caller's input."""
-        try:
-            return encode(value, what)
-        except ResumerError as exc:
-            raise CheckpointError(f"{self.uri}: {what} cannot be carried ({exc}). Nothing was loaded.",
-                                  uri=self.uri) from None
-
     def _value(self, key: str) -> Any:
         """A non-tensor item (or a small tensor) as saved, read once."""
         if key not in self._values:
@@ -199,7 +190,7 @@ class DcpSource(CheckpointSource):
         self._groups = [hyper for hyper, _ in groups]
         cls, inferred = infer_optimizer_class(self._groups)
         specs = tuple(ParamGroupSpec(params=tuple(params), hyperparams=tuple(sorted(
-            (k, self._encoded(v, f"optimizer hyperparameter {k!r}")) for k, v in hyper.items())))
+            (k, encode_saved(v, f"optimizer hyperparameter {k!r}", self.uri)) for k, v in hyper.items())))
             for hyper, params in groups)
         state = tuple(ParamState(param=param, entries=tuple(self._state_entry(k, key) for k, key in keys.items()))
                       for param, keys in self._state_keys.items())
@@ -244,7 +235,7 @@ class DcpSource(CheckpointSource):
                                       "group entry.", uri=self.uri)
         groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
         for param, hyper in hyper_of.items():
-            same = json.dumps(self._encoded(hyper, "optimizer hyperparameters"), sort_keys=True)
+            same = json.dumps(encode_saved(hyper, "optimizer hyperparameters", self.uri), sort_keys=True)
             groups.setdefault(same, (hyper, []))[1].append(param)
         return list(groups.values())
 

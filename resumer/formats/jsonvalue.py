@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from resumer.core.errors import ResumerError
+from resumer.core.errors import CheckpointError, ResumerError
 
 _TAG = "__resumer__"
 MAX_DEPTH = 64
@@ -50,6 +50,16 @@ def encode(value: Any, where: str = "value", *, max_values: int = MAX_VALUES) ->
     ``MAX_DEPTH`` deep: past either, a ResumerError, never an expansion of a tiny structure into a huge one.
     """
     return _encode(value, where, _Budget(where, max_values), 0)
+
+
+def encode_saved(value: Any, where: str, uri: str) -> Any:
+    """:func:`encode` of a value read from the checkpoint at ``uri``: one no checkpoint can hold makes that
+    checkpoint bad (a CheckpointError naming it, so a root passes over it to an older one), not the caller's
+    input."""
+    try:
+        return encode(value, where)
+    except ResumerError as exc:
+        raise CheckpointError(f"{uri}: {where} cannot be carried ({exc}). Nothing was loaded.", uri=uri) from None
 
 
 def _encode(value: Any, where: str, budget: _Budget, depth: int) -> Any:  # noqa: C901 - one branch per type

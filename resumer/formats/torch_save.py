@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from resumer.core.errors import CheckpointError, ResumerError
+from resumer.core.errors import CheckpointError
 from resumer.core.signature import (
     BUFFER,
     PARAMETER,
@@ -29,7 +29,7 @@ from resumer.core.signature import (
     StateEntry,
     TensorSpec,
 )
-from resumer.formats.jsonvalue import encode, walk_refused
+from resumer.formats.jsonvalue import encode_saved, walk_refused
 from resumer.formats.source import CheckpointSource, Probe, ReadOptions
 from resumer.formats.torch_dtypes import dtype_name
 from resumer.storage.store import Store
@@ -229,11 +229,8 @@ class TorchSaveSource(CheckpointSource):
         self._by_name = {position_key(int(i)): dict(st) for i, st in opt_sd["state"].items()}
         specs = []
         for g, members in zip(groups, positions, strict=True):
-            try:
-                hyper = {k: encode(v, f"optimizer hyperparameter {k!r}") for k, v in g.items() if k != "params"}
-            except ResumerError as exc:  # a value no checkpoint holds: this file is bad, not the caller's input
-                raise CheckpointError(f"{self.uri}: an optimizer hyperparameter cannot be carried ({exc}). Nothing "
-                                      "was loaded.", uri=self.uri) from None
+            hyper = {k: encode_saved(v, f"optimizer hyperparameter {k!r}", self.uri) for k, v in g.items()
+                     if k != "params"}
             specs.append(ParamGroupSpec(params=tuple(position_key(i) for i in members),
                                         hyperparams=tuple(sorted(hyper.items()))))
         state = tuple(

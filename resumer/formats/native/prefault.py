@@ -46,8 +46,9 @@ _populate_works = _MADVISE is not None  # set False the first time the kernel re
 
 
 def populate(t: torch.Tensor) -> bool:
-    """Ask the kernel to fault in the whole pages inside ``t``'s bytes, writable (MADV_POPULATE_WRITE; contents
-    unchanged); the partial pages at either end are left to :func:`touch`. False where that cannot be asked."""
+    """Ask the kernel to fault in the whole pages inside ``t``'s bytes, writable (MADV_POPULATE_WRITE), and zero
+    the bytes of the partial pages at either end (which faults those in); ``t``'s bytes are not kept, as
+    :func:`touch`'s are not. False where that cannot be asked (then nothing was done)."""
     global _populate_works
     if not _populate_works or _MADVISE is None:
         return False
