@@ -56,6 +56,7 @@ def encode_saved(value: Any, where: str, uri: str) -> Any:
     """:func:`encode` of a value read from the checkpoint at ``uri``: one no checkpoint can hold makes that
     checkpoint bad (a CheckpointError naming it, so a root passes over it to an older one), not the caller's
     input."""
+    where = where if len(where) <= 200 else where[:200] + "..."  # a name from the checkpoint: any length
     try:
         return encode(value, where)
     except ResumerError as exc:

@@ -431,3 +431,13 @@ def test_signature_of_position_keyed_optimizer_state(tmp_path: pytest.TempPathFa
     torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": sd}, path)
     second = _saved_signature(path).optimizer.state_by_param()["#1"]
     assert {e.key: e.shape for e in second.entries} == {"step": None, "exp_avg": (64,), "exp_avg_sq": (64,)}
+
+
+def test_a_saved_value_no_checkpoint_holds_names_its_checkpoint_and_a_long_name_is_cut() -> None:
+    from resumer.core.errors import CheckpointError
+    from resumer.formats.jsonvalue import encode_saved
+
+    with pytest.raises(CheckpointError, match=r"^/ckpt: optimizer hyperparameter 'x+\.\.\. cannot be carried") as e:
+        encode_saved(torch.zeros(5000), f"optimizer hyperparameter {'x' * 5000!r}", "/ckpt")
+    assert e.value.uri == "/ckpt" and len(str(e.value)) < 600
+    assert encode_saved(3, "lr", "/ckpt") == 3
