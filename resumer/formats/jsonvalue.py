@@ -63,6 +63,17 @@ def encode_saved(value: Any, where: str, uri: str) -> Any:
         raise CheckpointError(f"{uri}: {where} cannot be carried ({exc}). Nothing was loaded.", uri=uri) from None
 
 
+def plain_state(value: Any) -> bool:
+    """Whether a (decoded) optimizer state value is one optimizers keep besides tensors: a number, flag or None, a
+    small tensor (e.g. ``step``), or a tuple or list of those (Adam's ``betas``). Saving refuses anything else, and
+    reading refuses it too: no optimizer's ``load_state_dict`` knows what to do with a string there."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if type(value).__module__ == "torch" and type(value).__name__ in ("Tensor", "Parameter"):
+        return True
+    return isinstance(value, (tuple, list)) and all(plain_state(v) for v in value)
+
+
 def _encode(value: Any, where: str, budget: _Budget, depth: int) -> Any:  # noqa: C901 - one branch per type
     budget.visit(depth)
     if value is None or isinstance(value, (bool, str)):

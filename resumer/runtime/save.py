@@ -33,7 +33,7 @@ from resumer.formats.native.safetensors_io import TensorLocation, write_file
 from resumer.runtime import sharded
 from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature
 from resumer.runtime.writing import check_written as _check_written
-from resumer.runtime.writing import code_fingerprint, encode_extra
+from resumer.runtime.writing import code_fingerprint, encode_extra, encode_state
 from resumer.runtime.writing import discard as _discard
 from resumer.storage import retry
 from resumer.storage.store import Store
@@ -52,7 +52,7 @@ def _optimizer_items(optimizer: torch.optim.Optimizer, names: dict[int, str]
                 if isinstance(value, torch.Tensor):
                     tensors.append((state_key(name, str(key)), value))
                 else:
-                    scalars.setdefault(name, {})[str(key)] = encode(value, f"optimizer state '{name}' '{key}'")
+                    scalars.setdefault(name, {})[str(key)] = encode_state(name, str(key), value)
     return tensors, scalars
 
 

@@ -46,7 +46,7 @@ from resumer.formats.native.manifest import (
 from resumer.formats.native.safetensors_io import write_file
 from resumer.runtime.capture import class_path, live_tensors, signature
 from resumer.runtime.writing import check_written as _check_written
-from resumer.runtime.writing import code_fingerprint, encode_extra
+from resumer.runtime.writing import code_fingerprint, encode_extra, encode_state
 from resumer.runtime.writing import discard as _discard
 from resumer.storage import retry
 from resumer.storage.store import Store
@@ -122,7 +122,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, names: lis
                 if isinstance(value, torch.Tensor):
                     opt_pieces += local_pieces(state_key(str(param), str(key)), value)
                 else:
-                    scalars.setdefault(str(param), {})[str(key)] = encode(value, f"optimizer state '{param}' '{key}'")
+                    scalars.setdefault(str(param), {})[str(key)] = encode_state(str(param), str(key), value)
     return model_pieces, opt_pieces, scalars
 
 

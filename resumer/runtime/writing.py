@@ -14,7 +14,7 @@ from torch import nn
 
 from resumer.core.errors import CheckpointError, UsageError
 from resumer.core.signature import Signature
-from resumer.formats.jsonvalue import encode
+from resumer.formats.jsonvalue import decode, encode, plain_state
 from resumer.runtime.capture import unwrap
 from resumer.storage.fs import basename
 from resumer.storage.store import Store
@@ -45,6 +45,19 @@ def encode_extra(extra: Any) -> dict[str, Any]:
         raise UsageError(f"extra must be a dict (or None), got a {type(extra).__name__}. Put the values in a dict, "
                          "e.g. extra={\"loss\": loss}.")
     return encode(extra or {}, "extra")
+
+
+def encode_state(param: str, key: str, value: Any) -> Any:
+    """Optimizer state value ``value`` (not a tensor) of parameter ``param`` as the manifest holds it. A value no
+    optimizer keeps besides tensors (a string, a dict, an object) is refused before a byte is written: reading
+    refuses it (see ``jsonvalue.plain_state``), so a checkpoint holding it would commit and never resume."""
+    where = f"optimizer state '{param}' '{key}'"
+    encoded = encode(value, where)
+    if not plain_state(decode(encoded)):
+        raise UsageError(f"Cannot save {where}: it is {value!r:.80}, and optimizer state besides tensors must be "
+                         "a number, flag, None, small tensor, or a tuple or list of those (what resume can load). "
+                         "Keep other values out of optimizer.state, or pass them in `extra`.")
+    return encoded
 
 
 def discard(ckpt: Store, names: list[str]) -> None:

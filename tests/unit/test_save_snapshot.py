@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import resumer
-from resumer.core.errors import ResumerError, UsageError
+from resumer.core.errors import CheckpointError, ResumerError, UsageError
 from resumer.formats.native.manifest import MANIFEST
 from resumer.runtime import save as save_mod
 from resumer.runtime import sharded
@@ -41,6 +41,50 @@ def test_non_tensor_optimizer_state_is_saved_and_resumed_per_parameter(tmp_path:
     assert fresh_opt.state[fresh[1].bias]["warm"] is True
     assert torch.equal(fresh_opt.state[fresh[0].weight]["momentum_buffer"],
                        opt.state[model[0].weight]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("value", ["warm", {"phase": 1}, [1, "a"]])
+def test_optimizer_state_resume_cannot_load_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                                  value: Any) -> None:
+    """Resume refuses a string or a dict in optimizer state (no optimizer keeps one beside its tensors); a save
+    that held one would commit a checkpoint that never resumes. Refused up front, naming the value's place."""
+    model, opt = _model()
+    opt.state[model[0].weight]["tag"] = value
+    with pytest.raises(UsageError, match=r"Cannot save optimizer state '0\.weight' 'tag'.*pass them in `extra`"):
+        resumer.save_checkpoint(str(tmp_path), 1, model, opt)
+    with pytest.raises(UsageError, match="'0.weight' 'tag'"), resumer.AsyncSaver(str(tmp_path)) as saver:
+        saver.save(2, model, opt)
+    assert resumer.list_checkpoints(str(tmp_path)) == []
+
+
+def test_optimizer_state_of_numbers_flags_tuples_and_small_tensors_is_saved_and_resumed(tmp_path: Path) -> None:
+    import numpy as np
+
+    model, opt = _model()
+    kept = {"n": np.int64(4), "betas": (0.9, 0.99), "flags": [True, None], "t": torch.tensor(2.5)}
+    opt.state[model[0].weight].update(kept)
+    uri = resumer.save_checkpoint(str(tmp_path), 1, model, opt)
+    fresh, fresh_opt = _model()
+    resumer.resume(uri, fresh, fresh_opt)
+    got = fresh_opt.state[fresh[0].weight]
+    assert (got["n"], got["betas"], got["flags"]) == (4, (0.9, 0.99), [True, None])
+    assert torch.equal(got["t"], torch.tensor(2.5))
+
+
+def test_a_sharded_save_refuses_optimizer_state_resume_cannot_load(tmp_path: Path, process_group: None) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = _model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    opt.state[model[1].bias]["tag"] = "warm"
+    # a collective save: every rank hears of one rank's refusal, as a CheckpointError that quotes it
+    with pytest.raises(CheckpointError, match=r"UsageError: Cannot save optimizer state '1\.bias' 'tag'"):
+        resumer.save_checkpoint(str(tmp_path), 1, model, opt)
+    assert resumer.list_checkpoints(str(tmp_path)) == []
 
 
 @pytest.mark.parametrize("step", [-1, True, 1.0, "3"])

@@ -16,7 +16,7 @@ import torch
 
 from resumer.core.errors import CheckpointError, ResumerError
 from resumer.formats import rng
-from resumer.formats.jsonvalue import decode
+from resumer.formats.jsonvalue import decode, plain_state
 from resumer.formats.native.manifest import MANIFEST, Manifest, chunk_key, state_key
 from resumer.formats.native.prefault import FreshTensors
 from resumer.formats.native.readpass import read_file
@@ -281,7 +281,7 @@ class NativeSource(CheckpointSource):
         self._plain["rng"] = rng.parse(_own_rng(m), self.uri) if m.rng else None
         for param, values in self._plain["scalars"].items():
             for key, value in values.items() if isinstance(values, dict) else ((None, values),):
-                if not _plain_state(value):
+                if not plain_state(value):
                     raise CheckpointError(f"{self.uri}: the saved optimizer state '{param}/{key}' is {value!r:.80}, "
                                           "not a number, flag or None (what optimizers keep besides tensors). "
                                           "Nothing was loaded.", uri=self.uri)
@@ -389,12 +389,6 @@ def _own_rng(m: Manifest) -> Any:
     if per_rank and dist.is_available() and dist.is_initialized() and dist.get_world_size() == len(per_rank):
         return per_rank[dist.get_rank()] or m.rng
     return m.rng
-
-
-def _plain_state(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, torch.Tensor)):
-        return True
-    return isinstance(value, (tuple, list)) and all(_plain_state(v) for v in value)
 
 
 def check_manifest(m: Manifest) -> None:  # noqa: C901 - one check per section
