@@ -18,6 +18,7 @@ from resumer.core.errors import (
     CheckpointError,
     CheckpointMismatch,
     PlanRefused,
+    RanksDiverged,
     ResumerError,
     StorageFullError,
     TransientStorageError,
@@ -39,8 +40,8 @@ from resumer.tracking.recorder import MlflowRecorder
 __all__ = [
     "Action", "AsyncSaver", "CheckpointError", "CheckpointInfo", "CheckpointMismatch", "Decision", "FailureClass",
     "MlflowRecorder", "Outcome", "Plan", "PlanEntry", "PlanRefused", "Policy", "Recorder", "Refusal", "Rename",
-    "ResumeResult", "ResumerError", "RunStatus", "Section", "Signature", "StorageFullError", "TensorSpec",
-    "TransientStorageError", "UsageError",
+    "RanksDiverged", "ResumeResult", "ResumerError", "RunStatus", "Section", "Signature", "StorageFullError",
+    "TensorSpec", "TransientStorageError", "UsageError",
     "latest_checkpoint", "list_checkpoints", "open_source", "plan", "read_manifest", "reconcile", "resume",
     "save_checkpoint", "select", "signature", "verify", "WatchEvent", "Watcher",
 ]

@@ -4,6 +4,7 @@
     ├── UsageError                bad input from a user: an unknown policy, a bad MODULE:FACTORY, a bad rule
     ├── CheckpointError           a checkpoint that is missing, torn, corrupt or unsafe (has .uri)
     │   ├── CheckpointMismatch    a sound checkpoint that does not go into these live objects (the code differs)
+    │   │   └── RanksDiverged     the ranks of one collective resume planned differently (nothing loaded)
     │   └── AlreadyCommitted      a save of a step that is committed already (its checkpoint stands)
     ├── PlanRefused               resume() was asked to apply a plan that is not ok (has .plan)
     ├── TransientStorageError     storage failed in a way that may succeed on retry (has .uri)
@@ -53,6 +54,16 @@ class CheckpointMismatch(CheckpointError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_mismatch, (str(self), self.uri))
+
+
+class RanksDiverged(CheckpointMismatch):
+    """The ranks of one collective resume planned differently: from a root, a checkpoint was committed, marked or
+    removed between their listings, so they chose different ones; or their models differ. No rank loaded
+    anything. A resume from a root chooses again; given one checkpoint, it stops and says which rank planned
+    what."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_diverged, (str(self), self.uri))
 
 
 class AlreadyCommitted(CheckpointError):
@@ -126,3 +137,7 @@ def _rebuild_already_committed(message: str, uri: str | None) -> AlreadyCommitte
 
 def _rebuild_mismatch(message: str, uri: str | None) -> CheckpointMismatch:
     return CheckpointMismatch(message, uri=uri)
+
+
+def _rebuild_diverged(message: str, uri: str | None) -> RanksDiverged:
+    return RanksDiverged(message, uri=uri)

@@ -17,7 +17,7 @@ from torch import nn
 
 from resumer.checkpoints import foreign, lease
 from resumer.checkpoints.catalog import list_checkpoints, quarantine, select
-from resumer.core.errors import CheckpointError, CheckpointMismatch
+from resumer.core.errors import CheckpointError, CheckpointMismatch, RanksDiverged
 from resumer.core.plan import Plan, Policy
 from resumer.core.reconcile import reconcile
 from resumer.formats import registry
@@ -29,6 +29,9 @@ from resumer.runtime.capture import signature
 from resumer.storage.store import Store
 
 logger = logging.getLogger(__name__)
+
+# Times a collective resume from a root chooses again after its ranks chose different checkpoints (a listing race).
+RECHOOSE = 3
 
 
 def open_source(checkpoint: str | Store, storage_options: dict[str, Any] | None = None, *, checksums: bool = True,
@@ -142,6 +145,7 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
     """
     store = Store.open(checkpoint_or_root, storage_options)
     passed_over: dict[str, str] = {}
+    rechosen = 0
     while True:
         source, from_root = _open(store, checksums=verify, progress=progress, defer=True, passed_over=passed_over)
         try:
@@ -160,6 +164,13 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
                 try:
                     staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler,
                                    refused=split)
+                except RanksDiverged as exc:
+                    if not from_root or rechosen >= RECHOOSE:
+                        raise
+                    # Every rank got this error (they agreed on it): all choose again from one new listing each.
+                    rechosen += 1
+                    logger.warning("[select] the ranks chose different checkpoints; choosing again: %s", exc)
+                    continue
                 except CheckpointError as exc:
                     if not from_root or isinstance(exc, CheckpointMismatch):
                         raise  # a mismatch with this code: an older checkpoint would silently lose progress

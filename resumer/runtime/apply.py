@@ -66,23 +66,25 @@ def stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer
     reason not to go on, found before staging (a plan that differs from the controller's): raised, and with a
     distributed model every rank refuses with it.
     """
-    if not plan.ok:
-        raise PlanRefused(plan)
     if not sharded.distributed(model, optimizer):
+        if not plan.ok:
+            raise PlanRefused(plan)
         if refused is not None:
             raise refused
         return _stage(plan, source, optimizer, model=model, scheduler=scheduler)
-    # A model trained across the process group (sharded, or replicated by DDP): every rank's checks and reads
-    # are gathered before any rank goes on to touch its model; one rank's refusal is every rank's (the same
-    # CheckpointError everywhere), so no rank trains on state the others do not have.
+    # A model trained across the process group (sharded, or replicated by DDP): every rank's plan, checks and
+    # reads are gathered before any rank goes on to touch its model. Plans that differ (ranks that chose different
+    # checkpoints) are every rank's refusal, and so is one rank's failed check or read (the same error
+    # everywhere), so no rank trains on state the others do not have.
     try:
         if refused is not None:
             raise refused
-        staged = _stage(plan, source, optimizer, model=model, scheduler=scheduler)
+        staged = _stage(plan, source, optimizer, model=model, scheduler=scheduler) if plan.ok else None
     except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement, or the others hang
-        sharded.agree(exc)
+        sharded.agree(exc, plan)
         raise  # agree raised already; for the type checker
-    sharded.agree(None)
+    sharded.agree(None, plan)  # raises PlanRefused where the plan is not ok (on every rank: the plans agree)
+    assert staged is not None
     return staged
 
 

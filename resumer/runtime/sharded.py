@@ -24,7 +24,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resumer.core.errors import AlreadyCommitted, CheckpointError, CheckpointMismatch, ResumerError, UsageError
+from resumer.core.errors import (
+    AlreadyCommitted,
+    CheckpointError,
+    CheckpointMismatch,
+    PlanRefused,
+    RanksDiverged,
+    ResumerError,
+    UsageError,
+)
 from resumer.core.plan import Action, Plan, Section
 from resumer.core.signature import ParamState
 from resumer.core.version import __version__
@@ -390,19 +398,37 @@ def collective() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def agree(error: Exception | None) -> None:
-    """All ranks agree on a staged resume before any touches its model: every rank's verdict is gathered; if any
-    rank failed, every rank raises the same error: the first failing rank's, as a CheckpointError (a
-    CheckpointMismatch when it was one) with the same text on every rank."""
+def agree(error: Exception | None, plan: Plan | None = None) -> None:
+    """All ranks agree on a staged resume before any touches its model: every rank's plan (its digest) and verdict
+    are gathered, and every rank then does the same.
+
+    * Ranks whose plans differ all raise RanksDiverged (naming each rank's checkpoint and plan), whatever else
+      failed: ranks that chose different checkpoints from a root (one was committed, marked or removed between
+      their listings) would otherwise train on mixed state, or pass over and mark each its own checkpoint for
+      another rank's fault.
+    * A plan that is not ok (the same on every rank) raises PlanRefused on every rank.
+    * If any rank failed, every rank raises the first failing rank's error, as a CheckpointError (a
+      CheckpointMismatch when it was one) with the same text on every rank."""
     if not collective():
         if error is not None:
             raise error
+        if plan is not None and not plan.ok:
+            raise PlanRefused(plan)
         return
     gathered: list[Any] = [None] * dist.get_world_size()
-    mine = None if error is None else (type(error).__name__, str(error), getattr(error, "uri", None),
-                                       bool(getattr(error, "quarantine", False)))
+    verdict = None if error is None else (type(error).__name__, str(error), getattr(error, "uri", None),
+                                          bool(getattr(error, "quarantine", False)))
+    mine = (None if plan is None else plan.digest(), None if plan is None else plan.checkpoint, verdict)
     dist.all_gather_object(gathered, mine)
-    for rank, g in enumerate(gathered):
+    if len({digest for digest, _, _ in gathered}) > 1:
+        each = "; ".join(f"rank {rank}: {uri} (plan {digest})" for rank, (digest, uri, _) in enumerate(gathered))
+        raise RanksDiverged(f"The {len(gathered)} ranks planned different resumes ({each}): from a root, a "
+                            "checkpoint was committed, marked or removed while they listed it, or the ranks' models "
+                            "differ. No rank changed its model. Resume again; if this repeats, check that every "
+                            "rank builds the same model.", uri=plan.checkpoint if plan is not None else None)
+    if plan is not None and not plan.ok:
+        raise PlanRefused(plan)
+    for rank, (_, _, g) in enumerate(gathered):
         if g is None:
             continue
         name, message, uri, quarantine = g

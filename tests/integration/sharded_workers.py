@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,32 @@ def _planned(report: dict[str, Any], uri: str, model: nn.Module, opt: torch.opti
     report["plan_ok"], report["digest"] = plan.ok, plan.digest()
 
 
+def _race_the_listing(rank: int, report: dict[str, Any]) -> None:
+    """A commit that lands between two ranks' listings of the root: rank 0 chooses a checkpoint, then step 2's
+    manifest (held aside by the test at ``$HELD_MANIFEST``) is put in place (``$COMMIT_TO``), and only then does rank
+    1 list the root; so the ranks choose different checkpoints. Each rank's choices are counted in
+    ``report["chose"]``."""
+    from resumer.runtime import api
+
+    real, chose = api._open, report.setdefault("chose", [])
+    committed = Path(os.environ["COMMIT_TO"] + ".landed")
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        first = not chose
+        if rank == 1 and first:
+            deadline = time.monotonic() + 60
+            while not committed.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        source, from_root = real(*args, **kwargs)
+        chose.append(source.uri.rstrip("/").rsplit("/", 1)[-1])
+        if rank == 0 and first:
+            os.replace(os.environ["HELD_MANIFEST"], os.environ["COMMIT_TO"])  # step 2 commits now
+            committed.touch()
+        return source, from_root
+
+    api._open = racing  # type: ignore[assignment]
+
+
 def _ddp(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]:
     """DDP <-> FSDP2: ``ddp-save`` trains DDP ranks one step and rank 0 saves it (every rank reports the URI);
     ``ddp-resume`` resumes ``root`` into DDP ranks, ``fsdp2-resume-planned`` into FSDP2 ranks (both planned first);
@@ -219,8 +246,12 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
         state = full_state(model, opt)
         report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
     else:
-        model, opt = _sharded(7, renamed=scenario == "resume-renamed")  # other values than the saved ones
+        # other values than the saved ones; with "resume-models-differ", rank 1's model differs from rank 0's
+        renamed = scenario == "resume-renamed" or (scenario == "resume-models-differ" and rank == 1)
+        model, opt = _sharded(7, renamed=renamed)
         before = full_model(model)  # the optimizer has no state yet, as in a relaunched job
+        if scenario == "resume-listing-race":
+            _race_the_listing(rank, report)
         if scenario == "resume-one-rank-fails" and rank == 1:
             from resumer.formats.native.source import NativeSource
 
@@ -235,6 +266,9 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
             report["error"], report["error_type"] = str(exc), type(exc).__name__
         report["draws"] = torch.rand(3).tolist()
         state = full_state(model, opt)
+        if scenario == "resume-models-differ":
+            report["unchanged"] = all(torch.equal(before[k], v) for k, v in state["model"].items())
+            return report  # the two ranks' models differ: no training step together
         report["unchanged"] = all(torch.equal(before[k], v) for k, v in state["model"].items())
         report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
     if rank == 0:

@@ -10,6 +10,7 @@ import torch
 from sharded_workers import run
 
 import resumer
+from resumer.formats.native.manifest import MANIFEST
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +100,35 @@ def test_a_damaged_rank_file_is_refused_by_every_rank_and_the_root_falls_back_to
 
     reports = run(2, root, "resume", str(tmp_path / "from-root"))
     assert [r.get("step") for r in reports] == [1, 1]  # every rank passed over step 2 and took step 1
+
+
+def test_ranks_that_chose_different_checkpoints_from_a_root_choose_again_together(tmp_path, monkeypatch):
+    """Step 2 commits after rank 0 listed the root and before rank 1 did: rank 0 chose step 1, rank 1 step 2. Their
+    plans differ, so no rank loads; both choose again, both take step 2, and the state is step 2's exactly."""
+    _save(tmp_path, 1)
+    root, saved_reports, saved = _save(tmp_path, 2)
+    manifest = Path(saved_reports[0]["uri"]) / MANIFEST
+    held = tmp_path / "held-manifest.json"
+    manifest.rename(held)  # step 2 is not committed yet
+    monkeypatch.setenv("HELD_MANIFEST", str(held))
+    monkeypatch.setenv("COMMIT_TO", str(manifest))
+    reports = run(2, root, "resume-listing-race", str(tmp_path / "resume"))
+    assert [r["chose"] for r in reports] == [["step-0000000001", "step-0000000002"], ["step-0000000002"] * 2]
+    assert [r.get("step") for r in reports] == [2, 2], reports
+    _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
+    assert not any((Path(root) / step / "quarantine.json").exists() for step in ("step-0000000001",
+                                                                                "step-0000000002"))
+
+
+def test_ranks_whose_models_differ_all_refuse_and_none_changes(tmp_path):
+    """Rank 1's model has a layer rank 0's lacks: its plan differs (and is refused under strict). Every rank raises
+    RanksDiverged naming both plans, and no rank's model changed (before, rank 0 would load while rank 1 refused)."""
+    _, saved_reports, _ = _save(tmp_path)
+    reports = run(2, saved_reports[0]["uri"], "resume-models-differ", str(tmp_path / "resume"))
+    assert [r.get("error_type") for r in reports] == ["RanksDiverged"] * 2, reports
+    assert len({r["error"] for r in reports}) == 1
+    assert "rank 0: " in reports[0]["error"] and "rank 1: " in reports[0]["error"]
+    assert [r["unchanged"] for r in reports] == [True, True]
 
 
 def test_a_one_process_checkpoint_resumes_into_two_fsdp2_ranks_exactly(tmp_path):
