@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import resumer
 from resumer.core.signature import OptimizerSpec, ParamState, Signature, StateEntry, dtype_size
 from resumer.formats import rng
-from resumer.formats.native.manifest import FORMAT, FORMAT_VERSION, MANIFEST, dumps, state_key
+from resumer.formats.native.entries import state_key
+from resumer.formats.native.manifest import FORMAT, FORMAT_VERSION, MANIFEST, dumps
 from resumer.formats.native.safetensors_io import CHECKSUM_ALGO
 
 TARGET_MS = 100.0

@@ -20,7 +20,8 @@ from typing import Any
 
 from resumer.core.errors import CheckpointError, TransientStorageError
 from resumer.formats.jsonvalue import strict_loads
-from resumer.formats.native.manifest import MANIFEST, QUARANTINE, STEP_DIR, Manifest
+from resumer.formats.native.entries import Manifest
+from resumer.formats.native.manifest import MANIFEST, QUARANTINE, STEP_DIR
 from resumer.formats.native.verify import read_manifest, verify
 from resumer.storage.fs import basename
 from resumer.storage.store import Store

@@ -23,7 +23,7 @@ from torch import nn
 from resumer.core.errors import PlanRefused
 from resumer.core.plan import Action, Plan, Section
 from resumer.formats import rng
-from resumer.formats.native.manifest import state_key
+from resumer.formats.native.entries import state_key
 from resumer.formats.source import CheckpointSource
 from resumer.runtime import preflight, sharded
 from resumer.runtime.capture import live_tensors, optimizer_param_names

@@ -18,6 +18,7 @@ from resumer.core.signature import Signature
 from resumer.core.version import __version__
 from resumer.formats import rng
 from resumer.formats.jsonvalue import encode
+from resumer.formats.native.entries import state_key
 from resumer.formats.native.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -26,7 +27,6 @@ from resumer.formats.native.manifest import (
     OPTIMIZER_KIND,
     data_file_name,
     dumps,
-    state_key,
     step_dir,
 )
 from resumer.formats.native.safetensors_io import TensorLocation, write_file

@@ -38,17 +38,16 @@ from resumer.core.signature import ParamState
 from resumer.core.version import __version__
 from resumer.formats import rng
 from resumer.formats.jsonvalue import encode
+from resumer.formats.native.entries import chunk_key, state_key
 from resumer.formats.native.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     MODEL_KIND,
     OPTIMIZER_KIND,
-    chunk_key,
     dumps,
     parse,
     rank_file_name,
-    state_key,
     step_dir,
 )
 from resumer.formats.native.safetensors_io import write_file

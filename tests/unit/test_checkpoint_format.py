@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import resumer
-from resumer.formats.native.manifest import FORMAT_VERSION, MANIFEST, long_form, state_key
+from resumer.formats.native.entries import state_key
+from resumer.formats.native.manifest import FORMAT_VERSION, MANIFEST, long_form
 from resumer.runtime.inspect import inspect_checkpoint
 
 MODEL_KEYS = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",

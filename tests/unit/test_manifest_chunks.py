@@ -15,15 +15,9 @@ import torch
 from torch import nn
 
 import resumer
-from resumer.formats.native import manifest
-from resumer.formats.native.manifest import (
-    MANIFEST,
-    Chunk,
-    dumps,
-    long_form,
-    parse,
-    rank_file_name,
-)
+import resumer.formats.native.chunks as native_chunks
+from resumer.formats.native.entries import Chunk
+from resumer.formats.native.manifest import MANIFEST, dumps, long_form, parse, rank_file_name
 from resumer.formats.native.safetensors_io import TensorLocation, write_file
 
 URI = "memory://ckpts/step-0000000001"
@@ -159,7 +153,7 @@ def test_chunks_not_cut_along_dimension_0_are_checked_pair_by_pair_up_to_a_limit
     with pytest.raises(resumer.CheckpointError) as info:
         _parse(form, _columns(1025), shape=(1, 1025), sizes=(4100,))
     assert "tensor 'w' has 1025 chunks not all cut along dimension 0 (at most 1024 are checked)" in str(info.value)
-    monkeypatch.setattr(manifest, "MAX_PAIRWISE_CHUNKS", 8)  # the limit itself, without a million pairs
+    monkeypatch.setattr(native_chunks, "MAX_PAIRWISE_CHUNKS", 8)  # the limit itself, without a million pairs
     assert len(_parse(form, _columns(8), shape=(1, 8), sizes=(32,)).chunks["w"]) == 8
     with pytest.raises(resumer.CheckpointError, match="has 9 chunks not all cut along dimension 0"):
         _parse(form, _columns(9), shape=(1, 9), sizes=(36,))

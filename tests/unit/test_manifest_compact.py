@@ -16,16 +16,8 @@ from torch import nn
 
 import resumer
 from resumer.core.errors import CheckpointError
-from resumer.formats.native.manifest import (
-    EXPANDED_PER_BYTE,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    MIN_EXPANDED,
-    dumps,
-    long_form,
-    parse,
-)
+from resumer.formats.native.compact import EXPANDED_PER_BYTE, MIN_EXPANDED
+from resumer.formats.native.manifest import FORMAT, FORMAT_VERSION, MANIFEST, dumps, long_form, parse
 
 
 def _trained(seed: int = 0, blocks: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -18,16 +18,8 @@ import resumer.formats.native.source as native_source
 from resumer import examples as ex
 from resumer.core.errors import CheckpointError, ResumerError
 from resumer.formats import rng
-from resumer.formats.native.manifest import (
-    MANIFEST,
-    MODEL_KIND,
-    OPTIMIZER_KIND,
-    chunk_key,
-    long_form,
-    rank_file_name,
-    state_key,
-    step_dir,
-)
+from resumer.formats.native.entries import chunk_key, state_key
+from resumer.formats.native.manifest import MANIFEST, MODEL_KIND, OPTIMIZER_KIND, long_form, rank_file_name, step_dir
 from resumer.formats.native.source import NativeSource, _region_of
 from resumer.runtime.sharded import _commit, _write_pieces
 from resumer.runtime.writing import check_written

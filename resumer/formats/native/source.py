@@ -17,7 +17,8 @@ import torch
 from resumer.core.errors import CheckpointError, ResumerError
 from resumer.formats import rng
 from resumer.formats.jsonvalue import decode, plain_state
-from resumer.formats.native.manifest import MANIFEST, Manifest, chunk_key, state_key
+from resumer.formats.native.entries import Manifest, chunk_key, state_key
+from resumer.formats.native.manifest import MANIFEST
 from resumer.formats.native.prefault import FreshTensors
 from resumer.formats.native.readpass import read_file
 from resumer.formats.native.safetensors_io import TensorLocation, piece_checksum, tensor_bytes

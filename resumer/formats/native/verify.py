@@ -6,7 +6,8 @@ from typing import Any
 
 from resumer.core.dtypes import stored_as
 from resumer.core.errors import CheckpointError
-from resumer.formats.native.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest, oversized, parse
+from resumer.formats.native.entries import Manifest
+from resumer.formats.native.manifest import MANIFEST, MAX_MANIFEST_BYTES, oversized, parse
 from resumer.formats.native.safetensors_io import header_and_checksum
 from resumer.storage import retry
 from resumer.storage.store import Store
