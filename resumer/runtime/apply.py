@@ -154,8 +154,9 @@ def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Opt
     plan, source = staged.plan, staged.source
     live = {lt.name: lt.tensor for lt in live_tensors(model)}
     is_local = getattr(source, "is_local", lambda key: False)  # read as this rank's region only (restrict)
+    regions: dict[int, Any] = {}  # each live DTensor's region, worked out once
     sd: dict[str, Any] = {e.name: sharded.like(source.tensor(e.source or e.name), live[e.name],
-                                               local=is_local(e.source or e.name))
+                                               local=is_local(e.source or e.name), regions=regions)
                           for e in plan.section(Section.MODEL) if e.copies}
     set_model_state_dict(model, sd, options=StateDictOptions(strict=False))
     if staged.carry:
@@ -164,7 +165,8 @@ def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Opt
         name_of = {i: n for n, i in position.items()}
         saved_of = {e.name: plan.state_key(e.source) for e in plan.section(Section.OPTIMIZER_STATE)
                     if e.action is Action.CARRY and e.source is not None}
-        osd["state"] = {i: {k: sharded.like(v, live[name_of[i]], local=is_local(state_key(saved_of[name_of[i]], k)))
+        osd["state"] = {i: {k: sharded.like(v, live[name_of[i]], local=is_local(state_key(saved_of[name_of[i]], k)),
+                                            regions=regions)
                             for k, v in st.items()}
                         for i, st in osd["state"].items()}
         optimizer.load_state_dict(osd)

@@ -353,14 +353,15 @@ def local_regions(plan: Plan, model: nn.Module, saved_state: dict[str, ParamStat
     the region this rank keeps: saved name or state key -> global offsets and sizes. ``saved_state``: the
     checkpoint's optimizer state specs by saved parameter name (empty when no state is carried)."""
     live = {lt.name: lt.tensor for lt in live_tensors(model)}
+    of = {name: _region(t) for name, t in live.items()}  # once per live tensor: its optimizer state shares it
     regions = {}
     for e in plan.section(Section.MODEL):
-        region = _region(live.get(e.name)) if e.copies else None
+        region = of.get(e.name) if e.copies else None
         if region is not None:
             regions[e.source or e.name] = region
     for e in plan.section(Section.OPTIMIZER_STATE):
         t = live.get(e.name)
-        region = _region(t)
+        region = of.get(e.name)
         if e.action is not Action.CARRY or e.source is None or region is None or t is None:
             continue
         spec = saved_state.get(e.source)
@@ -370,16 +371,21 @@ def local_regions(plan: Plan, model: nn.Module, saved_state: dict[str, ParamStat
     return regions
 
 
-def like(value: Any, live: Any, *, local: bool = False) -> Any:
+def like(value: Any, live: Any, *, local: bool = False, regions: dict[int, Any] | None = None) -> Any:
     """``value`` as this rank's shard laid out like DTensor ``live``: cut from it when it is a whole saved tensor
     of the live tensor's global shape, or taken as it is when ``local`` (already this rank's region, read so);
-    anything else as it is."""
+    anything else as it is. ``regions``: a cache of live tensors' regions by ``id`` (one commit's; a parameter's
+    region serves its optimizer state too), filled here."""
     if not is_dtensor(live) or not isinstance(value, torch.Tensor):
         return value
     from torch.distributed.tensor import DTensor
 
-    region = _region(live)
-    assert region is not None
+    region = regions.get(id(live)) if regions is not None else None
+    if region is None:
+        region = _region(live)
+        assert region is not None
+        if regions is not None:
+            regions[id(live)] = region
     if local:
         if tuple(value.shape) != region[1]:
             raise ResumerError(f"A shard read for {tuple(live.shape)} has shape {tuple(value.shape)}, not this "
