@@ -30,7 +30,7 @@ from resumer.formats.native.manifest import (
     step_dir,
 )
 from resumer.formats.native.safetensors_io import TensorLocation, write_file
-from resumer.runtime import sharded
+from resumer.runtime import sharded, sharded_save
 from resumer.runtime.capture import class_path, live_tensors, optimizer_param_names, signature
 from resumer.runtime.writing import check_written as _check_written
 from resumer.runtime.writing import code_fingerprint, encode_extra, encode_state
@@ -244,10 +244,10 @@ def save_checkpoint(root: str | Store, step: int, model: nn.Module, optimizer: t
     Data files are written first and the manifest last: a reader never sees a half-written checkpoint.
     Optimizer state is stored by parameter name, so it survives reordering and renames.
     Sharded state (an FSDP2 / DTensor model) is saved collectively: every rank calls this, writes its own shards,
-    and gets the same URI once all of them are committed (resumer.runtime.sharded). Replicated (DDP) state is the
+    and gets the same URI once all of them are committed (resumer.runtime.sharded_save). Replicated (DDP) state is the
     same on every rank: save it from one rank (rank 0); called on several, each writes it and all but one fail
     with AlreadyCommitted.
     """
     if sharded.is_sharded(model, optimizer):
-        return sharded.save(root, step, model, optimizer, scheduler, extra=extra, storage_options=storage_options)
+        return sharded_save.save(root, step, model, optimizer, scheduler, extra=extra, storage_options=storage_options)
     return write_snapshot(snapshot(step, model, optimizer, scheduler, extra=extra), root, storage_options)

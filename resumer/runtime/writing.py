@@ -1,4 +1,4 @@
-"""What both savers (resumer.runtime.save and resumer.runtime.sharded) use: the code's fingerprint, the check
+"""What both savers (resumer.runtime.save and resumer.runtime.sharded_save) use: the code's fingerprint, the check
 just before a commit that every data file is there, and the removal of an uncommitted save's files."""
 
 from __future__ import annotations

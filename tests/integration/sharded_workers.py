@@ -220,7 +220,7 @@ def _ddp(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]:
 
 def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]:  # noqa: C901 - one per scenario
     import resumer
-    from resumer.runtime import sharded
+    from resumer.runtime import sharded_save
 
     if scenario in ("ddp-save", "ddp-resume", "fsdp2-resume-planned", "ddp-resume-one-rank-fails",
                     "ddp-resume-split-plan"):
@@ -233,10 +233,10 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
             def broken(*args: Any, **kwargs: Any) -> Any:
                 raise OSError(5, "Input/output error (injected)")
 
-            sharded.write_file = broken  # type: ignore[assignment]
+            sharded_save.write_file = broken  # type: ignore[assignment]
         if scenario == "save-drops-a-shard" and rank == 1:
-            real = sharded.local_pieces
-            sharded.local_pieces = lambda key, t: [] if key == "0.weight" else real(key, t)  # type: ignore
+            real = sharded_save.local_pieces
+            sharded_save.local_pieces = lambda key, t: [] if key == "0.weight" else real(key, t)  # type: ignore
         torch.manual_seed(100 + rank)  # each rank's own RNG stream
         try:
             report["uri"] = resumer.save_checkpoint(root, int(os.environ.get("SAVE_STEP", "1")), model, opt)

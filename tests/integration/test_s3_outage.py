@@ -24,7 +24,7 @@ from torch import nn
 import resumer
 from resumer.testing.s3 import FAKE_SECRET, MotoServer, TcpProxy, make_bucket, s3_options, start_moto
 
-SAVE_BOUND_S = 120.0  # a hang guard, not a timing check: retries back off to a few seconds each; a loaded machine is slow
+SAVE_BOUND_S = 120.0  # a hang guard, not a timing check: retries back off to a few seconds each
 
 
 def _trained(hidden: int, out: int) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -17,7 +17,7 @@ import resumer
 from resumer.core.errors import CheckpointError, ResumerError, UsageError
 from resumer.formats.native.manifest import MANIFEST
 from resumer.runtime import save as save_mod
-from resumer.runtime import sharded
+from resumer.runtime import sharded, sharded_save
 
 
 def _model() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -151,7 +151,7 @@ def test_save_checkpoint_hands_sharded_state_to_the_collective_save(tmp_path: Pa
         return "memory://ckpts/step-0000000007"
 
     monkeypatch.setattr(sharded, "is_sharded", lambda m, o: m is model and o is opt)
-    monkeypatch.setattr(sharded, "save", fake_save)
+    monkeypatch.setattr(sharded_save, "save", fake_save)
     opts = {"anon": True}
     uri = resumer.save_checkpoint(str(tmp_path), 7, model, opt, sched, extra={"loss": 0.25}, storage_options=opts)
     assert uri == "memory://ckpts/step-0000000007"

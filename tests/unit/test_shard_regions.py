@@ -21,7 +21,7 @@ from resumer.formats import rng
 from resumer.formats.native.entries import chunk_key, state_key
 from resumer.formats.native.manifest import MANIFEST, MODEL_KIND, OPTIMIZER_KIND, long_form, rank_file_name, step_dir
 from resumer.formats.native.source import NativeSource, _region_of
-from resumer.runtime.sharded import _commit, _write_pieces
+from resumer.runtime.sharded_save import _commit, _write_pieces
 from resumer.runtime.writing import check_written
 from resumer.storage.store import Store
 
