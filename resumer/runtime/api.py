@@ -24,6 +24,7 @@ from resumer.formats import registry
 from resumer.formats.native.manifest import STEP_DIR
 from resumer.formats.native.source import NativeSource
 from resumer.formats.source import CheckpointSource, ReadOptions
+from resumer.runtime import sharded
 from resumer.runtime.apply import ResumeResult, commit, stage
 from resumer.runtime.capture import signature
 from resumer.storage.store import Store
@@ -136,7 +137,9 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
     A model trained across a process group (FSDP2-sharded, or wrapped in DistributedDataParallel) makes this a
     collective call: every rank calls it, and every rank's checks and reads are gathered before any rank
     touches its state; if one rank refuses, every rank raises the same CheckpointError and nothing changed
-    anywhere. A plain module is resumed by the calling process alone.
+    anywhere. Ranks that planned differently (from a root, a checkpoint committed between their listings) all
+    raise RanksDiverged, and from a root choose again together; a rank that cannot open the checkpoint stops
+    every rank at once. A plain module is resumed by the calling process alone.
 
     From a root, the newest committed checkpoint is read once, its checksums checked on the way; one found
     corrupt is quarantined and passed over for the next newest, before anything live was touched.
@@ -146,41 +149,47 @@ def resume(checkpoint_or_root: str, model: nn.Module, optimizer: torch.optim.Opt
     store = Store.open(checkpoint_or_root, storage_options)
     passed_over: dict[str, str] = {}
     rechosen = 0
+    # A model trained across the process group makes this collective: every rank's open, lease and plan are
+    # gathered before the reads (sharded.together), and every rank's plan and reads before any rank changes its model
+    # (stage); a failure on one rank is every rank's, at each of the two.
+    ranks = sharded.distributed(model, optimizer)
     while True:
-        source, from_root = _open(store, checksums=verify, progress=progress, defer=True, passed_over=passed_over)
-        try:
-            # Retention manages native checkpoints: one is leased for the whole read, so a prune cannot delete it
-            # under us (see resumer.checkpoints.lease.reading). Other formats are not retention's to delete.
-            guard = (lease.reading(source.uri, store.options) if source.format == registry.NATIVE
-                     else contextlib.nullcontext())
-            with guard:
-                the_plan = _plan_for(source, model, optimizer, scheduler, policy, renames)
-                split = None
-                if expect_plan is not None and the_plan.digest() != expect_plan:
-                    # Refused before reading; with a distributed model every rank refuses with it (stage).
-                    split = CheckpointMismatch(f"This process planned {source.uri} differently from the "
-                                               f"controller ({the_plan.summary()}); refusing to train on split "
-                                               "state. Nothing was changed.", uri=source.uri)
-                try:
-                    staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler,
-                                   refused=split)
-                except RanksDiverged as exc:
-                    if not from_root or rechosen >= RECHOOSE:
-                        raise
-                    # Every rank got this error (they agreed on it): all choose again from one new listing each.
-                    rechosen += 1
-                    logger.warning("[select] the ranks chose different checkpoints; choosing again: %s", exc)
-                    continue
-                except CheckpointError as exc:
-                    if not from_root or isinstance(exc, CheckpointMismatch):
-                        raise  # a mismatch with this code: an older checkpoint would silently lose progress
-                    # Nothing live was touched yet: mark it (never delete) and take the next newest.
-                    logger.warning("[select] passed over %s: %s", source.uri, exc)
-                    # Not for what a newer resumer can read, a copied step dir, or another tool's checkpoint.
-                    if exc.quarantine and source.format == registry.NATIVE:
-                        quarantine(source.uri, str(exc), store.options)
-                    passed_over[source.uri] = str(exc)
-                    continue
-                return commit(staged, model, optimizer, scheduler)
-        finally:
-            source.close()
+        with contextlib.ExitStack() as held:
+            def prepare() -> tuple[CheckpointSource, bool, Plan]:
+                source, from_root = _open(store, checksums=verify, progress=progress, defer=True,
+                                          passed_over=passed_over)
+                held.callback(source.close)
+                # Retention manages native checkpoints: one is leased for the whole read, so a prune cannot delete it
+                # under us (see resumer.checkpoints.lease.reading). Other formats are not retention's to delete.
+                if source.format == registry.NATIVE:
+                    held.enter_context(lease.reading(source.uri, store.options))
+                return source, from_root, _plan_for(source, model, optimizer, scheduler, policy, renames)
+
+            source, from_root, the_plan = sharded.together(ranks, prepare, "open and plan the checkpoint")
+            split = None
+            if expect_plan is not None and the_plan.digest() != expect_plan:
+                # Refused before reading; with a distributed model every rank refuses with it (stage).
+                split = CheckpointMismatch(f"This process planned {source.uri} differently from the "
+                                           f"controller ({the_plan.summary()}); refusing to train on split "
+                                           "state. Nothing was changed.", uri=source.uri)
+            try:
+                staged = stage(the_plan, source, optimizer, verify=verify, model=model, scheduler=scheduler,
+                               refused=split)
+            except RanksDiverged as exc:
+                if not from_root or rechosen >= RECHOOSE:
+                    raise
+                # Every rank got this error (they agreed on it): all choose again from one new listing each.
+                rechosen += 1
+                logger.warning("[select] the ranks chose different checkpoints; choosing again: %s", exc)
+                continue
+            except CheckpointError as exc:
+                if not from_root or isinstance(exc, CheckpointMismatch):
+                    raise  # a mismatch with this code: an older checkpoint would silently lose progress
+                # Nothing live was touched yet: mark it (never delete) and take the next newest.
+                logger.warning("[select] passed over %s: %s", source.uri, exc)
+                # Not for what a newer resumer can read, a copied step dir, or another tool's checkpoint.
+                if exc.quarantine and source.format == registry.NATIVE:
+                    quarantine(source.uri, str(exc), store.options)
+                passed_over[source.uri] = str(exc)
+                continue
+            return commit(staged, model, optimizer, scheduler)

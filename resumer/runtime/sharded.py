@@ -7,7 +7,8 @@ and the all-ranks agreement before any rank touches its model. The collective sa
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from resumer.core.errors import (
     PlanRefused,
     RanksDiverged,
     ResumerError,
+    TransientStorageError,
 )
 from resumer.core.plan import Action, Plan, Section
 from resumer.core.signature import ParamState
@@ -27,6 +29,7 @@ from resumer.runtime.capture import live_tensors
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
 
 def _dtensor_type() -> Any:
@@ -122,6 +125,38 @@ def like(value: Any, live: Any, *, local: bool = False, regions: dict[int, Any] 
 
 def collective() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def together(distributed: bool, fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on every rank of a collective resume, before its agreement (``agree``): opening the checkpoint,
+    leasing it, planning. With a ``distributed`` model every rank learns whether every rank got through: where one
+    rank failed (its storage, say), it raises its own error and every other rank raises one naming it, of the same
+    kind where that kind is a storage or checkpoint error. Else the others would wait for it in the agreement until
+    the process group timed out. ``what``: the step, for the message ("open the checkpoint")."""
+    if not distributed:
+        return fn()
+    error: Exception | None = None
+    try:
+        out: T | None = fn()
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait for this one
+        out, error = None, exc
+    gathered: list[Any] = [None] * dist.get_world_size()
+    mine = None if error is None else (type(error).__name__, str(error), getattr(error, "uri", None))
+    dist.all_gather_object(gathered, mine)
+    if error is not None:
+        raise error
+    for rank, g in enumerate(gathered):
+        if g is None:
+            continue
+        name, message, uri = g
+        text = (f"Rank {rank} of {len(gathered)} could not {what} ({name}: {message}); every rank stopped before "
+                "reading, none changed its model.")
+        if name == "TransientStorageError":
+            raise TransientStorageError(text, uri=uri)
+        if name in ("CheckpointError", "CheckpointMismatch", "RanksDiverged"):
+            raise CheckpointError(text, uri=uri, quarantine=False)
+        raise ResumerError(text)
+    return cast(T, out)
 
 
 def agree(error: Exception | None, plan: Plan | None = None) -> None:

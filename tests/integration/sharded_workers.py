@@ -252,6 +252,13 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
         before = full_model(model)  # the optimizer has no state yet, as in a relaunched job
         if scenario == "resume-listing-race":
             _race_the_listing(rank, report)
+        if scenario == "resume-one-rank-cannot-open" and rank == 1:
+            from resumer.runtime import api
+
+            def unreachable(*args: Any, **kwargs: Any) -> Any:
+                raise resumer.TransientStorageError("the storage refused rank 1 (injected)", uri=root)
+
+            api._open = unreachable  # type: ignore[assignment]
         if scenario == "resume-one-rank-fails" and rank == 1:
             from resumer.formats.native.source import NativeSource
 
@@ -262,13 +269,13 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
         try:
             result = resumer.resume(root, model, opt, renames="auto" if scenario == "resume-renamed" else None)
             report["step"], report["bytes_read"] = result.step, result.bytes_read
-        except resumer.CheckpointError as exc:
+        except resumer.ResumerError as exc:
             report["error"], report["error_type"] = str(exc), type(exc).__name__
         report["draws"] = torch.rand(3).tolist()
         state = full_state(model, opt)
-        if scenario == "resume-models-differ":
+        if scenario in ("resume-models-differ", "resume-one-rank-cannot-open"):
             report["unchanged"] = all(torch.equal(before[k], v) for k, v in state["model"].items())
-            return report  # the two ranks' models differ: no training step together
+            return report  # no training step together (the two ranks' models may differ)
         report["unchanged"] = all(torch.equal(before[k], v) for k, v in state["model"].items())
         report["losses"] = [train_step(model, opt, s) for s in (2, 3)]
     if rank == 0:
