@@ -25,6 +25,14 @@ def _save(tmp_path: Path, step: int = 1) -> tuple[str, list[dict], dict]:
     return root, reports, torch.load(out / "state.pt")
 
 
+@pytest.fixture(scope="module")
+def step1(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict], dict]:
+    """One 2-rank save of step 1 (the default model and optimizer), shared by the tests that only read it: each
+    resumes into its own output folder, and none damages, marks or adds a checkpoint (a resume's lease is gone when it
+    ends)."""
+    return _save(tmp_path_factory.mktemp("step1"))
+
+
 def _same(a: dict, b: dict) -> None:
     assert a["model"].keys() == b["model"].keys()
     for name, value in a["model"].items():
@@ -35,8 +43,8 @@ def _same(a: dict, b: dict) -> None:
             assert torch.equal(value, b["optimizer"][param][key]), (param, key)
 
 
-def test_two_ranks_resume_two_ranks_bitwise_with_identical_losses(tmp_path):
-    root, saved_reports, saved = _save(tmp_path)
+def test_two_ranks_resume_two_ranks_bitwise_with_identical_losses(tmp_path, step1):
+    root, saved_reports, saved = step1
     reports = run(2, saved_reports[0]["uri"], "resume", str(tmp_path / "resume"))
     assert [r.get("step") for r in reports] == [1, 1]
     _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
@@ -67,15 +75,15 @@ def test_each_of_two_ranks_reads_about_half_of_the_checkpoint(tmp_path, monkeypa
         assert r["bytes_read"] <= 0.55 * m.total_bytes, (r["bytes_read"], m.total_bytes)
 
 
-def test_three_ranks_resume_the_full_saved_state_exactly(tmp_path):
-    root, saved_reports, saved = _save(tmp_path)
+def test_three_ranks_resume_the_full_saved_state_exactly(tmp_path, step1):
+    root, saved_reports, saved = step1
     reports = run(3, saved_reports[0]["uri"], "resume", str(tmp_path / "resume"))
     assert [r.get("step") for r in reports] == [1, 1, 1]
     _same(saved, torch.load(tmp_path / "resume" / "state.pt"))  # as DTensor.full_tensor() gathers it
 
 
-def test_one_rank_refusing_makes_every_rank_refuse_with_nothing_changed(tmp_path):
-    root, saved_reports, _ = _save(tmp_path)
+def test_one_rank_refusing_makes_every_rank_refuse_with_nothing_changed(tmp_path, step1):
+    root, saved_reports, _ = step1
     reports = run(2, saved_reports[0]["uri"], "resume-one-rank-fails", str(tmp_path / "resume"))
     errors = {r.get("error") for r in reports}
     assert len(errors) == 1 and None not in errors, errors  # the same CheckpointError on every rank
@@ -120,14 +128,27 @@ def test_ranks_that_chose_different_checkpoints_from_a_root_choose_again_togethe
                                                                                 "step-0000000002"))
 
 
-def test_ranks_whose_models_differ_all_refuse_and_none_changes(tmp_path):
+def test_ranks_whose_models_differ_all_refuse_and_none_changes(tmp_path, step1):
     """Rank 1's model has a layer rank 0's lacks: its plan differs (and is refused under strict). Every rank raises
     RanksDiverged naming both plans, and no rank's model changed (before, rank 0 would load while rank 1 refused)."""
-    _, saved_reports, _ = _save(tmp_path)
+    _, saved_reports, _ = step1
     reports = run(2, saved_reports[0]["uri"], "resume-models-differ", str(tmp_path / "resume"))
     assert [r.get("error_type") for r in reports] == ["RanksDiverged"] * 2, reports
     assert len({r["error"] for r in reports}) == 1
     assert "rank 0: " in reports[0]["error"] and "rank 1: " in reports[0]["error"]
+    assert [r["unchanged"] for r in reports] == [True, True]
+
+
+def test_one_rank_that_cannot_open_the_checkpoint_stops_every_rank_at_once(tmp_path, step1):
+    """Rank 1's storage refuses it before it has planned: it raises its error, and rank 0 (which opened and planned)
+    raises one naming rank 1's, of the same kind, instead of waiting for rank 1 in the agreement until the process
+    group times out. Neither model changed."""
+    root, _, _ = step1
+    reports = run(2, root, "resume-one-rank-cannot-open", str(tmp_path / "resume"))
+    assert [r.get("error_type") for r in reports] == ["TransientStorageError"] * 2, reports
+    assert reports[1]["error"] == "the storage refused rank 1 (injected)"
+    assert reports[0]["error"].startswith("Rank 1 of 2 could not open and plan the checkpoint (TransientStorageError: "
+                                          "the storage refused rank 1 (injected))")
     assert [r["unchanged"] for r in reports] == [True, True]
 
 
@@ -146,8 +167,8 @@ def test_a_one_process_checkpoint_resumes_into_two_fsdp2_ranks_exactly(tmp_path)
     _same(saved, torch.load(tmp_path / "resume" / "state.pt"))
 
 
-def test_renames_auto_carries_sharded_state_past_an_inserted_parameterless_layer(tmp_path):
-    root, saved_reports, saved = _save(tmp_path)
+def test_renames_auto_carries_sharded_state_past_an_inserted_parameterless_layer(tmp_path, step1):
+    root, saved_reports, saved = step1
     reports = run(2, saved_reports[0]["uri"], "resume-renamed", str(tmp_path / "resume"))
     assert [r.get("step") for r in reports] == [1, 1], reports
     got = torch.load(tmp_path / "resume" / "state.pt")
@@ -163,8 +184,8 @@ def _planned_alike(reports: list[dict]) -> None:
     assert len({r["digest"] for r in reports}) == 1, reports  # every rank planned the same resume
 
 
-def test_two_fsdp2_ranks_resume_into_two_ddp_ranks_exactly_with_the_same_losses(tmp_path):
-    root, saved_reports, saved = _save(tmp_path)
+def test_two_fsdp2_ranks_resume_into_two_ddp_ranks_exactly_with_the_same_losses(tmp_path, step1):
+    root, saved_reports, saved = step1
     reports = run(2, saved_reports[0]["uri"], "ddp-resume", str(tmp_path / "resume"))
     _planned_alike(reports)
     assert [r.get("step") for r in reports] == [1, 1], reports
@@ -196,11 +217,11 @@ def test_two_ddp_ranks_checkpoint_resumes_into_two_fsdp2_ranks_exactly(tmp_path)
     ("ddp-resume-one-rank-fails", "CheckpointError", "rank 1 could not read its bytes (injected)"),
     ("ddp-resume-split-plan", "CheckpointMismatch", "differently from the controller"),
 ])
-def test_ddp_ranks_agree_one_ranks_refusal_is_every_ranks_and_no_model_changes(tmp_path, scenario, error_type,
+def test_ddp_ranks_agree_one_ranks_refusal_is_every_ranks_and_no_model_changes(tmp_path, step1, scenario, error_type,
                                                                                fragment):
     """Replicated (DDP) state: a resume is collective too. One rank failing to read, or planning differently
     from what it was told, makes every rank refuse with the same error, and no rank's model changes."""
-    root, saved_reports, saved = _save(tmp_path)
+    root, saved_reports, saved = step1
     reports = run(2, saved_reports[0]["uri"], scenario, str(tmp_path / "resume"))
     errors = {r.get("error") for r in reports}
     assert len(errors) == 1 and None not in errors, reports  # the same text on every rank
