@@ -86,29 +86,39 @@ class RayLauncher:
 
     def __init__(self, spec: JobSpec, *, address: str | None = None, clock: Callable[[], float] = time.monotonic,
                  num_cpus: int | None = None, progress: Any = None) -> None:
-        import ray
-
         self.spec = spec
         # Where rank 0's training points and checkpoint commits go (the job's recorder): relayed in poll(),
         # before an attempt's end is reported, so every point reaches the attempt it belongs to.
         self.progress = progress
         self._relayed_commit: tuple[int, str] | None = None
         self.clock = clock
-        if not ray.is_initialized():
-            kw: dict[str, Any] = {"address": address, "namespace": NAMESPACE, "include_dashboard": False,
-                                  "logging_level": logging.WARNING}
-            if address is None and num_cpus is not None:
-                kw["num_cpus"] = num_cpus
-            ray.init(**kw)
-        self.board = progress_board_class().options(name=board_name(spec.name), namespace=NAMESPACE,
-                                                    get_if_exists=True).remote()
-        self.ray_storage = tempfile.mkdtemp(prefix=f"resumer-ray-{spec.name}-")
+        self._address, self._num_cpus = address, num_cpus
+        self._board: Any = None
+        self._storage: str | None = None  # Ray Train's storage for this job's fits, made by the first
         self._thread: threading.Thread | None = None
         self._result: dict[str, Any] = {}
         self._run_name = ""
         self._attempt = 0
         self._reported = False  # the current attempt's failure went to the controller
         self.last_metrics: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def board(self) -> Any:
+        """The job's progress board (a named actor). Ray is connected (embedded local Ray unless an address was
+        given), and the board made, on first use: the first launch. A job refused before it ever launches (its
+        plan refused at submission) never starts Ray."""
+        if self._board is None:
+            import ray
+
+            if not ray.is_initialized():
+                kw: dict[str, Any] = {"address": self._address, "namespace": NAMESPACE, "include_dashboard": False,
+                                      "logging_level": logging.WARNING}
+                if self._address is None and self._num_cpus is not None:
+                    kw["num_cpus"] = self._num_cpus
+                ray.init(**kw)
+            self._board = progress_board_class().options(name=board_name(self.spec.name), namespace=NAMESPACE,
+                                                         get_if_exists=True).remote()
+        return self._board
 
     def launch(self, decision: Decision) -> None:
         """Post the recorded decision; start a fit when none is running (else Ray Train's restarted group,
@@ -133,10 +143,12 @@ class RayLauncher:
         # but a restarted group only waits on the board until resumer's controller has classified the
         # failure, planned and recorded the next attempt. Our budgets stop first; this is only a ceiling.
         ceiling = sum(b.max_restarts for b in self.spec.budgets.values()) + 1
+        if self._storage is None:
+            self._storage = tempfile.mkdtemp(prefix=f"resumer-ray-{self.spec.name}-")
         trainer = TorchTrainer(
             functools.partial(_run_entrypoint, self.spec.entrypoint, board_name(self.spec.name)),
             train_loop_config=dict(self.spec.config), scaling_config=scaling,
-            run_config=RunConfig(name=self._run_name, storage_path=self.ray_storage,
+            run_config=RunConfig(name=self._run_name, storage_path=self._storage,
                                  failure_config=FailureConfig(max_failures=ceiling),
                                  callbacks=[failure_relay(board_name(self.spec.name))]))
         result: dict[str, Any] = {}
@@ -228,6 +240,8 @@ class RayLauncher:
         """End the job's fit: post an abort (a group waiting on the board returns), kill a running one."""
         import ray
 
+        if self._board is None:  # never launched: Ray was not started for this job
+            return
         if self._thread is not None and self._thread.is_alive():
             ray.get(self.board.post.remote(self._attempt + 1, ABORT), timeout=30)
             if ray.get(self.board.snapshot_nodes.remote(), timeout=30):
