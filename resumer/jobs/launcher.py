@@ -94,6 +94,7 @@ class RayLauncher:
         self.clock = clock
         self._address, self._num_cpus = address, num_cpus
         self._board: Any = None
+        self._board_lock = threading.Lock()  # the board may first be asked for from another thread (a watcher)
         self._storage: str | None = None  # Ray Train's storage for this job's fits, made by the first
         self._thread: threading.Thread | None = None
         self._result: dict[str, Any] = {}
@@ -107,6 +108,10 @@ class RayLauncher:
         """The job's progress board (a named actor). Ray is connected (embedded local Ray unless an address was
         given), and the board made, on first use: the first launch. A job refused before it ever launches (its
         plan refused at submission) never starts Ray."""
+        with self._board_lock:
+            return self._board_locked()
+
+    def _board_locked(self) -> Any:
         if self._board is None:
             import ray
 
@@ -199,12 +204,16 @@ class RayLauncher:
         """rank -> (host, pid) of this attempt's training workers, as they reported themselves."""
         import ray
 
+        if self._board is None:  # nothing launched yet (and Ray not started for it)
+            return {}
         return dict(ray.get(self.board.snapshot_pids.remote(), timeout=30))
 
     def last_step(self) -> int:
         """The step every rank has finished in the running attempt (0 before the first report)."""
         import ray
 
+        if self._board is None:  # nothing launched yet
+            return 0
         return int(ray.get(self.board.current_step.remote(), timeout=30))
 
     def stop(self, reason: str) -> None:
