@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import resumer
+import resumer.formats.native.consistency as native_consistency
 import resumer.formats.native.source as native_source
 from resumer.checkpoints.catalog import select
 from resumer.checkpoints.retention import RetentionPolicy, prune
@@ -174,6 +175,7 @@ def _torch_without(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
         return real(name)
 
     monkeypatch.setattr(native_source, "torch_dtype", torch_dtype)
+    monkeypatch.setattr(native_consistency, "torch_dtype", torch_dtype)  # where the manifest is checked against it
 
 
 def test_a_dtype_this_torch_lacks_is_refused_changing_nothing_and_never_quarantined(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import resumer
+import resumer.formats.native.consistency as native_consistency
 import resumer.formats.native.source as native_source
 from resumer import examples as ex
 from resumer.core.errors import CheckpointError, ResumerError
@@ -211,6 +212,7 @@ def test_a_chunked_tensor_of_a_dtype_this_torch_lacks_is_refused_before_anything
         return real(name)
 
     monkeypatch.setattr(native_source, "torch_dtype", torch_dtype)
+    monkeypatch.setattr(native_consistency, "torch_dtype", torch_dtype)  # where the manifest is checked against it
     src = NativeSource(resumer.read_manifest(uri))
     with pytest.raises(CheckpointError, match=r"dtype 'float32' is not available in torch 0\.0\. Resume with a "
                                               r"torch that has it\.") as err:
