@@ -116,7 +116,8 @@ def test_sigkill_worker_resumes_with_identical_losses(reference: dict[int, list[
 
 
 def test_crash_at_the_same_step_is_a_crash_loop(ray_cluster: None, tmp_path: pytest.TempPathFactory) -> None:
-    spec = spec_for(str(tmp_path), crash_at=7)
+    # One worker: the loop is recognised from the steps the attempts crash at, whatever the number of workers.
+    spec = jobspec.parse({**raw_for(str(tmp_path), crash_at=7), "scaling": {"workers": 1}})
     result = run_job(spec, timeout_s=300)
     assert result.state is State.FAILED
     assert result.attempts == 3  # not the budget of 5: the loop is recognised
@@ -125,22 +126,27 @@ def test_crash_at_the_same_step_is_a_crash_loop(ray_cluster: None, tmp_path: pyt
     assert [d.outcome for d in result.decisions] == [Outcome.STARTED, Outcome.RESUMED, Outcome.RESUMED]
 
 
+class RecordOnly:
+    """A launcher that keeps each decision it is given and reports the attempt done at ``step``: no workers."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.launched: list[object] = []
+
+    def launch(self, decision: object) -> None:
+        self.launched.append(decision)
+
+    def poll(self) -> object:
+        from resumer.core.controller import Observation, Observed
+
+        return Observation(status=Observed.SUCCEEDED, step=self.step)
+
+    def stop(self, reason: str) -> None:
+        raise AssertionError(reason)
+
+
 def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFactory) -> None:
     """A v2 (head resized) under strict stops with the plan before anything launches; under partial it resumes."""
-    class NoLaunch:
-        launched: list[object] = []
-
-        def launch(self, decision: object) -> None:
-            self.launched.append(decision)
-
-        def poll(self) -> object:
-            from resumer.core.controller import Observation, Observed
-
-            return Observation(status=Observed.SUCCEEDED, step=24)
-
-        def stop(self, reason: str) -> None:
-            raise AssertionError(reason)
-
     spec = spec_for(str(tmp_path))
     model = ex.mlp_v1()
     opt = ex.adam(model)
@@ -148,7 +154,7 @@ def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFact
     v2 = jobspec.parse({"name": spec.name, "entrypoint": spec.entrypoint,
                         "model": "resumer.examples:mlp_v2_wider_head", "optimizer": spec.optimizer,
                         "scheduler": spec.scheduler, "storage": {"root": spec.root}})
-    launcher = NoLaunch()
+    launcher = RecordOnly(step=24)
     refused = run_job(v2, launcher=launcher, timeout_s=60)
     assert refused.state is State.REFUSED and launcher.launched == []
     assert "model '4.weight': shape differs: saved float32[4, 64], now float32[8, 64]" in refused.message
@@ -302,16 +308,17 @@ def test_sigterm_writes_an_emergency_checkpoint_resumed_from_and_recorded_in_mlf
 def test_resume_on_a_different_number_of_workers(reference_run: tuple[dict[int, list[float]], str],
                                                  tmp_path: pytest.TempPathFactory) -> None:
     """Written by 2 workers, resumed on 1: replicated DDP state loads whole, the data position follows the
-    global step (the same samples per step), and the plan and the record show the world-size change. The
-    uninterrupted run to compare with is the module's reference run (2 workers; the step count only ends the loop,
-    so its step 15 is that of any longer or shorter run of the same job)."""
+    global step (the same samples per step), and the plan and the record show the world-size change. The 2-worker
+    checkpoint and the uninterrupted run to compare with are the module's reference run's (the step count only
+    ends the loop, so its steps are those of any longer or shorter run of the same job)."""
+    import shutil
+
     from safetensors.torch import load_file
 
     reference_root = reference_run[1]
-    raw = raw_for(str(tmp_path / "b"), total_steps=10)
-    first = run_job(jobspec.parse(raw), recorder=LogRecorder(), timeout_s=300)
-    assert first.state is State.SUCCEEDED
-    one = jobspec.parse({**raw, "scaling": {"workers": 1}, "config": {**raw["config"], "total_steps": 16}})
+    raw = raw_for(str(tmp_path / "b"), total_steps=16)
+    shutil.copytree(f"{reference_root}/step-0000000010", tmp_path / "b" / "ckpt" / "step-0000000010")
+    one = jobspec.parse({**raw, "scaling": {"workers": 1}})
     result = run_job(one, recorder=LogRecorder(), timeout_s=300)
     assert result.state is State.SUCCEEDED, result.message
     d = result.decisions[0]
@@ -334,14 +341,20 @@ EXPECTED = {  # (v1, v2) -> policy -> resumed? (the unit tests in test_deploy.py
     ("charlm", "charlm_v2"): {"strict": True, "partial": True, "reset-optimizer": True},
     ("charlm", "charlm_sgd"): {"strict": False, "partial": True, "reset-optimizer": True},  # partial: optimizer reset
 }
+# The one resumed case of each pair that trains on the Ray workers; the pair's other resumed cases go through the
+# same job run (planner, controller, decision) with a launcher that records the decision and trains nothing. One
+# launch per pair covers each kind of plan a worker applies: fresh tensors (cnn_v2, partial), renames with the
+# optimizer reset (charlm_v2), an optimizer of another type reset under partial (charlm_sgd).
+ON_RAY = {("cnn", "cnn_v2"): "partial", ("charlm", "charlm_v2"): "reset-optimizer",
+          ("charlm", "charlm_sgd"): "partial"}
 
 
 @pytest.mark.parametrize(("v1", "v2"), list(EXPECTED))
 def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
         ray_cluster: None, tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, v1: str, v2: str) -> None:
-    """The shipped jobs/ examples: a v1 checkpoint at step 4, then its v2 resubmitted on 2 Ray workers under
-    each policy (each from a copy of the same v1 root): refused before anything launches, or resumed with
-    exactly the plan an offline ``resumer.plan`` makes, training on from step 5."""
+    """The shipped jobs/ examples: a v1 checkpoint at step 4, then its v2 resubmitted under each policy (each from
+    a copy of the same v1 root): refused before anything launches, or resumed with exactly the plan an offline
+    ``resumer.plan`` makes; the pair's ``ON_RAY`` case trains on from step 5 on 2 Ray workers."""
     import shutil
 
     from resumer.jobs.attempt import ENV, AttemptConfig
@@ -359,6 +372,7 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
         import yaml
 
         raw = yaml.safe_load(f)
+    assert EXPECTED[(v1, v2)][ON_RAY[(v1, v2)]], "the case trained on Ray resumes"
     for policy, resumes in EXPECTED[(v1, v2)].items():
         root = tmp_path / policy
         shutil.copytree(tmp_path / "v1", root)
@@ -370,18 +384,24 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
         offline = resumer.plan(str(root), model, optimizer, scheduler, policy=policy,
                                renames=list(spec.renames) or None)
         assert offline.ok is resumes, (policy, offline.describe())
-        result = run_job(spec, recorder=LogRecorder(), timeout_s=300)
+        on_ray = policy == ON_RAY[(v1, v2)]
+        recorded = RecordOnly(step=6)
+        result = run_job(spec, recorder=LogRecorder(), timeout_s=300, launcher=None if on_ray else recorded)
         decision = result.decisions[0]
         assert decision.checkpoint == v1_uri.replace("/v1/", f"/{policy}/") and decision.step == 4
         assert decision.plan is not None
         assert resumer.jobs.worker.plan_hash(decision.plan) == resumer.jobs.worker.plan_hash(offline), policy
         if resumes:
             assert result.state is State.SUCCEEDED and decision.outcome is Outcome.RESUMED, (policy, result.message)
-            assert sorted(losses(result)) == [5, 6], policy
-            assert resumer.latest_checkpoint(str(root)).step == 6  # type: ignore[union-attr]
+            if on_ray:
+                assert sorted(losses(result)) == [5, 6], policy
+                assert resumer.latest_checkpoint(str(root)).step == 6  # type: ignore[union-attr]
+            else:
+                assert recorded.launched == [decision], policy
         else:
             assert result.state is State.REFUSED and decision.outcome is Outcome.REFUSED, policy
             assert result.message == offline.describe_refusal() and result.training_metrics == []
+            assert recorded.launched == [], policy  # refused before any launch
             assert resumer.latest_checkpoint(str(root)).step == 4  # type: ignore[union-attr]  # nothing ran
 
 
