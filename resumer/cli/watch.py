@@ -9,13 +9,16 @@ usage error.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from resumer.checkpoints.watch import Watcher, WatchEvent, watch
 from resumer.cli.common import EXIT_CHECKPOINT, EXIT_OK, err, out, parse_storage_options, run_command
 from resumer.cli.output import emit_json, json_option
 from resumer.render.text import printable
+
+if TYPE_CHECKING:
+    from resumer.checkpoints.watch import Watcher, WatchEvent
 
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 
@@ -62,6 +65,8 @@ def watch_command(root: str, interval: float, stall_after: float | None, checksu
     and stalls in training progress. Reports what already exists first."""
 
     def run() -> int:
+        from resumer.checkpoints.watch import Watcher, watch  # torch only for the commands that read checkpoints
+
         options = parse_storage_options(storage)
         if once:
             return _once(Watcher(root, storage_options=options, stall_after_s=stall_after, checksums=checksums),
