@@ -12,17 +12,48 @@ import logging
 import os
 import socket
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import pytest
 import torch.distributed as dist
 from click.testing import CliRunner, Result
+from fsspec.implementations.memory import MemoryFileSystem
 
 from resumer.cli import common as cli_module
 from resumer.cli.main import cli
 
 RunCli = Callable[..., Result]
+
+
+class CredentialedMemoryFS(MemoryFileSystem):
+    """memory:// that lists nothing without its credentials (``token="secret"``), like a private bucket; its own
+    store, emptied after each test by ``credentialed_root``."""
+
+    protocol = "credentialed-memory"
+    store: dict[str, Any] = {}
+    pseudo_dirs = [""]
+
+    def __init__(self, *args: Any, token: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token = token
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
+        if self.token != "secret":
+            raise PermissionError(13, "Permission denied: no credentials", path)
+        return super().ls(path, detail=detail, **kwargs)
+
+
+@pytest.fixture
+def credentialed_root(monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict[str, Any]]:
+    """A fresh root on ``CredentialedMemoryFS`` and the storage options that open it."""
+    fsspec.register_implementation(CredentialedMemoryFS.protocol, CredentialedMemoryFS, clobber=True)
+    monkeypatch.setattr(CredentialedMemoryFS, "store", {})
+    monkeypatch.setattr(CredentialedMemoryFS, "pseudo_dirs", [""])
+    return f"{CredentialedMemoryFS.protocol}://r{uuid.uuid4().hex}", {"token": "secret"}
 
 
 @pytest.fixture

@@ -212,30 +212,10 @@ def test_reading_renews_its_lease_while_a_long_read_runs(tmp_path: Path) -> None
     assert lease.active_leases(root) == {}
 
 
-class CredentialedMemoryFS(MemoryFileSystem):
-    """memory:// that lists nothing without its credentials (``token="secret"``), like a private bucket."""
-
-    protocol = "credentialed-memory"
-    store: dict[str, Any] = {}
-    pseudo_dirs = [""]
-
-    def __init__(self, *args: Any, token: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.token = token
-
-    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
-        if self.token != "secret":
-            raise PermissionError(13, "Permission denied: no credentials", path)
-        return super().ls(path, detail=detail, **kwargs)
-
-
-def test_leases_are_read_with_the_storage_options_given(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_leases_are_read_with_the_storage_options_given(credentialed_root: tuple[str, dict[str, Any]]) -> None:
     """``active_leases(root, storage_options)`` reads the leases with those options; a root it cannot list is an
     error, never "no leases" (which would let a prune delete a leased checkpoint)."""
-    fsspec.register_implementation(CredentialedMemoryFS.protocol, CredentialedMemoryFS, clobber=True)
-    monkeypatch.setattr(CredentialedMemoryFS, "store", {})
-    monkeypatch.setattr(CredentialedMemoryFS, "pseudo_dirs", [""])
-    root, options = f"{CredentialedMemoryFS.protocol}://r{uuid.uuid4().hex}", {"token": "secret"}
+    root, options = credentialed_root
     with lease.hold(f"{root}/step-0000000003", options, holder="reader:5"):
         assert [x.holder for x in lease.active_leases(root, options)["step-0000000003"]] == ["reader:5"]
         with pytest.raises(PermissionError, match="no credentials"):

@@ -12,14 +12,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pytest
 import torch
-from fsspec.implementations.memory import MemoryFileSystem
 from torch import nn
 
 import resumer
@@ -237,30 +234,9 @@ def test_a_board_that_does_not_answer_the_claim_in_time_lets_the_rank_write(
 # save: retention after a commit
 
 
-class KeyedMemoryFS(MemoryFileSystem):
-    """memory:// that needs a password (as an object store needs credentials); its own store."""
-
-    protocol = "keyed-memory"
-    store: dict[str, Any] = {}
-    pseudo_dirs = [""]
-
-    def __init__(self, *args: Any, password: str | None = None, **kwargs: Any) -> None:
-        if password != "secret":
-            raise PermissionError("keyed-memory: access denied")
-        super().__init__(*args, **kwargs)
-
-
-@pytest.fixture
-def keyed_root() -> Iterator[str]:
-    fsspec.register_implementation(KeyedMemoryFS.protocol, KeyedMemoryFS, clobber=True)
-    yield f"{KeyedMemoryFS.protocol}://ckpts"
-    KeyedMemoryFS.store.clear()
-    KeyedMemoryFS.pseudo_dirs[:] = [""]
-
-
 def test_retention_prunes_the_jobs_store_with_its_storage_options(
-        keyed_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    options = {"password": "secret"}
+        credentialed_root: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    keyed_root, options = credentialed_root
     cfg = AttemptConfig(job="j", attempt=1, root=keyed_root, model=MODEL, every=4, keep_last=2,
                         storage_options=options)
     monkeypatch.setenv(ENV, cfg.to_json())
