@@ -1,13 +1,20 @@
 """Rank processes for the sharded (FSDP2, gloo, CPU) tests: each scenario runs on every rank of a real process group
-(torch.multiprocessing.spawn) and writes what it saw to ``out/rank<r>.json`` (rank 0 also ``out/state.pt``)."""
+and writes what it saw to ``out/rank<r>.json`` (rank 0 also ``out/state.pt``).
+
+The ranks are started by ``start_ranks``: fresh processes forked from a forkserver that imported torch and resumer
+once (``multiprocessing``'s forkserver: a clean single-threaded process, never the test process), instead of each
+rank importing torch again, which took about 3 s of CPU per rank on these 2-core machines. A forked rank has the
+forkserver's environment, so the test process's environment at the call is handed over and set first."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +67,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.checkpoint",
+           "torch.distributed.checkpoint.state_dict", "resumer.runtime.api", "resumer.runtime.sharded_save",
+           "sharded_workers"]
+
+
+def start_ranks(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int, *, join: bool = True) -> Any:
+    """``torch.multiprocessing.start_processes(fn, args, nprocs)`` from the forkserver (see the module's doc):
+    ``fn(rank, *args)`` runs after the caller's environment is set in the rank."""
+    multiprocessing.set_forkserver_preload(PRELOAD)  # taken when the forkserver starts (the first call)
+    return mp.start_processes(_with_env, args=(dict(os.environ), fn, *args), nprocs=nprocs, join=join,
+                              start_method="forkserver")
+
+
+def _with_env(rank: int, env: dict[str, str], fn: Callable[..., None], *args: Any) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
+
+
 def run(world: int, root: str, scenario: str, out: str) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world`` ranks; returns each rank's report."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world, free_port(), root, scenario, out), nprocs=world, join=True)
+    start_ranks(_worker, (world, free_port(), root, scenario, out), world)
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
 
 

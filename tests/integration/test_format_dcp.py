@@ -299,13 +299,13 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_into_one_plain_model(tmp_path: 
     """FSDP2 shards each parameter across the ranks: its chunks, in two data files, are put back together."""
     import socket
 
-    import torch.multiprocessing as mp
+    from sharded_workers import start_ranks
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     directory = tmp_path / f"step-{STEPS}"
-    mp.spawn(_write_two_ranks, args=(str(directory), port), nprocs=2, join=True)
+    start_ranks(_write_two_ranks, (str(directory), port), 2)
     assert sorted(os.listdir(directory)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     chunks = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata["model.0.weight"].chunks
     assert [list(c.offsets) for c in chunks] == [[0, 0], [4, 0]]  # one half per rank

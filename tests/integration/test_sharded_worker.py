@@ -75,13 +75,13 @@ def _rank(rank: int, root: str, port: int, out: str) -> None:
 
 
 def test_every_rank_writes_its_shards_and_a_notice_to_one_rank_checkpoints_all(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
+    from sharded_workers import start_ranks
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     root = tmp_path / "root"
-    ctx = mp.start_processes(_rank, args=(str(root), port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    ctx = start_ranks(_rank, (str(root), port, str(tmp_path)), 2, join=False)
     deadline = time.monotonic() + 300  # a rank left waiting in a collective would hang: bounded
     while not ctx.join(timeout=5):
         assert time.monotonic() < deadline, "the ranks did not finish: one waits in a collective the other skipped"
