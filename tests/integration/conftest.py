@@ -18,6 +18,15 @@ import pytest
 
 from resumer.testing.s3 import MotoServer, TcpProxy, make_bucket, s3_options, start_moto
 
+# Ray, for every cluster the tests start (in-process, the CLI's, deploy/local/up.sh's), which inherit this environment:
+# no usage stats; Ray Train's controller polls its workers every 0.25 s instead of 2 s (most of a short run was that
+# poll); and Ray Train's node-drain watcher, an extra actor process for each worker group that watches for drained
+# nodes, is off: resumer does not use it (preemption reaches it as SIGTERM, resumer.jobs.preemption), and these tests
+# drain no node. About 2 s per launch on these 2-core machines. Production runs with Ray's defaults.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 
 @pytest.fixture(scope="session")
 def _s3_env() -> Iterator[None]:

@@ -37,8 +37,6 @@ from resumer.testing.hostile import Payload
 
 pytestmark = pytest.mark.slow
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 REPORTS = 2
 FACTORIES = """

@@ -21,8 +21,6 @@ from resumer.jobs.run import LogRecorder, run_job
 
 pytestmark = pytest.mark.slow
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ from resumer.jobs.run import LogRecorder, run_job
 
 pytestmark = pytest.mark.slow
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 SHIPPED = Path(__file__).resolve().parents[2] / "jobs" / "charlm_fsdp.yaml"
 STEPS = 12
 
