@@ -233,7 +233,11 @@ def test_s3_short_outage_is_retried(proxy: TcpProxy, moto: MotoServer, cut_after
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     bucket = make_bucket(moto.url)
     root = f"s3://{bucket}/run"
-    options = {**s3_options(proxy.url), "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}},
+    # A request left waiting on a dead connection fails after 15 s (botocore's default: 60 s) and goes to resumer's
+    # retry like any other failed write. One CI rehearsal saw this test take 110 s instead of about 6 (its cause not
+    # found; a request waiting out the 60 s read timeout fits), too near the hang guard.
+    options = {**s3_options(proxy.url), "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"},
+                                                          "read_timeout": 15, "connect_timeout": 5},
                "skip_instance_cache": True}
     model, opt = _trained(2048, 1024)  # 6.3 M parameters: ~50 MB in two files (the model's first, ~25 MB)
     restore = _RestoreOnRetry(proxy)
