@@ -18,6 +18,7 @@ from resumer.core.controller import State
 from resumer.core.decision import FailureClass, Outcome
 from resumer.jobs import spec as jobspec
 from resumer.jobs.run import LogRecorder, run_job
+from resumer.testing.fakes import FakeLauncher
 
 pytestmark = pytest.mark.slow
 
@@ -124,23 +125,11 @@ def test_crash_at_the_same_step_is_a_crash_loop(ray_cluster: None, tmp_path: pyt
     assert [d.outcome for d in result.decisions] == [Outcome.STARTED, Outcome.RESUMED, Outcome.RESUMED]
 
 
-class RecordOnly:
+def record_only(step: int) -> FakeLauncher:
     """A launcher that keeps each decision it is given and reports the attempt done at ``step``: no workers."""
+    from resumer.core.controller import Observation, Observed
 
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.launched: list[object] = []
-
-    def launch(self, decision: object) -> None:
-        self.launched.append(decision)
-
-    def poll(self) -> object:
-        from resumer.core.controller import Observation, Observed
-
-        return Observation(status=Observed.SUCCEEDED, step=self.step)
-
-    def stop(self, reason: str) -> None:
-        raise AssertionError(reason)
+    return FakeLauncher(Observation(status=Observed.SUCCEEDED, step=step))
 
 
 def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFactory) -> None:
@@ -152,9 +141,9 @@ def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFact
     v2 = jobspec.parse({"name": spec.name, "entrypoint": spec.entrypoint,
                         "model": "resumer.examples:mlp_v2_wider_head", "optimizer": spec.optimizer,
                         "scheduler": spec.scheduler, "storage": {"root": spec.root}})
-    launcher = RecordOnly(step=24)
+    launcher = record_only(step=24)
     refused = run_job(v2, launcher=launcher, timeout_s=60)
-    assert refused.state is State.REFUSED and launcher.launched == []
+    assert refused.state is State.REFUSED and launcher.launches == []
     assert "model '4.weight': shape differs: saved float32[4, 64], now float32[8, 64]" in refused.message
     assert refused.decisions[0].code_changed and refused.decisions[0].previous_failure is FailureClass.CODE_CHANGED
     partial = jobspec.parse({"name": spec.name, "entrypoint": spec.entrypoint,
@@ -163,6 +152,7 @@ def test_resubmission_with_changed_code_is_planned(tmp_path: pytest.TempPathFact
                              "resume": {"policy": "partial"}})
     ok = run_job(partial, launcher=launcher, timeout_s=60)
     assert ok.state is State.SUCCEEDED and ok.decisions[0].outcome is Outcome.RESUMED
+    assert launcher.launches == [ok.decisions[0]] and launcher.stops == []
     assert ok.decisions[0].plan is not None and ok.decisions[0].plan.counts()["fresh"] == 2
 
 
@@ -383,7 +373,7 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
                                renames=list(spec.renames) or None)
         assert offline.ok is resumes, (policy, offline.describe())
         on_ray = policy == ON_RAY[(v1, v2)]
-        recorded = RecordOnly(step=6)
+        recorded = record_only(step=6)
         result = run_job(spec, recorder=LogRecorder(), timeout_s=300, launcher=None if on_ray else recorded)
         decision = result.decisions[0]
         assert decision.checkpoint == v1_uri.replace("/v1/", f"/{policy}/") and decision.step == 4
@@ -395,11 +385,11 @@ def test_each_v2_resubmitted_under_each_policy_is_resumed_or_refused_as_planned(
                 assert sorted(losses(result)) == [5, 6], policy
                 assert resumer.latest_checkpoint(str(root)).step == 6  # type: ignore[union-attr]
             else:
-                assert recorded.launched == [decision], policy
+                assert recorded.launches == [decision] and recorded.stops == [], policy
         else:
             assert result.state is State.REFUSED and decision.outcome is Outcome.REFUSED, policy
             assert result.message == offline.describe_refusal() and result.training_metrics == []
-            assert recorded.launched == [], policy  # refused before any launch
+            assert recorded.launches == [], policy  # refused before any launch
             assert resumer.latest_checkpoint(str(root)).step == 4  # type: ignore[union-attr]  # nothing ran
 
 
