@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 import resumer
 from resumer import examples as ex
+from resumer.cli import common as cli_common
 from resumer.cli.history import history_command
 from resumer.core.decision import Decision, FailureClass, Outcome
 from resumer.core.plan import Plan
@@ -407,12 +408,15 @@ def test_embedded_sqlite_default_needs_no_server(monkeypatch: pytest.MonkeyPatch
 
 def test_history_cli_table_json_and_errors(
         server: LocalMlflow, make_recorder: Callable[..., MlflowRecorder], experiment: str,
-        plans: tuple[Plan, Plan]) -> None:
+        plans: tuple[Plan, Plan], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI's console read COLUMNS when resumer.cli was first imported in this process, by whichever test that was
+    # (under pytest -n, another order): set its width itself, or the table's cells may be cut ("starte").
+    monkeypatch.setattr(cli_common.out, "_width", 200)
     rec = make_recorder(experiment)
     _three_attempts(rec, "hist", plans)
     runner = CliRunner()
     args = ["--tracking-uri", server.url, "--experiment", experiment]
-    table = runner.invoke(history_command, ["hist", *args], env={"COLUMNS": "200"})
+    table = runner.invoke(history_command, ["hist", *args])
     assert table.exit_code == 0, table.output
     rows = [line for line in table.output.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 3
