@@ -22,6 +22,23 @@ def test_every_public_name_resolves_to_the_object_in_its_module() -> None:
     assert set(resumer.__all__) <= set(dir(resumer))
 
 
+def test_type_checkers_see_the_same_names_from_the_same_modules() -> None:
+    """The ``if TYPE_CHECKING:`` imports (what mypy and IDEs see) list exactly the lazy map's names and modules: a
+    name added to one and not the other would type-check against one object and run with another, or not at all."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(resumer))
+    blocks = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    assert len(blocks) == 1
+    seen: dict[str, set[str]] = {}
+    for node in blocks[0].body:
+        assert isinstance(node, ast.ImportFrom) and node.module is not None, ast.unparse(node)
+        assert all(alias.asname is None for alias in node.names), ast.unparse(node)
+        seen.setdefault(node.module, set()).update(alias.name for alias in node.names)
+    assert seen == {module: set(names) for module, names in resumer._FROM.items()}
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     import pytest
 
