@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +46,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     config.option.loadscopereorder = False
     return ModuleScopes(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _wide_cli_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's consoles are 400 columns wide in every test. They are made once per process, when ``resumer.cli``
+    is first imported, by whichever test that is (the order differs between a serial and a parallel run); Rich fixes
+    a console's width then if COLUMNS is set, else reads it (80 without it) at each print. At 80 columns a table cell
+    is cut ("starte") and a long message wraps, and a test reading them would pass or fail with the order."""
+    common = sys.modules.get("resumer.cli.common")
+    if common is None:
+        monkeypatch.setenv("COLUMNS", "400")  # made during this test: 400 wide from then on
+    else:
+        for console in (common.out, common.err):
+            monkeypatch.setattr(console, "_width", 400)
 
 
 @pytest.hookimpl(trylast=True)

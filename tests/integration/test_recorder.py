@@ -21,7 +21,6 @@ from click.testing import CliRunner
 
 import resumer
 from resumer import examples as ex
-from resumer.cli import common as cli_common
 from resumer.cli.history import history_command
 from resumer.core.decision import Decision, FailureClass, Outcome
 from resumer.core.plan import Plan
@@ -408,10 +407,7 @@ def test_embedded_sqlite_default_needs_no_server(monkeypatch: pytest.MonkeyPatch
 
 def test_history_cli_table_json_and_errors(
         server: LocalMlflow, make_recorder: Callable[..., MlflowRecorder], experiment: str,
-        plans: tuple[Plan, Plan], monkeypatch: pytest.MonkeyPatch) -> None:
-    # The CLI's console read COLUMNS when resumer.cli was first imported in this process, by whichever test that was
-    # (under pytest -n, another order): set its width itself, or the table's cells may be cut ("starte").
-    monkeypatch.setattr(cli_common.out, "_width", 200)
+        plans: tuple[Plan, Plan]) -> None:
     rec = make_recorder(experiment)
     _three_attempts(rec, "hist", plans)
     runner = CliRunner()

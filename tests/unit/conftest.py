@@ -23,7 +23,6 @@ import torch.distributed as dist
 from click.testing import CliRunner, Result
 from fsspec.implementations.memory import MemoryFileSystem
 
-from resumer.cli import common as cli_module
 from resumer.cli.main import cli
 
 RunCli = Callable[..., Result]
@@ -74,14 +73,10 @@ def resumer_cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[RunCli]:
     Modules the command imported from a ``cwd`` (user factories) are forgotten afterwards, so the next test
     imports its own files of the same name.
     """
-    # Wide enough that no table or message is wrapped, whatever COLUMNS was when resumer.cli.main was imported.
-    monkeypatch.setenv("COLUMNS", "400")
     # An s3:// URI given to a command reaches no network here: botocore fails the first time instead of
     # retrying for seconds, and asks no instance-metadata service for credentials.
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for console in (cli_module.out, cli_module.err):
-        monkeypatch.setattr(console, "_width", 400)
     level = logging.getLogger("resumer").level  # ``-v`` raises it for the rest of the process
     dirs: list[str] = []
 
