@@ -49,6 +49,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 @pytest.fixture(autouse=True)
+def _ray_modules_listed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that leaves Ray running in this process belongs to a module listed in ``RAY_MODULES``: an unlisted
+    one would run beside the Ray unit in a parallel run (no monkeypatch here: a test's patched ``ray`` is restored
+    before this looks)."""
+    yield
+    ray = sys.modules.get("ray")
+    name = request.node.path.name
+    if ray is not None and ray.is_initialized() and name not in RAY_MODULES:
+        pytest.fail(f"{name} started Ray: add it to RAY_MODULES in tests/conftest.py, so that parallel runs keep "
+                    "it on the worker that runs the Ray modules one after another")
+
+
+@pytest.fixture(autouse=True)
 def _wide_cli_console(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI's consoles are 400 columns wide in every test. They are made once per process, when ``resumer.cli``
     is first imported, by whichever test that is (the order differs between a serial and a parallel run); Rich fixes
