@@ -29,7 +29,9 @@ rl_alive() {
     [[ -n "$stat" && $stat != Z* ]]
 }
 
-rl_args() { ps -o args= -p "$1" 2>/dev/null || true; }
+# `ps -ww`: whole command lines, whatever COLUMNS says (with COLUMNS=80 in the environment, as pytest-xdist's workers
+# have it, ps cuts each line at 80 characters, and a temp dir or port later in it would not be found).
+rl_args() { ps -ww -o args= -p "$1" 2>/dev/null || true; }
 
 # The value recorded for KEY in the ray state file.
 rl_ray_get() { [[ -f "$RL_RAY" ]] && awk -v k="$1" '$1 == k { sub(/^[^ ]+ /, ""); print; exit }' "$RL_RAY"; }
@@ -50,7 +52,7 @@ rl_service_pid() {
 
 # Every process whose command line contains NEEDLE (a path unique to this deployment), not this shell's own.
 rl_pids_matching() {
-    ps -eo pid=,args= | awk -v needle="$1" -v me="$$" 'index($0, needle) && $1 != me && $2 != "awk" { print $1 }'
+    ps -ww -eo pid=,args= | awk -v needle="$1" -v me="$$" 'index($0, needle) && $1 != me && $2 != "awk" { print $1 }'
 }
 
 # Members of process group PGID.

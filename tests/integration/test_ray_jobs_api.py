@@ -50,7 +50,7 @@ def cluster() -> Iterator[tuple[dict[str, str], Path]]:
         yield env | _env_file(state / "env"), state
     finally:
         down = subprocess.run([str(DEPLOY / "down.sh")], env=env, capture_output=True, text=True, timeout=180)
-        left = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        left = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
         down_ok = down.returncode == 0 and str(state) not in left
         if down_ok:
             shutil.rmtree(state, ignore_errors=True)

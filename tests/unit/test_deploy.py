@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,22 @@ def test_shell_scripts_parse(script: str) -> None:
     path = DEPLOY / script
     assert path.exists()
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_down_finds_its_processes_by_their_whole_command_line_whatever_columns_says(tmp_path: Path) -> None:
+    """down.sh finds up.sh's processes by a path or port in their command lines. With COLUMNS=80 in the environment
+    (pytest-xdist's workers have it) a plain ``ps`` cuts each line at 80 characters: down.sh found nothing past
+    that, and left the Ray head and the servers running."""
+    needle = str(tmp_path / "ray-tmp") + "/"
+    proc = subprocess.Popen(["bash", "-c", "sleep 60; true", "x" * 120 + " --log_dir=" + needle + "session"])
+    try:
+        lib = Path(__file__).resolve().parents[2] / "deploy" / "local" / "lib.sh"
+        env = {**os.environ, "COLUMNS": "80"}
+        found = subprocess.run(["bash", "-c", f'source "{lib}"; rl_pids_matching "$1"; rl_args "$2"', "_", needle,
+                                str(proc.pid)], env=env, capture_output=True, text=True, timeout=30)
+        assert found.returncode == 0, found.stderr
+        lines = found.stdout.splitlines()
+        assert lines[0] == str(proc.pid) and needle in lines[1]
+    finally:
+        proc.kill()
+        proc.wait()
