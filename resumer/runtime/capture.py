@@ -5,6 +5,7 @@ Works on a model built on the meta device: only names, shapes and dtypes are rea
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,10 @@ class LiveTensor:
 
 
 def live_tensors(model: nn.Module) -> list[LiveTensor]:
-    """Every parameter and persistent buffer once, in module order; tied names become aliases."""
+    """Every parameter and persistent buffer once, in module order; tied names become aliases. FSDP2 modules are
+    first brought back to their sharded parameters (:func:`reshard`)."""
     model = unwrap(model)
+    reshard(model)
     by_id: dict[int, LiveTensor] = {}
     out: list[LiveTensor] = []
     for mod_name, mod in model.named_modules(remove_duplicate=False):
@@ -83,6 +86,23 @@ def live_tensors(model: nn.Module) -> list[LiveTensor]:
             elif name != known.name and name not in known.aliases:
                 known.aliases.append(name)
     return out
+
+
+def reshard(model: nn.Module) -> None:
+    """Bring every FSDP2 (``fully_shard``) module of ``model`` back to its sharded parameters, as torch's own
+    ``state_dict()`` and ``load_state_dict()`` do first. Between a forward pass that did not reshard (the root
+    module's, with no backward after it, as in evaluation; any module's with ``reshard_after_forward=False``) and
+    the next backward, such a module holds its full, unsharded parameters: temporaries, not the DTensors the
+    optimizer steps. Read then, the model's names would map to tensors the optimizer does not hold, and values
+    copied into them would be dropped at the next reshard. Values are not changed; the next forward gathers the
+    parameters again. Costs nothing where FSDP2 was never imported."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)
+    if module_type is None:
+        return
+    for module in model.modules():
+        if isinstance(module, module_type):
+            module.reshard()
 
 
 def param_names(model: nn.Module) -> dict[int, str]:

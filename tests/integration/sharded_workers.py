@@ -138,7 +138,9 @@ class OwnDecay(torch.optim.AdamW):
 
 def _sharded(seed: int, renamed: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
     """``renamed``: a parameterless layer inserted after the first (the second Linear becomes ``3``). The optimizer
-    is AdamW, or :class:`OwnDecay` when the environment says ``OPTIMIZER=own-decay``."""
+    is AdamW, or :class:`OwnDecay` when the environment says ``OPTIMIZER=own-decay``. With ``EVALUATED=1`` in the
+    environment the last Linear keeps its full parameters after a forward pass (``reshard_after_forward=False``),
+    and :func:`evaluate` leaves them so."""
     from torch.distributed.fsdp import fully_shard
 
     model = build(seed)
@@ -146,10 +148,20 @@ def _sharded(seed: int, renamed: bool = False) -> tuple[nn.Module, torch.optim.O
         model = nn.Sequential(model[0], nn.Identity(), model[1], model[2])
         model.register_buffer("scale", torch.arange(4.0) + seed)
     fully_shard(model[0])
-    fully_shard(model[-1])
+    fully_shard(model[-1], reshard_after_forward=os.environ.get("EVALUATED") != "1")
     fully_shard(model)
     kind = OwnDecay if os.environ.get("OPTIMIZER") == "own-decay" else torch.optim.AdamW
     return model, kind(model.parameters(), lr=0.05)
+
+
+def evaluate(model: nn.Module) -> None:
+    """With ``EVALUATED=1``: a forward pass with no backward, as an evaluation between steps runs. FSDP2 then leaves
+    the last Linear holding its full, unsharded parameters (not the DTensors its optimizer steps) until the next
+    backward or reshard."""
+    if os.environ.get("EVALUATED") == "1":
+        with torch.no_grad():
+            model(torch.ones(2, 5))
+        assert not hasattr(model[-1].weight, "full_tensor"), "the evaluation left the last layer sharded"
 
 
 def _replicated(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -264,6 +276,7 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
             real = sharded_save.local_pieces
             sharded_save.local_pieces = lambda key, t: [] if key == "0.weight" else real(key, t)  # type: ignore
         torch.manual_seed(100 + rank)  # each rank's own RNG stream
+        evaluate(model)
         try:
             report["uri"] = resumer.save_checkpoint(root, int(os.environ.get("SAVE_STEP", "1")), model, opt)
         except resumer.CheckpointError as exc:
@@ -292,6 +305,7 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
                 raise resumer.CheckpointError("rank 1 could not read its bytes (injected)", uri=self.uri)
 
             NativeSource.load_model = broken  # type: ignore[method-assign]
+        evaluate(model)
         try:
             result = resumer.resume(root, model, opt, renames="auto" if scenario == "resume-renamed" else None)
             report["step"], report["bytes_read"] = result.step, result.bytes_read

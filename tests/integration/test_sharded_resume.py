@@ -53,6 +53,22 @@ def test_two_ranks_resume_two_ranks_bitwise_with_identical_losses(tmp_path, step
     assert reports[0]["draws"] != reports[1]["draws"]
 
 
+def test_save_and_resume_after_an_evaluation_pass_keep_the_sharded_state_exactly(tmp_path, step1, monkeypatch):
+    # After a forward pass with no backward (an evaluation between steps), FSDP2 leaves a module that does not reshard
+    # after forward (and the root module) holding full, unsharded parameters, not the DTensors the optimizer steps.
+    # Read then, the save failed ("the optimizer holds a parameter that is not in the model") and so did the resume,
+    # and a resume of the model alone failed inside torch's load_state_dict after copying some tensors in.
+    monkeypatch.setenv("EVALUATED", "1")  # the last Linear keeps its full parameters after an evaluation pass
+    root, saved_reports, saved = _save(tmp_path)  # saved right after an evaluation pass
+    reports = run(2, saved_reports[0]["uri"], "resume", str(tmp_path / "resume"))  # resumed right after one
+    assert [r.get("error") for r in reports] == [None, None]
+    assert [r.get("step") for r in reports] == [1, 1]
+    _, plain_reports, plain = step1  # the same training, saved and resumed with no evaluation pass
+    _same(plain, saved)
+    _same(plain, torch.load(tmp_path / "resume" / "state.pt"))
+    assert reports[0]["losses"] == saved_reports[0]["losses"] == plain_reports[0]["losses"]
+
+
 def test_resuming_into_an_optimizer_without_state_takes_no_step(tmp_path, monkeypatch):
     # A relaunched job's optimizer has no state yet. torch's set_optimizer_state_dict would first run a step at
     # learning rate 0 to create some, which moves the parameters of an optimizer whose update does not vanish there.
