@@ -51,6 +51,17 @@ class Staged:
     source: CheckpointSource
     carry: bool
     started: float
+    sharded: ShardedCommit | None = None
+
+
+@dataclass(slots=True)
+class ShardedCommit:
+    """A sharded commit made ready before the ranks agree, so that what can fail fails there: each saved model
+    tensor's piece with the live memory it goes into, and the optimizer state dict (DTensors laid out like the live
+    parameters) the optimizer loads."""
+
+    copies: list[tuple[torch.Tensor, torch.Tensor]]
+    optimizer_state: dict[str, Any] | None
 
 
 def stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer | None = None, *,
@@ -109,7 +120,10 @@ def _stage(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimize
         saved = source.signature.optimizer.state_by_param() if carry and source.signature.optimizer else {}
         restrict(sharded.local_regions(plan, model, saved))
     source.load(copies, carried)
-    return Staged(plan=plan, source=source, carry=carry, started=started)
+    staged = Staged(plan=plan, source=source, carry=carry, started=started)
+    if model is not None and sharded.is_sharded(model, optimizer):
+        staged.sharded = _prepare_sharded(staged, model, optimizer)
+    return staged
 
 
 def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -119,7 +133,13 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
     tensors = live_tensors(model)
     by_name = {lt.name: lt.tensor for lt in tensors}
     if sharded.is_sharded(model, optimizer):
-        _commit_sharded(staged, model, optimizer, {id(lt.tensor): lt.name for lt in tensors})
+        ready = staged.sharded or _prepare_sharded(staged, model, optimizer)
+        with torch.no_grad():
+            for target, value in ready.copies:
+                target.copy_(value)
+        if ready.optimizer_state is not None:
+            assert optimizer is not None
+            optimizer.load_state_dict(ready.optimizer_state)
     else:
         with torch.no_grad():
             for e in plan.section(Section.MODEL):
@@ -140,36 +160,36 @@ def commit(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
                         load_seconds=seconds, extra=source.extra())
 
 
-def _commit_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    names: dict[int, str]) -> None:
-    """Sharded live state (FSDP2 / DTensor): each rank's own shard of the saved tensors (cut from what it read:
-    its region of each, see ``sharded.local_regions``) goes in as DTensors laid out like the live ones: the model's
-    through torch's own ``set_model_state_dict``, keyed by name; the optimizer's through the optimizer's own
-    ``load_state_dict``, keyed by position as for unsharded state. Not ``set_optimizer_state_dict``: on an
-    optimizer with no state yet (every relaunched job's) it first runs a step at learning rate 0 over every
-    parameter to create state it then replaces, which costs a training step's memory and time and moves the
-    parameters of any optimizer whose update does not vanish at learning rate 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
+def _prepare_sharded(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> ShardedCommit:
+    """Sharded live state (FSDP2 / DTensor): each rank's own shard of the saved tensors (cut from what it read: its
+    region of each, see ``sharded.local_regions``). The model's are copied into the memory of the live DTensors'
+    local shards, as torch's ``load_state_dict`` copies them (through ``set_model_state_dict`` it also converted
+    names and made a DTensor of each piece first, which cost more than the copies); the FSDP2 modules hold their
+    sharded parameters (``capture.reshard``). The optimizer's become DTensors laid out like the live parameters,
+    loaded by the optimizer's own ``load_state_dict``, keyed by position as for unsharded state. Not
+    ``set_optimizer_state_dict``: on an optimizer with no state yet (every relaunched job's) it first runs a step at
+    learning rate 0 over every parameter to create state it then replaces, which costs a training step's memory and
+    time and moves the parameters of any optimizer whose update does not vanish at learning rate 0."""
     plan, source = staged.plan, staged.source
-    live = {lt.name: lt.tensor for lt in live_tensors(model)}
+    tensors = live_tensors(model)
+    live = {lt.name: lt.tensor for lt in tensors}
     is_local = getattr(source, "is_local", lambda key: False)  # read as this rank's region only (restrict)
     regions: dict[int, Any] = {}  # each live DTensor's region, worked out once
-    sd: dict[str, Any] = {e.name: sharded.like(source.tensor(e.source or e.name), live[e.name],
-                                               local=is_local(e.source or e.name), regions=regions)
-                          for e in plan.section(Section.MODEL) if e.copies}
-    set_model_state_dict(model, sd, options=StateDictOptions(strict=False))
-    if staged.carry:
-        assert optimizer is not None
-        osd, position = _optimizer_state(plan, source, optimizer, names)
-        name_of = {i: n for n, i in position.items()}
-        saved_of = {e.name: plan.state_key(e.source) for e in plan.section(Section.OPTIMIZER_STATE)
-                    if e.action is Action.CARRY and e.source is not None}
-        osd["state"] = {i: {k: sharded.like(v, live[name_of[i]], local=is_local(state_key(saved_of[name_of[i]], k)),
-                                            regions=regions)
-                            for k, v in st.items()}
-                        for i, st in osd["state"].items()}
-        optimizer.load_state_dict(osd)
+    copies = [sharded.copy_target(live[e.name], source.tensor(e.source or e.name), local=is_local(e.source or e.name),
+                                  regions=regions)
+              for e in plan.section(Section.MODEL) if e.copies]
+    if not staged.carry:
+        return ShardedCommit(copies=copies, optimizer_state=None)
+    assert optimizer is not None
+    osd, position = _optimizer_state(plan, source, optimizer, {id(lt.tensor): lt.name for lt in tensors})
+    name_of = {i: n for n, i in position.items()}
+    saved_of = {e.name: plan.state_key(e.source) for e in plan.section(Section.OPTIMIZER_STATE)
+                if e.action is Action.CARRY and e.source is not None}
+    osd["state"] = {i: {k: sharded.like(v, live[name_of[i]], local=is_local(state_key(saved_of[name_of[i]], k)),
+                                        regions=regions)
+                        for k, v in st.items()}
+                    for i, st in osd["state"].items()}
+    return ShardedCommit(copies=copies, optimizer_state=osd)
 
 
 def _apply_optimizer(plan: Plan, source: CheckpointSource, optimizer: torch.optim.Optimizer,

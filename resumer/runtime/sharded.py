@@ -95,15 +95,10 @@ def local_regions(plan: Plan, model: nn.Module, saved_state: dict[str, ParamStat
     return regions
 
 
-def like(value: Any, live: Any, *, local: bool = False, regions: dict[int, Any] | None = None) -> Any:
-    """``value`` as this rank's shard laid out like DTensor ``live``: cut from it when it is a whole saved tensor
-    of the live tensor's global shape, or taken as it is when ``local`` (already this rank's region, read so);
-    anything else as it is. ``regions``: a cache of live tensors' regions by ``id`` (one commit's; a parameter's
-    region serves its optimizer state too), filled here."""
-    if not is_dtensor(live) or not isinstance(value, torch.Tensor):
-        return value
-    from torch.distributed.tensor import DTensor
-
+def _shard_of(value: torch.Tensor, live: Any, local: bool, regions: dict[int, Any] | None) -> torch.Tensor | None:
+    """This rank's shard of DTensor ``live`` in ``value``: cut from it when it is a whole saved tensor of the live
+    tensor's global shape, or ``value`` itself when ``local`` (already this rank's region, read so); None when
+    ``value`` is neither (a scalar such as an optimizer's ``step``)."""
     region = regions.get(id(live)) if regions is not None else None
     if region is None:
         region = _region(live)
@@ -114,13 +109,44 @@ def like(value: Any, live: Any, *, local: bool = False, regions: dict[int, Any] 
         if tuple(value.shape) != region[1]:
             raise ResumerError(f"A shard read for {tuple(live.shape)} has shape {tuple(value.shape)}, not this "
                                f"rank's {region[1]} (a bug in resumer's sharded read; nothing was changed).")
-        local_value = value
-    elif tuple(value.shape) != tuple(live.shape):
         return value
-    else:
-        local_value = value[tuple(slice(o, o + n) for o, n in zip(*region, strict=True))]
-    return DTensor.from_local(local_value.to(live.dtype).contiguous(), live.device_mesh, live.placements,
+    if tuple(value.shape) != tuple(live.shape):
+        return None
+    return value[tuple(slice(o, o + n) for o, n in zip(*region, strict=True))]
+
+
+def like(value: Any, live: Any, *, local: bool = False, regions: dict[int, Any] | None = None) -> Any:
+    """``value`` as this rank's shard laid out like DTensor ``live`` (see :func:`_shard_of`); anything that is not a
+    piece of it as it is. ``regions``: a cache of live tensors' regions by ``id`` (one commit's; a parameter's region
+    serves its optimizer state too), filled here."""
+    if not is_dtensor(live) or not isinstance(value, torch.Tensor):
+        return value
+    from torch.distributed.tensor import DTensor
+
+    shard = _shard_of(value, live, local, regions)
+    if shard is None:
+        return value
+    return DTensor.from_local(shard.to(live.dtype).contiguous(), live.device_mesh, live.placements,
                               run_check=False, shape=live.shape, stride=live.stride())
+
+
+def copy_target(live: torch.Tensor, value: torch.Tensor, *, local: bool = False,
+                regions: dict[int, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a saved model tensor goes, and what goes there: the memory of this rank's shard of DTensor ``live``
+    (its local tensor, written in place as ``load_state_dict`` writes it) and ``value``'s piece of it; a plain
+    ``live`` tensor and ``value`` as they are. Raises ResumerError, before anything is written, where the two
+    differ in shape."""
+    target = live.detach()
+    piece: torch.Tensor | None = value
+    if is_dtensor(live):
+        with torch.no_grad():
+            target = cast(Any, live).to_local()
+        piece = _shard_of(value, live, local, regions)
+    if piece is None or tuple(piece.shape) != tuple(target.shape):
+        raise ResumerError(f"A saved tensor of shape {tuple(value.shape)} does not fit this rank's "
+                           f"{tuple(target.shape)} of the live {tuple(live.shape)} (a bug in resumer's sharded "
+                           "read; nothing was changed).")
+    return target, piece
 
 
 def collective() -> bool:

@@ -305,6 +305,13 @@ def _scenario(rank: int, scenario: str, root: str, out: str) -> dict[str, Any]: 
                 raise resumer.CheckpointError("rank 1 could not read its bytes (injected)", uri=self.uri)
 
             NativeSource.load_model = broken  # type: ignore[method-assign]
+        if scenario == "resume-one-rank-cannot-place" and rank == 1:
+            from resumer.runtime import sharded
+
+            def unplaceable(*args: Any, **kwargs: Any) -> Any:
+                raise resumer.ResumerError("rank 1 cannot place its shard (injected)")
+
+            sharded.copy_target = unplaceable  # type: ignore[assignment]
         evaluate(model)
         try:
             result = resumer.resume(root, model, opt, renames="auto" if scenario == "resume-renamed" else None)

@@ -98,13 +98,19 @@ def test_three_ranks_resume_the_full_saved_state_exactly(tmp_path, step1):
     _same(saved, torch.load(tmp_path / "resume" / "state.pt"))  # as DTensor.full_tensor() gathers it
 
 
-def test_one_rank_refusing_makes_every_rank_refuse_with_nothing_changed(tmp_path, step1):
+@pytest.mark.parametrize(("scenario", "injected"), [
+    ("resume-one-rank-fails", "could not read its bytes (injected)"),
+    # Laying the read state out like the live shards can fail too (it did inside torch's set_model_state_dict): that
+    # is done before the ranks agree, so it is every rank's refusal, not one rank's half-applied commit.
+    ("resume-one-rank-cannot-place", "cannot place its shard (injected)"),
+])
+def test_one_rank_refusing_makes_every_rank_refuse_with_nothing_changed(tmp_path, step1, scenario, injected):
     root, saved_reports, _ = step1
-    reports = run(2, saved_reports[0]["uri"], "resume-one-rank-fails", str(tmp_path / "resume"))
+    reports = run(2, saved_reports[0]["uri"], scenario, str(tmp_path / "resume"))
     errors = {r.get("error") for r in reports}
     assert len(errors) == 1 and None not in errors, errors  # the same CheckpointError on every rank
     (error,) = errors
-    assert "could not read its bytes (injected)" in error and "found by rank 1 of 2" in error
+    assert injected in error and "found by rank 1 of 2" in error
     assert all(r["unchanged"] for r in reports)  # rank 0 read and checked everything, and still changed nothing
 
 
