@@ -139,10 +139,13 @@ def _device() -> torch.device:
 
 
 def sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are sharded (DTensors, as FSDP2 makes them): every rank then saves."""
-    from torch.distributed.tensor import DTensor
+    """Whether ``model``'s state is sharded (DTensors, as FSDP2 makes them): every rank then saves. Asked of the
+    sharded parameters, which an FSDP2 module gets back first: after an evaluation pass it holds full, unsharded
+    ones (``resumer.runtime.capture.reshard``), and a model sharded as one unit would look unsharded, so rank 0
+    would save alone and wait for the others in the collective save."""
+    from resumer.runtime.sharded import is_sharded
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return is_sharded(model)
 
 
 def _optimizer_for(model: nn.Module, cfg: AttemptConfig) -> tuple[nn.Module, Any, Any]:

@@ -27,6 +27,7 @@ def _rank(rank: int, root: str, port: int, out: str) -> None:
     import torch.distributed as dist
     from sharded_workers import finish
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.fsdp import fully_shard
 
     from resumer.core.errors import Preempted
     from resumer.examples.train import shard_step
@@ -51,6 +52,13 @@ def _rank(rank: int, root: str, port: int, out: str) -> None:
         torch.manual_seed(0)
         model, optimizer, scheduler = worker.build()
         assert worker.sharded(model)
+        # A model a loop shards as one unit, right after an evaluation pass: FSDP2 leaves the root holding full,
+        # unsharded parameters. Still sharded: every rank must save it (rank 0 alone would wait in the collective).
+        whole = torch.nn.Linear(3, 2)
+        fully_shard(whole)
+        with torch.no_grad():
+            whole(torch.ones(1, 3))
+        assert worker.sharded(whole)
         uris = []
         for step in (1, 2, 3):
             shard_step(model, optimizer, scheduler, step, 32, 2, rank)
