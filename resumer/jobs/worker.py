@@ -142,10 +142,14 @@ def sharded(model: nn.Module) -> bool:
     """Whether ``model``'s state is sharded (DTensors, as FSDP2 makes them): every rank then saves. Asked of the
     sharded parameters, which an FSDP2 module gets back first: after an evaluation pass it holds full, unsharded
     ones (``resumer.runtime.capture.reshard``), and a model sharded as one unit would look unsharded, so rank 0
-    would save alone and wait for the others in the collective save."""
-    from resumer.runtime.sharded import is_sharded
+    would save alone and wait for the others in the collective save. Called at every step: it stops at the first
+    sharded parameter rather than listing the model's tensors."""
+    from torch.distributed.tensor import DTensor
 
-    return is_sharded(model)
+    from resumer.runtime.capture import reshard
+
+    reshard(model)
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _optimizer_for(model: nn.Module, cfg: AttemptConfig) -> tuple[nn.Module, Any, Any]:
